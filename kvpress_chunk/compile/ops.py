@@ -1,0 +1,78 @@
+"""The fused compression op: score -> group -> select -> gather, eager and compiled.
+
+One pure function (:func:`compress_eager`) defines the semantics; :func:`compiled_compress`
+returns the same function compiled with ``torch.compile(fullgraph=True, dynamic=True)``:
+
+* ``fullgraph=True`` makes a graph break an error instead of a silent slow path;
+* ``dynamic=True`` from the first call, so prompts of new lengths reuse one graph instead of
+  recompiling per length (and never reach dynamo's recompile limit);
+* each part configuration gets its *own code object* (a renamed copy of the template), so
+  dynamo's per-code-object recompile budget is not shared between the many policies a process
+  may build (tests, sweeps): policy A's graphs never push policy B to the eager fallback.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from typing import Any, Callable
+
+import torch
+
+from ..budget import Budget
+from ..policies.groupers import Grouper
+from ..policies.scorers import Scorer
+from ..policies.selectors import Selector
+from ..selection import gather_kv
+
+CompressFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def compress_eager(
+    scorer: Scorer,
+    grouper: Grouper,
+    selector: Selector,
+    budget: Budget,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    extra: dict[str, torch.Tensor],
+    capacity: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference semantics. Returns ``(keys, values, indices, slot_valid)`` with ``capacity`` slots."""
+    scores = scorer.score(keys, valid, **extra)
+    group_ids = grouper.group_ids(valid)
+    num_groups = grouper.num_groups(keys.shape[-2])
+    selection = selector.select(scores, group_ids, num_groups, valid, scorer.window, budget, grouper.reduce, capacity)
+    kept_keys, kept_values = gather_kv(keys, values, selection.indices)
+    return kept_keys, kept_values, selection.indices, selection.slot_valid
+
+
+def _bind(scorer: Scorer, grouper: Grouper, selector: Selector, budget: Budget) -> CompressFn:
+    def compress(keys, values, valid, extra, capacity):
+        return compress_eager(scorer, grouper, selector, budget, keys, values, valid, extra, capacity)
+
+    return compress
+
+
+def eager_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget: Budget) -> CompressFn:
+    """The eager twin: same signature as :func:`compiled_compress`'s result."""
+    return _bind(scorer, grouper, selector, budget)
+
+
+_COMPILED: dict[Any, CompressFn] = {}
+_LOCK = threading.Lock()
+
+
+def compiled_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget: Budget) -> CompressFn:
+    """The compiled op for one part configuration (memoised: same config, same graphs)."""
+    key = (scorer, grouper, selector, budget)
+    with _LOCK:
+        fn = _COMPILED.get(key)
+        if fn is None:
+            bound = _bind(scorer, grouper, selector, budget)
+            own_code = bound.__code__.replace(co_name=f"compress_{len(_COMPILED)}")
+            fresh = types.FunctionType(own_code, bound.__globals__, own_code.co_name, None, bound.__closure__)
+            fn = torch.compile(fresh, fullgraph=True, dynamic=True)
+            _COMPILED[key] = fn
+        return fn

@@ -1,0 +1,78 @@
+"""Transformers glue: find attention layers, read what their forward received, reach the cache.
+
+Kept apart from the policies so that those stay pure tensor code; everything that knows about
+HF class layouts and argument names lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The model has no attention layers this library can hook."""
+
+
+def find_attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """Attention modules in layer order: modules with a ``layer_idx`` and a key projection.
+
+    Matching on structure rather than on class names keeps any Llama-like HF model working
+    (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3...) without a list to maintain.
+    """
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if not isinstance(layer_idx, int) or not type(module).__name__.endswith("Attention"):
+            continue
+        if not (hasattr(module, "k_proj") or hasattr(module, "qkv_proj")):
+            continue
+        found.setdefault(layer_idx, module)
+    if not found:
+        raise UnsupportedModelError(
+            f"cannot find attention layers in {type(model).__name__}: expected modules named '*Attention' "
+            "with an integer `layer_idx` and a `k_proj`/`qkv_proj` projection (HF Llama-like layout)"
+        )
+    return sorted(found.items())
+
+
+def call_argument(args: tuple, kwargs: dict[str, Any], name: str, position: int) -> Any:
+    """An argument of a forward call, whether passed by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def cache_of(kwargs: dict[str, Any]) -> Any:
+    """The cache object handed to an attention forward (name changed across transformers)."""
+    cache = kwargs.get("past_key_values")
+    return cache if cache is not None else kwargs.get("past_key_value")
+
+
+def cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length())
+
+
+def padding_mask(attention_mask: Any, length: int) -> torch.Tensor | None:
+    """``valid[B, T]`` from a 2-D HF attention mask; ``None`` when nothing is padded.
+
+    Only left padding is supported (HF's convention for generation): a row must be padding
+    first, then real tokens. Anything else is refused loudly rather than silently mis-selected.
+    """
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    if attention_mask.shape[-1] != length:
+        return None
+    valid = attention_mask.bool()
+    if bool(valid.all()):
+        return None
+    if valid.shape[-1] > 1 and bool((valid[:, 1:].int() < valid[:, :-1].int()).any()):
+        raise ValueError(
+            "the press supports left padding only (real tokens at the end of each row); "
+            "set tokenizer.padding_side = 'left'"
+        )
+    return valid

@@ -1,0 +1,15 @@
+"""Policy parts, in data-flow order: scorers -> groupers -> selectors -> planners; and presets."""
+
+from . import groupers, planners, presets, scorers, selectors  # noqa: F401  (registers the parts)
+from .groupers import ChunkGrouper, Grouper, TokenGrouper
+from .layer_inputs import LayerInputs
+from .planners import EveryLayer, Planner, ReuseEvery
+from .presets import list_presets, preset
+from .scorers import KnormScorer, RandomScorer, RecencyScorer, Scorer, SnapKVScorer
+from .selectors import Selector, TopKSelector
+
+__all__ = [
+    "ChunkGrouper", "EveryLayer", "Grouper", "KnormScorer", "LayerInputs", "Planner", "RandomScorer",
+    "RecencyScorer", "ReuseEvery", "Scorer", "Selector", "SnapKVScorer", "TokenGrouper", "TopKSelector",
+    "list_presets", "preset",
+]

@@ -1,0 +1,26 @@
+"""What a policy part may look at for one attention layer at prefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """Everything the hook hands to a scorer's eager ``prepare`` step.
+
+    ``keys``/``values`` are the layer's full cache ``[B, Hkv, T, D]`` right after prefill;
+    ``valid[B, T]`` is ``False`` on left padding; ``position_embeddings`` is the ``(cos, sin)``
+    pair the model used (``None`` for models without RoPE).
+    """
+
+    module: nn.Module
+    layer_idx: int
+    hidden_states: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None

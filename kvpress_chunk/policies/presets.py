@@ -1,0 +1,130 @@
+"""Presets: named, documented recipes composed from registered parts.
+
+A preset is a function of keyword parameters returning a spec dict; ``make_press("name(k=v)")``
+or ``make_press("name", k=v, compression_ratio=...)`` builds it. Register your own with
+``@preset("name")``; its docstring's first line is what :func:`list_presets` shows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from ..registry import SpecError, parse_call
+
+PresetFn = Callable[..., dict[str, Any]]
+_PRESETS: dict[str, PresetFn] = {}
+
+
+def preset(name: str) -> Callable[[PresetFn], PresetFn]:
+    """Decorator registering a preset function under ``name``."""
+
+    def decorator(fn: PresetFn) -> PresetFn:
+        if name in _PRESETS and _PRESETS[name] is not fn:
+            raise SpecError(f"preset {name!r} is already registered")
+        _PRESETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_presets() -> dict[str, str]:
+    """``name -> one-line description`` of every registered preset."""
+    return {name: (inspect.getdoc(fn) or "").splitlines()[0] for name, fn in sorted(_PRESETS.items())}
+
+
+def preset_parameters(name: str) -> dict[str, Any]:
+    """Parameters of a preset and their defaults."""
+    return {p.name: p.default for p in inspect.signature(_PRESETS[name]).parameters.values()}
+
+
+def preset_spec(text: str, params: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``("chunkkv(chunk_size=20)", {...})`` -> ``(name, spec dict)`` with parameters checked."""
+    name, inline = parse_call(text)
+    if name not in _PRESETS:
+        raise SpecError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(_PRESETS))}")
+    merged = {**inline, **(params or {})}
+    valid = preset_parameters(name)
+    unknown = sorted(set(merged) - set(valid))
+    if unknown:
+        raise SpecError(
+            f"preset {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"valid parameters: {', '.join(valid) or '(none)'} (plus compression_ratio, budget, compile)"
+        )
+    spec = _PRESETS[name](**merged)
+    spec.setdefault("name", name)
+    return name, spec
+
+
+@preset("chunkkv")
+def chunkkv(
+    chunk_size: int = 10,
+    window: int = 32,
+    kernel: int = 5,
+    reuse_every: int = 1,
+    sinks: int = 0,
+    per_head: bool = False,
+    reduce: str = "sum",
+) -> dict[str, Any]:
+    """ChunkKV (arXiv 2502.00299, Alg. 1): SnapKV-scored chunks of 10, window kept, exact budget.
+
+    The observation window is always kept; the rest of the budget goes to the chunks with the
+    highest summed scores, in original order; the last admitted chunk is cut to fit the budget
+    exactly. ``reuse_every=2`` adds the paper's layer-wise index reuse (Alg. 2).
+    """
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": {"name": "chunk", "size": chunk_size, "reduce": reduce},
+        "selector": {"name": "topk", "per_head": per_head, "sinks": sinks, "keep_window": True},
+        "planner": {"name": "reuse", "every": reuse_every} if reuse_every > 1 else "every_layer",
+    }
+
+
+@preset("chunkkv-kvpress")
+def chunkkv_kvpress(chunk_length: int = 20, window: int = 64, kernel: int = 5) -> dict[str, Any]:
+    """kvpress' ChunkKVPress(SnapKVPress(r), chunk_length=c), reproduced token for token.
+
+    Window scored max+1 instead of protected; chunk score = mean; ``max(1, int(n_chunks * (1 - r)))``
+    whole chunks kept, the partial tail chunk included; one selection shared by all heads. Unlike
+    kvpress it is vectorised and handles every batch row (kvpress uses row 0's chunks for all).
+    """
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel, "window_scores": "max+1"},
+        "grouper": {"name": "chunk", "size": chunk_length, "reduce": "mean"},
+        "selector": {"name": "topk", "keep_window": False, "count": "groups"},
+        "planner": "every_layer",
+    }
+
+
+@preset("snapkv")
+def snapkv(window: int = 64, kernel: int = 5, per_head: bool = True) -> dict[str, Any]:
+    """SnapKV (arXiv 2404.14469): token-level top-k on observation-window attention, per KV head."""
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": "token",
+        "selector": {"name": "topk", "per_head": per_head, "keep_window": True},
+        "planner": "every_layer",
+    }
+
+
+@preset("streamingllm")
+def streamingllm(sinks: int = 4) -> dict[str, Any]:
+    """StreamingLLM (arXiv 2309.17453): keep the first `sinks` tokens and the most recent ones."""
+    return {
+        "scorer": "streamingllm",
+        "grouper": "token",
+        "selector": {"name": "topk", "sinks": sinks, "keep_window": False},
+        "planner": "every_layer",
+    }
+
+
+@preset("knorm")
+def knorm(per_head: bool = True) -> dict[str, Any]:
+    """Key-norm (arXiv 2406.11430): keep the keys with the smallest L2 norm, per KV head."""
+    return {"scorer": "knorm", "grouper": "token", "selector": {"name": "topk", "per_head": per_head}}
+
+
+@preset("random")
+def random(seed: int = 0, per_head: bool = True) -> dict[str, Any]:
+    """Random eviction (seeded): the floor every policy must beat."""
+    return {"scorer": {"name": "random", "seed": seed}, "grouper": "token", "selector": {"name": "topk", "per_head": per_head}}

@@ -1,0 +1,193 @@
+"""Scorers: how important is each cached token? ``-> scores[B, Hkv, T]`` (higher = keep).
+
+A scorer has two halves, split on purpose:
+
+* :meth:`Scorer.prepare` runs eagerly and may touch the HF attention module (projections, norms,
+  RoPE). It returns plain tensors.
+* :meth:`Scorer.score` is a pure tensor function of those tensors. It is traced by
+  ``torch.compile(fullgraph=True)`` together with the grouper and selector, so it must not call
+  ``.item()``, branch on tensor values or touch modules.
+
+Padding: ``valid[B, T]`` marks real tokens (left padding is ``False``). Scores at padding positions
+are ignored downstream, but scorers must not let padding change the scores of real tokens, so that
+a batch row gets exactly the selection it would get alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+from .layer_inputs import LayerInputs
+
+
+class Scorer:
+    """Base class: subclasses are frozen dataclasses registered with ``@register("scorer", name)``."""
+
+    #: Trailing tokens the scorer observes (its observation window); 0 if it has none. Selectors
+    #: may protect them, and contexts not longer than it are passed through uncompressed.
+    window: int = 0
+
+    def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        """Eager, module-aware preparation. Returns the extra tensors :meth:`score` needs."""
+        return {}
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """Pure tensor scoring: ``keys[B, Hkv, T, D]``, ``valid[B, T]`` -> ``float32[B, Hkv, T]``."""
+        raise NotImplementedError
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The RoPE helper used by Llama-family models (the two halves of the head dim are swapped)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def window_queries(inputs: LayerInputs, window: int) -> torch.Tensor:
+    """Post-RoPE, pre-scaled queries of the last ``window`` tokens: ``[B, Hq, window, D]``.
+
+    HF attention modules do not expose their queries, so (like kvpress) we re-project the layer's
+    input hidden states. Handles Llama-like ``q_proj``, fused ``qkv_proj`` (Phi-3) and the query
+    norm of Qwen3 / Gemma3. The attention scaling is folded into the queries here so that the
+    compiled scorer does not specialise on a Python float.
+    """
+    module, hidden = inputs.module, inputs.hidden_states[:, -window:]
+    batch, length, _ = hidden.shape
+    config = module.config
+    head_dim = getattr(module, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    num_heads = config.num_attention_heads
+    if hasattr(module, "q_proj"):
+        queries = module.q_proj(hidden)
+    elif hasattr(module, "qkv_proj"):
+        queries = module.qkv_proj(hidden)[..., : num_heads * head_dim]
+    else:
+        raise NotImplementedError(
+            f"cannot find the query projection of {type(module).__name__} (expected q_proj or qkv_proj)"
+        )
+    queries = queries.view(batch, length, num_heads, head_dim).transpose(1, 2)
+    if hasattr(module, "q_norm"):
+        queries = module.q_norm(queries)
+    if inputs.position_embeddings is not None:
+        cos, sin = inputs.position_embeddings
+        cos, sin = cos[:, -window:].unsqueeze(1), sin[:, -window:].unsqueeze(1)
+        queries = queries * cos + rotate_half(queries) * sin
+    scaling = getattr(module, "scaling", None) or 1.0 / math.sqrt(head_dim)
+    return queries * scaling
+
+
+def observation_window_attention(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Attention of the window queries over all keys, fp32: ``[B, Hkv, G, w, T]``.
+
+    GQA-aware without copying keys: the ``G`` query heads sharing a KV head are folded into the
+    query axis. Causal inside the window; padding keys get zero weight; padding *queries* (rows
+    shorter than the window) get a uniform row that callers drop via their query mask.
+    """
+    batch, kv_heads, length, head_dim = keys.shape
+    q_heads, window = queries.shape[1], queries.shape[2]
+    groups = q_heads // kv_heads
+    q = queries.float().reshape(batch, kv_heads, groups * window, head_dim)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(batch, kv_heads, groups, window, length)
+    key_pos = torch.arange(length, device=keys.device)
+    query_pos = torch.arange(length - window, length, device=keys.device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None] & valid[:, None, :]  # [B, w, T]
+    logits = logits.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
+    return torch.softmax(logits, dim=-1)
+
+
+@register("scorer", "snapkv")
+@dataclass(frozen=True)
+class SnapKVScorer(Scorer):
+    """Observation-window attention (SnapKV, arXiv 2404.14469), as used by ChunkKV.
+
+    The last ``window`` queries attend over the prefix; a token's score is its attention averaged
+    over the window queries, smoothed by an average pool of ``kernel`` tokens and averaged over
+    the query heads of each GQA group (one score per KV head).
+
+    ``window_scores`` says what the window tokens themselves get: ``"zero"`` (they are protected
+    by the selector, paper Algorithm 1) or ``"max+1"`` (kvpress: larger than every prefix score,
+    so token-level selection keeps them; chunk-level selection may not).
+    """
+
+    window: int = 32
+    kernel: int = 5
+    window_scores: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
+        if self.window_scores not in ("zero", "max+1"):
+            raise ValueError(f"window_scores must be 'zero' or 'max+1', got {self.window_scores!r}")
+
+    def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        return {"queries": window_queries(inputs, self.window)}
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        batch, kv_heads, length, _ = keys.shape
+        window = queries.shape[2]
+        probs = observation_window_attention(queries, keys, valid)[..., : length - window]
+        query_valid = valid[:, length - window :].to(probs.dtype)[:, None, None, :, None]
+        n_queries = query_valid.sum(dim=3).clamp(min=1.0)
+        per_query_head = (probs * query_valid).sum(dim=3) / n_queries  # [B, Hkv, G, T - w]
+        groups = per_query_head.shape[2]
+        pooled = F.avg_pool1d(
+            per_query_head.reshape(batch * kv_heads * groups, 1, length - window),
+            kernel_size=self.kernel,
+            padding=self.kernel // 2,
+            stride=1,
+        ).view(batch, kv_heads, groups, length - window)
+        scores = pooled.mean(dim=2)
+        if self.window_scores == "max+1":
+            pad_value = scores.amax() + 1
+        else:
+            pad_value = scores.new_zeros(())
+        window_part = pad_value.expand(batch, kv_heads, window)
+        return torch.cat([scores, window_part], dim=-1)
+
+
+@register("scorer", "knorm")
+@dataclass(frozen=True)
+class KnormScorer(Scorer):
+    """Negative L2 norm of the keys (arXiv 2406.11430): low-norm keys draw attention, keep them."""
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return -torch.linalg.vector_norm(keys.float(), dim=-1)
+
+
+@register("scorer", "streamingllm")
+@dataclass(frozen=True)
+class RecencyScorer(Scorer):
+    """StreamingLLM (arXiv 2309.17453): the most recent tokens score highest.
+
+    Pair it with a selector that protects ``sinks`` first tokens to get sinks + recent window.
+    """
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        batch, kv_heads, length, _ = keys.shape
+        positions = torch.arange(length, device=keys.device, dtype=torch.float32)
+        return positions.expand(batch, kv_heads, length)
+
+
+@register("scorer", "random")
+@dataclass(frozen=True)
+class RandomScorer(Scorer):
+    """Uniform random scores, seeded per layer (``seed + layer index``): the baseline to beat.
+
+    The random draw happens in :meth:`prepare` because random generators do not trace.
+    """
+
+    seed: int = 0
+
+    def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        keys = inputs.keys
+        generator = torch.Generator(device=keys.device)
+        generator.manual_seed(self.seed + inputs.layer_idx)
+        noise = torch.rand(keys.shape[:-1], generator=generator, device=keys.device, dtype=torch.float32)
+        return {"noise": noise}
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise

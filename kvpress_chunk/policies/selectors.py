@@ -1,0 +1,214 @@
+"""Selectors: token scores + groups + budget -> kept token indices.
+
+The whole selection is one vectorised pass (no Python loop over chunks, no per-row loop), so it
+traces into a single ``torch.compile(fullgraph=True)`` graph:
+
+1. protected tokens (sinks, observation window) are marked; the rest are *candidates*;
+2. group score = sum or mean of the candidates' token scores in the group;
+3. groups are ranked by score (ties: earlier group first);
+4. every token gets a sort key: protected first, then by its group's rank, then by position;
+5. each row keeps the first ``n_keep`` tokens of that order, where ``n_keep`` is the budget
+   (``fill="exact"``) or rounded down to whole groups (``fill="whole"``);
+6. kept indices are sorted ascending. Rows that keep fewer tokens than the widest row are
+   *left-padded* with index ``-1`` (``slot_valid=False``), the same convention as HF's left
+   padding, so generation can continue with a 2-D attention mask.
+
+With ``fill="exact"`` at most one group (the last one admitted) is kept partially: its earliest
+tokens. Every other group is kept whole or dropped whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..budget import Budget
+from ..registry import register
+from .groupers import positions_from_row_start
+
+FILLS = ("exact", "whole")
+COUNTS = ("tokens", "groups")
+
+
+class SelectionTensors(NamedTuple):
+    """Raw output of a selector: ``indices[B, Hs, K]`` (``-1`` where ``slot_valid`` is False)."""
+
+    indices: torch.Tensor
+    slot_valid: torch.Tensor
+
+
+class Selector:
+    """Base class: frozen dataclasses registered with ``@register("selector", name)``."""
+
+    per_head: bool = False
+
+    def capacity(self, length: int, window: int, budget: Budget, max_group_size: int, num_groups: int) -> int:
+        """Static upper bound (Python int) on kept tokens per row, used to size top-k."""
+        raise NotImplementedError
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        group_ids: torch.Tensor,
+        num_groups: int,
+        valid: torch.Tensor,
+        window: int,
+        budget: Budget,
+        reduce: str,
+        capacity: int,
+    ) -> SelectionTensors:
+        raise NotImplementedError
+
+
+def protected_mask(valid: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
+    """Real tokens that must stay: the first ``sinks`` and the last ``recent`` of each row."""
+    length = valid.shape[-1]
+    local = positions_from_row_start(valid)
+    positions = torch.arange(length, device=valid.device)
+    return valid & ((local < sinks) | (positions >= length - recent))
+
+
+def rank_groups(
+    scores: torch.Tensor, group_ids: torch.Tensor, num_groups: int, candidates: torch.Tensor, reduce: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank groups by the sum/mean of their candidates' scores.
+
+    Returns ``(order, rank, sizes)``: ``order[..., i]`` is the group ranked ``i``;
+    ``rank[..., g]`` the rank of group ``g``; ``sizes[B, 1, G+1]`` the candidate count per group.
+    Groups without candidates (fully protected, padding bucket) rank last.
+    """
+    batch, heads, _ = scores.shape
+    ids = group_ids.unsqueeze(1)
+    weight = candidates.unsqueeze(1).to(scores.dtype)
+    totals = scores.new_zeros(batch, heads, num_groups + 1).scatter_add_(-1, ids.expand_as(scores), scores * weight)
+    sizes = scores.new_zeros(batch, 1, num_groups + 1).scatter_add_(-1, ids, weight)
+    group_scores = totals / sizes.clamp(min=1) if reduce == "mean" else totals
+    group_scores = group_scores.masked_fill(sizes == 0, float("-inf"))
+    order = torch.argsort(group_scores, dim=-1, descending=True, stable=True)
+    ranks = torch.arange(num_groups + 1, device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, ranks)
+    return order, rank, sizes
+
+
+def select_topk(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    valid: torch.Tensor,
+    protected: torch.Tensor,
+    n_keep: torch.Tensor | None,
+    n_groups_keep: torch.Tensor | None,
+    capacity: int,
+    reduce: str,
+    fill: str,
+) -> SelectionTensors:
+    """Pure, compile-friendly group top-k (see module docstring for the rule).
+
+    ``scores[B, H, T]`` (H = 1 for a selection shared by all heads), ``group_ids[B, T]``,
+    ``valid``/``protected`` ``[B, T]``. Exactly one of ``n_keep[B]`` (tokens per row, protected
+    included) and ``n_groups_keep[B]`` (groups per row, on top of protected tokens) is given.
+    """
+    batch, heads, length = scores.shape
+    candidates = valid & ~protected
+    order, rank, sizes = rank_groups(scores, group_ids, num_groups, candidates, reduce)
+
+    n_protected = protected.sum(dim=-1).unsqueeze(-1)  # [B, 1]
+    cumulative = sizes.expand(batch, heads, -1).gather(-1, order).cumsum(dim=-1).to(torch.int64)  # [B, H, G+1]
+    if n_groups_keep is not None:
+        take = n_groups_keep.unsqueeze(-1).expand(batch, heads).unsqueeze(-1)  # [B, H, 1]
+        extra = torch.where(take > 0, cumulative.gather(-1, (take - 1).clamp(min=0)), 0).squeeze(-1)
+    else:
+        extra = (n_keep.unsqueeze(-1) - n_protected).clamp(min=0).expand(batch, heads)  # [B, H]
+        if fill == "whole":
+            fits = cumulative <= extra.unsqueeze(-1)
+            extra = torch.where(fits, cumulative, 0).amax(dim=-1)
+    total = n_protected + extra  # [B, H]
+
+    positions = torch.arange(length, device=scores.device)
+    token_rank = rank.gather(-1, group_ids.unsqueeze(1).expand(batch, heads, length))
+    key = token_rank * length + positions
+    key = torch.where(protected.unsqueeze(1), positions - length, key)
+    key = torch.where(valid.unsqueeze(1), key, (num_groups + 2) * length + positions)
+    first = torch.topk(-key, capacity, dim=-1, sorted=True).indices  # best first
+    slot = torch.arange(capacity, device=scores.device)
+    kept = slot < total.unsqueeze(-1)
+    indices = torch.where(kept, first, -1).sort(dim=-1).values
+    return SelectionTensors(indices, indices >= 0)
+
+
+@register("selector", "topk")
+@dataclass(frozen=True)
+class TopKSelector(Selector):
+    """Keep the best groups until the budget is spent.
+
+    * ``per_head``: one selection per KV head (scores per head) instead of one shared by all
+      heads of the layer (scores summed over heads, as kvpress' ChunkKV does).
+    * ``sinks``: first real tokens of each row always kept (StreamingLLM's attention sinks).
+    * ``keep_window``: always keep the scorer's observation window (ChunkKV paper, Alg. 1).
+    * ``fill``: ``"exact"`` spends the budget exactly (the last admitted group may be cut);
+      ``"whole"`` keeps whole groups only, rounding the budget down.
+    * ``count``: ``"tokens"`` (the budget counts tokens) or ``"groups"`` (``compression_ratio``
+      applies to the number of groups: kvpress' ChunkKVPress rule ``max(1, int(n * (1 - r)))``).
+    """
+
+    per_head: bool = False
+    sinks: int = 0
+    keep_window: bool = True
+    fill: str = "exact"
+    count: str = "tokens"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be an integer >= 0, got {self.sinks!r}")
+        if self.fill not in FILLS:
+            raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
+        if self.count not in COUNTS:
+            raise ValueError(f"count must be one of {COUNTS}, got {self.count!r}")
+        if self.per_head and (self.fill != "exact" or self.count != "tokens"):
+            # Heads would keep different counts, which a single 2-D attention mask cannot express.
+            raise ValueError("per_head=True needs fill='exact' and count='tokens' (equal kept counts per head)")
+
+    def protected_count(self, window: int) -> int:
+        return self.sinks + (window if self.keep_window else 0)
+
+    def capacity(self, length: int, window: int, budget: Budget, max_group_size: int, num_groups: int) -> int:
+        protected = self.protected_count(window)
+        if self.count == "groups":
+            if budget.compression_ratio is None:
+                raise ValueError("count='groups' needs a compression_ratio, not a token budget")
+            wanted = protected + budget.kept(num_groups) * max_group_size
+        else:
+            wanted = max(budget.kept(length), protected)
+        # A row not longer than the window is kept whole, so room for `window` tokens is needed.
+        return min(length, max(wanted, window))
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        group_ids: torch.Tensor,
+        num_groups: int,
+        valid: torch.Tensor,
+        window: int,
+        budget: Budget,
+        reduce: str,
+        capacity: int,
+    ) -> SelectionTensors:
+        if not self.per_head:
+            scores = scores.sum(dim=1, keepdim=True)
+        lengths = valid.sum(dim=-1)
+        recent = window if self.keep_window else 0
+        protected = protected_mask(valid, self.sinks, recent)
+        # Rows not longer than the observation window are kept whole (nothing to observe from).
+        short_row = lengths <= window
+        protected = protected | (short_row.unsqueeze(-1) & valid)
+        n_keep = n_groups_keep = None
+        if self.count == "groups":
+            members = torch.zeros(valid.shape[0], num_groups + 1, device=valid.device, dtype=torch.int64)
+            members = members.scatter_add_(-1, group_ids, (valid & ~protected).to(torch.int64))[:, :num_groups]
+            n_groups = (members > 0).sum(dim=-1)
+            n_groups_keep = torch.where(short_row, 0, budget.kept_tensor(n_groups))
+        else:
+            n_keep = budget.kept_tensor(lengths)
+        return select_topk(scores, group_ids, num_groups, valid, protected, n_keep, n_groups_keep, capacity, reduce, self.fill)

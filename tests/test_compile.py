@@ -1,0 +1,65 @@
+"""The compiled fused op (score -> group -> select -> gather) against its eager twin.
+
+Each configuration is compiled once (tens of seconds on CPU), then driven through many prompt
+lengths: with ``fail_on_recompile_limit_hit`` (conftest) an eager fallback would be an error,
+and the cache-entry count shows that new lengths reuse the dynamic graph.
+"""
+
+import pytest
+import torch
+import torch._dynamo.eval_frame as eval_frame
+
+import kvpress_chunk as kc
+from kvpress_chunk.compile.ops import compiled_compress, eager_compress
+
+pytestmark = pytest.mark.slow
+
+
+def graphs_of(fn) -> int:
+    return len(eval_frame._debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
+
+
+def random_case(press, batch, length, pads=None, heads=3, q_heads=9, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, heads, length, dim, generator=generator)
+    values = torch.randn(batch, heads, length, dim, generator=generator)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    for row, pad in enumerate(pads or []):
+        valid[row, :pad] = False
+    extra = {}
+    if press.scorer.window:
+        extra["queries"] = torch.randn(batch, q_heads, press.scorer.window, dim, generator=generator) * 0.3
+    capacity = press.selector.capacity(
+        length, press.scorer.window, press.rule, press.grouper.max_group_size, press.grouper.num_groups(length)
+    )
+    return keys, values, valid, extra, capacity
+
+
+@pytest.mark.parametrize(
+    "preset,batch",
+    [("chunkkv", 1), ("chunkkv", 3), ("chunkkv-kvpress", 1), ("snapkv", 2), ("streamingllm", 1)],
+)
+def test_compiled_equals_eager_over_many_lengths(preset, batch):
+    press = kc.make_press(preset, compression_ratio=0.75)
+    compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule)
+    eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule)
+    lengths = [97, 130, 256, 301, 512, 777, 1000, 1024, 1500, 2048, 3001, 4096]
+    for i, length in enumerate(lengths):
+        pads = [0] + [(7 * row * (i + 1)) % (length // 2) for row in range(1, batch)]
+        args = random_case(press, batch, length, pads, seed=i)
+        got, want = compiled(*args), eager(*args)
+        for name, g, w in zip(("keys", "values", "indices", "slot_valid"), got, want):
+            assert torch.equal(g, w), f"{preset} length {length}: compiled {name} differ from eager"
+    # 12 lengths, one dynamic graph (plus at most one more for a size-1 specialisation).
+    assert graphs_of(compiled) <= 2
+
+
+def test_same_configuration_shares_compiled_graphs_and_others_do_not():
+    a = kc.make_press("chunkkv", compression_ratio=0.75)
+    b = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
+    c = kc.make_press("chunkkv", compression_ratio=0.5)
+    fa = compiled_compress(a.scorer, a.grouper, a.selector, a.rule)
+    assert compiled_compress(b.scorer, b.grouper, b.selector, b.rule) is fa
+    fc = compiled_compress(c.scorer, c.grouper, c.selector, c.rule)
+    assert fc is not fa
+    assert fc._torchdynamo_orig_callable.__code__ is not fa._torchdynamo_orig_callable.__code__

@@ -131,7 +131,12 @@ class Press:
             yield session
 
 
-_ACTIVE_MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_ACTIVE_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, PressSession]" = weakref.WeakKeyDictionary()
+
+
+def active_session(model: nn.Module) -> "PressSession | None":
+    """The session of the press currently applied to ``model``, if any."""
+    return _ACTIVE_SESSIONS.get(model)
 
 
 class PressSession:
@@ -154,13 +159,13 @@ class PressSession:
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:
-        if self.model in _ACTIVE_MODELS:
+        if self.model in _ACTIVE_SESSIONS:
             raise PressAlreadyActiveError(
                 f"a press is already applied to this {type(self.model).__name__}; "
                 "exit the first `with press(model):` block before entering another"
             )
         handles = []
-        _ACTIVE_MODELS.add(self.model)
+        _ACTIVE_SESSIONS[self.model] = self
         try:
             handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
             handles.append(self.model.register_forward_hook(self._after_model, always_call=True))
@@ -172,7 +177,7 @@ class PressSession:
         finally:
             for handle in handles:
                 handle.remove()
-            _ACTIVE_MODELS.discard(self.model)
+            _ACTIVE_SESSIONS.pop(self.model, None)
 
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..press import Press
+from ..press import Press, active_session
 
 
 @dataclass
@@ -68,13 +68,14 @@ def prefill(
         logits_to_keep=1,
     )
     if press is None:
+        # A press may already be applied by the caller (`with press(model): prefill(...)`).
+        session = active_session(model)
         out = model(**kwargs)
-        cache_mask = attention_mask
     else:
         with press(model) as session:
             out = model(**kwargs)
-        session_mask = session.attention_mask()
-        cache_mask = attention_mask if session_mask is None else session_mask.to(model.device)
+    session_mask = session.attention_mask() if session is not None else None
+    cache_mask = attention_mask if session_mask is None else session_mask.to(model.device)
     return CompressedContext(out.past_key_values, attention_mask.sum(dim=-1), cache_mask, out.logits[:, -1])
 
 

@@ -214,13 +214,15 @@ class PressSession:
                 "[B, H, T, D] (use a DynamicCache; quantized and static caches are not supported)"
             )
         length = keys.shape[-2]
-        if hidden.shape[1] != length:
+        sliding = getattr(layer, "is_sliding", False)
+        seen = getattr(layer, "cumulative_length", length) if sliding else length
+        if hidden.shape[1] != seen:
             return  # not a prefill from an empty cache: decoding or a follow-up question
         if is_first:
             self.selections.clear()
             self.skipped_layers.clear()
-            self.prefill_length = length
-        if getattr(layer, "is_sliding", False):
+            self.prefill_length = hidden.shape[1]
+        if sliding:
             # A sliding-window layer already bounds its memory; its own length bookkeeping
             # (cumulative_length) would disagree with an evicted cache.
             self.skipped_layers.add(layer_idx)

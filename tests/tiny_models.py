@@ -1,0 +1,61 @@
+"""Tiny randomly initialised causal LMs of several HF families, built in code (no downloads).
+
+All share the shape that matters for compression: 4 query heads over 2 KV heads (GQA),
+head_dim 16, RoPE. Gemma 2/3 alternate sliding-window and full-attention layers, so the tests
+also see a hybrid cache (sliding layers are left alone by design).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),  # has q_norm / k_norm
+    # Mistral's default sliding_window (4096) would make every cache layer a sliding layer.
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 32}),  # sliding/full alternate
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, {"sliding_window": 32}),
+}
+TINY_FAMILIES = tuple(_FAMILIES)
+
+
+def make_tiny_model(family: str, *, seed: int = 0, num_layers: int = 4, dtype=torch.float32):
+    """An eval-mode ``*ForCausalLM`` with deterministic random weights."""
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(TINY_FAMILIES)}")
+    config_cls, model_cls, extra = _FAMILIES[family]
+    extra = dict(extra)
+    if family == "gemma3":
+        extra["layer_types"] = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    config = config_cls(
+        vocab_size=128,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=4096,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).to(dtype).eval()

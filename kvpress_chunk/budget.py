@@ -57,13 +57,30 @@ class Budget:
             return min(count, max(1, int(count * (1 - self.compression_ratio))))
         return min(count, self.budget)
 
-    def kept_tensor(self, counts: torch.Tensor) -> torch.Tensor:
-        """Vectorised :meth:`kept` for per-row counts (int64). float64 reproduces Python's float
-        arithmetic, so the tensor and Python rules never disagree by one."""
+    @property
+    def kind(self) -> str:
+        """``"ratio"`` or ``"budget"``: what compiled code specialises on (never the value)."""
+        return "ratio" if self.compression_ratio is not None else "budget"
+
+    def value_tensor(self, device: torch.device | str) -> torch.Tensor:
+        """The budget's value as a 0-d tensor: compiled code reads it as data, so sweeping
+        ratios reuses one graph instead of compiling one per value."""
         if self.compression_ratio is not None:
-            kept = torch.floor(counts.to(torch.float64) * (1 - self.compression_ratio)).to(torch.int64)
-            return torch.minimum(kept.clamp(min=1), counts)
-        return counts.clamp(max=self.budget)
+            return torch.tensor(float(self.compression_ratio), dtype=torch.float64, device=device)
+        return torch.tensor(int(self.budget), dtype=torch.int64, device=device)
+
+    def kept_tensor(self, counts: torch.Tensor) -> torch.Tensor:
+        """Vectorised :meth:`kept` for per-row counts (int64)."""
+        return kept_counts(self.kind, self.value_tensor(counts.device), counts)
+
+
+def kept_counts(kind: str, value: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Pure tensor form of :meth:`Budget.kept`. float64 reproduces Python's float arithmetic,
+    so the tensor and Python rules never disagree by one."""
+    if kind == "ratio":
+        kept = torch.floor(counts.to(torch.float64) * (1 - value)).to(torch.int64)
+        return torch.minimum(kept.clamp(min=1), counts)
+    return torch.minimum(counts, value)
 
     def describe(self) -> str:
         if self.compression_ratio is not None:

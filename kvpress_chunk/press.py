@@ -92,7 +92,7 @@ class Press:
     def compress_fn(self):
         """The fused op for this policy, compiled or eager per :attr:`compile`."""
         maker = compiled_compress if self.compile else eager_compress
-        return maker(self.scorer, self.grouper, self.selector, self.rule)
+        return maker(self.scorer, self.grouper, self.selector, self.rule.kind)
 
     def select(self, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, Selection]:
         """Compress one layer: ``(kept_keys, kept_values, selection)``.
@@ -110,7 +110,7 @@ class Press:
         )
         extra = self.scorer.prepare(inputs)
         kept_keys, kept_values, indices, slot_valid = self.compress_fn()(
-            keys, values, inputs.valid, extra, capacity
+            keys, values, inputs.valid, extra, capacity, rule.value_tensor(keys.device)
         )
         selection = Selection(indices, slot_valid, length)
         trimmed = selection.trimmed()

@@ -32,7 +32,7 @@ def random_case(press, batch, length, pads=None, heads=3, q_heads=9, dim=16, see
     capacity = press.selector.capacity(
         length, press.scorer.window, press.rule, press.grouper.max_group_size, press.grouper.num_groups(length)
     )
-    return keys, values, valid, extra, capacity
+    return keys, values, valid, extra, capacity, press.rule.value_tensor("cpu")
 
 
 @pytest.mark.parametrize(
@@ -41,8 +41,8 @@ def random_case(press, batch, length, pads=None, heads=3, q_heads=9, dim=16, see
 )
 def test_compiled_equals_eager_over_many_lengths(preset, batch):
     press = kc.make_press(preset, compression_ratio=0.75)
-    compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule)
-    eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule)
+    compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule.kind)
+    eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule.kind)
     lengths = [97, 130, 256, 301, 512, 777, 1000, 1024, 1500, 2048, 3001, 4096]
     for i, length in enumerate(lengths):
         pads = [0] + [(7 * row * (i + 1)) % (length // 2) for row in range(1, batch)]
@@ -56,10 +56,24 @@ def test_compiled_equals_eager_over_many_lengths(preset, batch):
 
 def test_same_configuration_shares_compiled_graphs_and_others_do_not():
     a = kc.make_press("chunkkv", compression_ratio=0.75)
-    b = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
-    c = kc.make_press("chunkkv", compression_ratio=0.5)
-    fa = compiled_compress(a.scorer, a.grouper, a.selector, a.rule)
-    assert compiled_compress(b.scorer, b.grouper, b.selector, b.rule) is fa
-    fc = compiled_compress(c.scorer, c.grouper, c.selector, c.rule)
-    assert fc is not fa
-    assert fc._torchdynamo_orig_callable.__code__ is not fa._torchdynamo_orig_callable.__code__
+    b = kc.make_press("chunkkv", compression_ratio=0.5, compile=False)  # another ratio: same graphs
+    c = kc.make_press("chunkkv", budget=64)
+    d = kc.make_press("chunkkv", chunk_size=16, compression_ratio=0.75)
+    fa = compiled_compress(a.scorer, a.grouper, a.selector, a.rule.kind)
+    assert compiled_compress(b.scorer, b.grouper, b.selector, b.rule.kind) is fa
+    for other in (c, d):
+        fo = compiled_compress(other.scorer, other.grouper, other.selector, other.rule.kind)
+        assert fo is not fa
+        assert fo._torchdynamo_orig_callable.__code__ is not fa._torchdynamo_orig_callable.__code__
+
+
+def test_a_ratio_sweep_reuses_one_graph():
+    press = kc.make_press("knorm", compression_ratio=0.5)
+    compiled = compiled_compress(press.scorer, press.grouper, press.selector, "ratio")
+    eager = eager_compress(press.scorer, press.grouper, press.selector, "ratio")
+    for ratio in (0.1, 0.5, 0.75, 0.9, 0.95):
+        swept = press.replace(compression_ratio=ratio)
+        args = random_case(swept, 2, 333, [0, 40])
+        for g, w in zip(compiled(*args), eager(*args)):
+            assert torch.equal(g, w)
+    assert graphs_of(compiled) <= 2

@@ -19,7 +19,8 @@ def run_selector(scores, valid, grouper, selector, budget, window) -> Selection:
     length = scores.shape[-1]
     capacity = selector.capacity(length, window, budget, grouper.max_group_size, grouper.num_groups(length))
     out = selector.select(
-        scores, grouper.group_ids(valid), grouper.num_groups(length), valid, window, budget, grouper.reduce, capacity
+        scores, grouper.group_ids(valid), grouper.num_groups(length), valid, window, budget.kept_tensor,
+        grouper.reduce, capacity,
     )
     return Selection(out.indices, out.slot_valid, length).trimmed()
 

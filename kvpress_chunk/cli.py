@@ -18,7 +18,7 @@ DEFAULTS = {
     "presses": ["chunkkv", "snapkv", "streamingllm", "knorm"],
     "ratios": [0.5, 0.75, 0.9],
     "lengths": [1000, 2000],
-    "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
+    "depths": [0.1, 0.5, 0.9],
 }
 QUICK = {"presses": ["chunkkv", "snapkv"], "ratios": [0.75, 0.9], "lengths": [1000], "depths": [0.25, 0.75]}
 
@@ -120,7 +120,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presses", type=_names, help=f"comma-separated presets (default {','.join(DEFAULTS['presses'])})")
     parser.add_argument("--ratios", type=_floats, help="compression ratios, fraction removed (default 0.5,0.75,0.9)")
     parser.add_argument("--lengths", type=_ints, help="context lengths in tokens (default 1000,2000)")
-    parser.add_argument("--depths", type=_floats, help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    parser.add_argument("--depths", type=_floats, help="needle depths in [0, 1] (default 0.1,0.5,0.9)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out", help="folder for the JSON and PNG files (default ./out)")
     parser.add_argument("--quick", action="store_true", help="a one-minute smoke run (2 presses, 2 ratios, 2 cases)")

@@ -24,7 +24,7 @@ from torch import nn
 
 from .budget import Budget
 from .compile.ops import compiled_compress, eager_compress
-from .hf.hooks import cache_length, cache_of, call_argument, find_attention_layers, padding_mask
+from .hf.hooks import UnsupportedModelError, cache_length, cache_of, call_argument, find_attention_layers, padding_mask
 from .policies.groupers import Grouper
 from .policies.layer_inputs import LayerInputs
 from .policies.planners import Planner
@@ -34,7 +34,8 @@ from .registry import PART_KINDS, SpecError, build_part, describe_part
 from .selection import Selection
 
 PART_BASES: dict[str, type] = {"scorer": Scorer, "grouper": Grouper, "selector": Selector, "planner": Planner}
-PRESS_KEYS = ("compression_ratio", "budget", "compile")
+PRESS_KEYS = ("compression_ratio", "budget", "compile", "apply")
+APPLY_MODES = ("evict", "mask")
 
 
 class PressAlreadyActiveError(RuntimeError):
@@ -49,6 +50,12 @@ class Press:
     per row) is set; see :mod:`kvpress_chunk.budget` for the exact counting rule. ``compile``
     runs the fused score/group/select/gather op through ``torch.compile`` (set it to ``False``
     to skip the first-call compile cost, e.g. for a single short run).
+
+    ``apply`` says what happens to the selection: ``"evict"`` gathers the kept tokens into a
+    smaller cache (saves memory, fastest decoding); ``"mask"`` keeps the cache whole and makes
+    later forwards attend through a FlexAttention BlockMask of the selection (no copy, per-head
+    selections of any shape, quick A/B of policies). In mask mode, decode inside the
+    ``with press(model):`` block: the masks live as long as the block.
     """
 
     scorer: Scorer
@@ -58,9 +65,12 @@ class Press:
     compression_ratio: float | None = None
     budget: int | None = None
     compile: bool = True
+    apply: str = "evict"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        if self.apply not in APPLY_MODES:
+            raise SpecError(f"apply must be one of {', '.join(APPLY_MODES)}, got {self.apply!r}")
         for kind, base in PART_BASES.items():
             part = getattr(self, kind)
             if not isinstance(part, base):
@@ -70,12 +80,19 @@ class Press:
             raise SpecError("a selector with count='groups' needs compression_ratio, not budget")
 
     @property
+    def block_size(self) -> int:
+        """KV block size of mask mode: the chunk size (chunk = block, so evicted chunks are
+        skipped blocks) when it is at least 8, else 16."""
+        size = self.grouper.max_group_size
+        return size if 8 <= size <= 256 else 16
+
+    @property
     def rule(self) -> Budget:
         return Budget(self.compression_ratio, self.budget)
 
     def describe(self) -> str:
         parts = ", ".join(f"{kind}={describe_part(getattr(self, kind))}" for kind in PART_KINDS)
-        return f"{self.name}: {parts}, {self.rule.describe()}"
+        return f"{self.name}: {parts}, {self.rule.describe()}, apply={self.apply}"
 
     def replace(self, **changes: Any) -> "Press":
         """A copy with some fields changed (e.g. another ratio: ``press.replace(compression_ratio=0.5)``).
@@ -156,6 +173,7 @@ class PressSession:
         self.selections: dict[int, Selection] = {}
         self.skipped_layers: set[int] = set()
         self.prefill_length: int | None = None
+        self.prefill_valid: torch.Tensor | None = None
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:
@@ -166,7 +184,10 @@ class PressSession:
             )
         handles = []
         _ACTIVE_SESSIONS[self.model] = self
+        saved_attention = None
         try:
+            if self.press.apply == "mask":
+                saved_attention = self._use_masked_attention()
             handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
             handles.append(self.model.register_forward_hook(self._after_model, always_call=True))
             first_layer = self.layers[0][0]
@@ -177,7 +198,29 @@ class PressSession:
         finally:
             for handle in handles:
                 handle.remove()
+            self._clear_layer_masks()
+            if saved_attention is not None:
+                self.model.set_attn_implementation(saved_attention)
             _ACTIVE_SESSIONS.pop(self.model, None)
+
+    def _use_masked_attention(self) -> str:
+        """Switch the model to the masked attention function; returns the implementation to restore."""
+        from .compile.attention import register_masked_attention
+
+        if not hasattr(self.model, "set_attn_implementation"):
+            raise UnsupportedModelError(
+                f"apply='mask' needs a transformers PreTrainedModel (AttentionInterface); got {type(self.model).__name__}"
+            )
+        saved = self.model.config._attn_implementation
+        self.model.set_attn_implementation(register_masked_attention())
+        return saved
+
+    def _clear_layer_masks(self) -> None:
+        if self.press.apply == "mask":
+            from .compile.attention import set_layer_mask
+
+            for _, module in self.layers:
+                set_layer_mask(module, None)
 
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.
@@ -185,6 +228,7 @@ class PressSession:
         self.valid = None
         if cache_length(kwargs.get("past_key_values")) > 0:
             return
+        self._clear_layer_masks()  # a new prefill attends in full; its own masks come after it
         inputs = call_argument(args, kwargs, "input_ids", 0)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
@@ -222,6 +266,7 @@ class PressSession:
             self.selections.clear()
             self.skipped_layers.clear()
             self.prefill_length = hidden.shape[1]
+            self.prefill_valid = self.valid
         if sliding:
             # A sliding-window layer already bounds its memory; its own length bookkeeping
             # (cumulative_length) would disagree with an evicted cache.
@@ -248,8 +293,13 @@ class PressSession:
                 position_embeddings=kwargs.get("position_embeddings"),
             )
             kept_keys, kept_values, selection = self.press.select(inputs)
-        layer.keys, layer.values = kept_keys, kept_values
         self.selections[layer_idx] = selection
+        if self.press.apply == "mask":
+            from .compile.attention import LayerMask, set_layer_mask
+
+            set_layer_mask(module, LayerMask(selection.kept_table(), self.press.block_size))
+        else:
+            layer.keys, layer.values = kept_keys, kept_values
 
     def attention_mask(self) -> torch.Tensor | None:
         """2-D mask of the compressed cache for later forwards (``None`` if nothing was compressed).
@@ -257,6 +307,8 @@ class PressSession:
         All compressed layers keep the same count per row, so one mask serves every layer."""
         if not self.selections:
             return None
+        if self.press.apply == "mask":  # the cache stays whole: only the prefill's padding is masked
+            return self.prefill_valid.to(torch.int64) if self.prefill_valid is not None else None
         return next(iter(self.selections.values())).attention_mask()
 
 
@@ -334,6 +386,7 @@ def make_press(spec: Any = "chunkkv", **overrides: Any) -> Press:
             compression_ratio=spec.get("compression_ratio"),
             budget=spec.get("budget"),
             compile=spec.get("compile", True),
+            apply=spec.get("apply", "evict"),
             name=spec.get("name", name),
         )
     except ValueError as exc:

@@ -47,6 +47,14 @@ class Selection:
         """Real tokens kept by each row (heads keep equal counts)."""
         return self.slot_valid[:, 0, :].sum(dim=-1)
 
+    def kept_table(self) -> torch.Tensor:
+        """``bool[B, Hs, T]``: True where a prefix position is kept (the mask-mode view)."""
+        batch, heads, _ = self.indices.shape
+        # Padding slots write into an extra column that is dropped, so they can't clear a kept one.
+        table = torch.zeros(batch, heads, self.length + 1, dtype=torch.bool, device=self.indices.device)
+        positions = torch.where(self.slot_valid, self.indices, self.length)
+        return table.scatter_(-1, positions, True)[..., : self.length]
+
     def attention_mask(self) -> torch.Tensor:
         """``int64[B, K]`` mask of the compressed cache (0 on padding slots), for later forwards."""
         return self.slot_valid[:, 0, :].to(torch.int64)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..hf.generation import greedy_continue, prefill
+from ..hf.generation import applied, greedy_continue, prefill
 from ..hf.models import chat_prompt_parts
 from ..press import make_press
 from .tasks import Case, score_answer
@@ -54,6 +54,16 @@ def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
     return [PressEntry(name, "kvpress", factories[name]) for name in names if name in factories]
 
 
+def kept_tokens(model, context) -> int:
+    """Real prefix tokens later forwards attend to (mask mode keeps the cache whole but masks it)."""
+    from ..press import active_session
+
+    session = active_session(model)
+    if session is not None and session.selections:
+        return int(next(iter(session.selections.values())).kept_per_row[0])
+    return int(context.cache_mask[0].sum())
+
+
 @torch.inference_mode()
 def answer_case(model, tokenizer, case: Case, press, query_aware: bool, max_new_tokens: int) -> tuple[str, int]:
     """``(answer, kept cache tokens)`` for one case. Query-agnostic: the context alone is
@@ -64,16 +74,17 @@ def answer_case(model, tokenizer, case: Case, press, query_aware: bool, max_new_
     prefix, suffix = chat_prompt_parts(tokenizer) if getattr(tokenizer, "chat_template", None) else ("", "\n")
     eos = _eos_ids(tokenizer, model)
     encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
-    if query_aware:
-        context = prefill(model, encode(prefix + case.context + "\n\n" + case.question + suffix), press=press)
-        kept = context.cache_mask.shape[-1]
-        first = context.last_logits.argmax(dim=-1, keepdim=True)
-        rest = greedy_continue(model, context, first, max_new_tokens - 1, eos) if first.item() not in eos else first[:, :0]
-        tokens = torch.cat([first, rest], dim=-1)
-    else:
-        context = prefill(model, encode(prefix + case.context), press=press)
-        kept = context.cache_mask.shape[-1]
-        tokens = greedy_continue(model, context, encode("\n\n" + case.question + suffix), max_new_tokens, eos)
+    with applied(press, model):
+        if query_aware:
+            context = prefill(model, encode(prefix + case.context + "\n\n" + case.question + suffix))
+            kept = kept_tokens(model, context)
+            first = context.last_logits.argmax(dim=-1, keepdim=True)
+            rest = greedy_continue(model, context, first, max_new_tokens - 1, eos) if first.item() not in eos else first[:, :0]
+            tokens = torch.cat([first, rest], dim=-1)
+        else:
+            context = prefill(model, encode(prefix + case.context))
+            kept = kept_tokens(model, context)
+            tokens = greedy_continue(model, context, encode("\n\n" + case.question + suffix), max_new_tokens, eos)
     return tokenizer.decode(tokens[0], skip_special_tokens=True).strip(), kept
 
 

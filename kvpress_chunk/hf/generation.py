@@ -8,6 +8,7 @@ padded batch keep different token counts (left-padded slots). Both need explicit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -180,13 +181,21 @@ def generate_answers(
     if chat_template and getattr(tokenizer, "chat_template", None):
         prefix, suffix = chat_prompt_parts(tokenizer)
     context_ids = tokenizer(prefix + context, return_tensors="pt", add_special_tokens=not prefix).input_ids
-    compressed = prefill(model, context_ids, press=press)
-    if on_prefill is not None:
-        on_prefill(compressed)
     eos = _eos_ids(tokenizer, model)
     answers = []
-    for question in questions:
-        question_ids = tokenizer(question + suffix, return_tensors="pt", add_special_tokens=False).input_ids
-        tokens = greedy_continue(model, compressed.copy(), question_ids, max_new_tokens, eos)
-        answers.append(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
+    # The press stays applied while answering: mask mode needs its masks during decoding (evict
+    # mode is unaffected: only prefills from an empty cache are compressed).
+    with applied(press, model):
+        compressed = prefill(model, context_ids)
+        if on_prefill is not None:
+            on_prefill(compressed)
+        for question in questions:
+            question_ids = tokenizer(question + suffix, return_tensors="pt", add_special_tokens=False).input_ids
+            tokens = greedy_continue(model, compressed.copy(), question_ids, max_new_tokens, eos)
+            answers.append(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
     return answers
+
+
+def applied(press, model: nn.Module):
+    """``press(model)`` or a no-op context when there is no press."""
+    return contextlib.nullcontext() if press is None else press(model)

@@ -13,6 +13,7 @@ silently runs uncompiled. We count the compiled graphs and raise before that can
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch._dynamo.eval_frame as eval_frame
 from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
-from .masks import selection_block_mask
+from .masks import dense_prefix_mask, selection_block_mask
 
 ATTENTION_NAME = "kvpress_chunk_mask"
 
@@ -83,6 +84,26 @@ class FlexRecompileLimit(FlexFallbackError):
         )
 
 
+FLEX_STATE = {"broken": False}
+
+
+def _is_compile_failure(exc: Exception) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    return isinstance(exc, (InductorError, BackendCompilerFailed)) and not isinstance(exc, FlexFallbackError)
+
+
+def _flex_per_row(query, key, value, layer_mask: LayerMask, scale: float) -> torch.Tensor:
+    """One flex call per batch row: with a batch dimension > 1, torch 2.13's CPU flex template
+    emits invalid C++ under dynamic shapes (seen for every batch size >= 2 we tried)."""
+    rows = []
+    for row in range(query.shape[0]):
+        block_mask = selection_block_mask(layer_mask.kept[row : row + 1], query.shape[1], key.shape[2], layer_mask.block_size)
+        rows.append(flex_attend(query[row : row + 1], key[row : row + 1], value[row : row + 1], block_mask, scale))
+    return torch.cat(rows, dim=0)
+
+
 def masked_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """AttentionInterface function: flex through the layer's BlockMask, SDPA elsewhere."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -90,11 +111,25 @@ def masked_attention(module: nn.Module, query, key, value, attention_mask, dropo
     layer_mask = _LAYER_MASKS.get(module)
     if layer_mask is None or key.shape[2] < layer_mask.kept.shape[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    block_mask = selection_block_mask(
-        layer_mask.kept, query.shape[1], query.shape[2], key.shape[2], layer_mask.block_size
-    )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = flex_attend(query, key, value, block_mask, scale)
+    q_heads, q_length, kv_length = query.shape[1], query.shape[2], key.shape[2]
+    if q_length == 1 and not FLEX_STATE["broken"]:
+        try:
+            out = _flex_per_row(query, key, value, layer_mask, scale)
+        except Exception as exc:  # inductor's C++ build or codegen failed for this shape
+            if not _is_compile_failure(exc):
+                raise
+            FLEX_STATE["broken"] = True
+            warnings.warn(
+                "kvpress-chunk: compiling FlexAttention failed on this machine "
+                f"({type(exc).__name__}); mask mode continues with SDPA and a dense boolean mask "
+                "(same results, slower decoding). See docs/apply_modes.md.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if q_length > 1 or FLEX_STATE["broken"]:
+        dense = dense_prefix_mask(layer_mask.kept, q_heads, q_length, kv_length)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -6,10 +6,13 @@ Two views of one mask, always built together so they never disagree:
   composed with ``and_masks`` / ``or_masks``. Uncompiled flex reads *only* this.
 * block lists -- which KV blocks to skip, compute fully, or compute with the ``mask_mod``; built
   arithmetically from the kept table (``BlockMask.from_kv_blocks``), never from a dense
-  B*H*Q*KV tensor. With KV block = chunk size, ChunkKV's evicted chunks are whole skipped blocks.
+  B*H*Q*KV tensor. With KV block = chunk size (a multiple of 16: see ``KV_BLOCK_MULTIPLE``),
+  ChunkKV's evicted chunks are whole skipped blocks.
 
-Positions ``>= prefix_length`` are tokens added after compression (a question, generated
-tokens): they are always visible, under the causal rule.
+Positions past the compressed prefix are tokens added after compression (a question, generated
+tokens): they are always visible, under the causal rule. Decoding steps (one query) run
+FlexAttention with the block mask; multi-token forwards (a follow-up question) run SDPA with
+:func:`dense_prefix_mask`, the same rule as a dense boolean tensor.
 """
 
 from __future__ import annotations
@@ -18,29 +21,37 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature, and_masks, or_masks  # noqa: F401
 
 Q_BLOCK_SIZE = 128
+KV_BLOCK_MULTIPLE = 16  # smaller / other KV blocks give garbage in compiled CPU flex (torch 2.13)
 
 
-def generate_compressed_prefix_mask(kept: torch.Tensor, offset: torch.Tensor, head_groups: int) -> _mask_mod_signature:
-    """Prefix tokens are visible iff ``kept[b, h // head_groups, kv]``; tokens added after
-    compression follow the causal rule (queries sit at ``offset + q``).
+def generate_compressed_prefix_mask(table: torch.Tensor) -> _mask_mod_signature:
+    """For one decoding query: prefix tokens are visible iff ``table[b, h, kv]`` (one row per
+    query head); tokens added after compression are always visible (they precede the query).
 
-    Two CPU-inductor workarounds (torch 2.13), both found the hard way:
-
-    * the tables are bound as *default arguments*, not closure cells: a closure-captured table
-      makes inductor emit invalid C++ (``cur_qSplitSize9 was not declared``);
-    * one ``where`` instead of ``and_masks(keep_table, causal)``.
-
-    ``kept[B, Hs, T]`` has a fixed size after prefill and ``offset`` is a 0-d tensor, so decoding
+    CPU-inductor workarounds (torch 2.13), found the hard way: the table is bound as a *default
+    argument* (a closure-captured table makes inductor emit invalid C++, ``cur_qSplitSize9 was
+    not declared``); the mask does not read ``q`` (the same bug for some shapes), so multi-token
+    queries go through :func:`dense_prefix_mask`; and the table always has one row per query
+    head, shared or per-head selection alike (a head-index expression, or a recompile between
+    the two layouts, hits the bug again). The table has a fixed size after prefill, so decoding
     steps that grow the KV length reuse one compiled graph.
     """
-    shared = kept.shape[1] == 1
 
-    def compressed_prefix(b, h, q, kv, table=kept, offset=offset):
-        head = h * 0 if shared else h // head_groups
-        in_table = table[b, head, torch.clamp(kv, max=table.shape[-1] - 1)]
-        return torch.where(kv < table.shape[-1], in_table, kv <= q + offset)
+    def compressed_prefix(b, h, q, kv, table=table):
+        return table[b, h, torch.clamp(kv, max=table.shape[-1] - 1)] | (kv >= table.shape[-1])
 
     return compressed_prefix
+
+
+def dense_prefix_mask(kept: torch.Tensor, query_heads: int, q_length: int, kv_length: int) -> torch.Tensor:
+    """``bool[B, H, q_length, kv_length]``: the same rule for ``q_length`` queries at the end of
+    the sequence, causal among the tokens added after compression (for SDPA)."""
+    batch, kv_heads, prefix = kept.shape
+    table = allowed_prefix(kept, query_heads)
+    query_pos = torch.arange(kv_length - q_length, kv_length, device=kept.device)
+    new_pos = torch.arange(prefix, kv_length, device=kept.device)
+    causal_new = (new_pos[None, :] <= query_pos[:, None]).expand(batch, table.shape[1], q_length, kv_length - prefix)
+    return torch.cat([table[:, :, None, :].expand(-1, -1, q_length, -1), causal_new], dim=-1)
 
 
 def generate_causal_mask(offset: torch.Tensor) -> _mask_mod_signature:
@@ -74,9 +85,9 @@ def generate_recent_mask(start: torch.Tensor) -> _mask_mod_signature:
 
 
 def allowed_prefix(kept: torch.Tensor, query_heads: int) -> torch.Tensor:
-    """``[B, Hm, T]`` kept table at the head granularity of the block mask (1 or query heads)."""
+    """``[B, Hq, T]`` kept table with one row per query head (GQA groups share their KV head's row)."""
     if kept.shape[1] == 1:
-        return kept
+        return kept.expand(kept.shape[0], query_heads, kept.shape[2]).contiguous()
     return kept.repeat_interleave(query_heads // kept.shape[1], dim=1)
 
 
@@ -91,41 +102,33 @@ def _block_lists(flags: torch.Tensor, q_blocks: int) -> tuple[torch.Tensor, torc
     return counts, order
 
 
-def selection_block_mask(
-    kept: torch.Tensor,
-    query_heads: int,
-    q_length: int,
-    kv_length: int,
-    block_size: int,
-) -> BlockMask:
-    """The BlockMask of a compressed prefix ``kept[B, Hs, T]`` for ``q_length`` new queries over
+def selection_block_mask(kept: torch.Tensor, query_heads: int, kv_length: int, block_size: int) -> BlockMask:
+    """The BlockMask of a compressed prefix ``kept[B, Hs, T]`` for one decoding query over
     ``kv_length`` keys (``kv_length - T`` tokens were added after compression)."""
-    batch, kv_heads, prefix = kept.shape
+    if block_size % KV_BLOCK_MULTIPLE:
+        raise ValueError(
+            f"KV block size must be a multiple of {KV_BLOCK_MULTIPLE}, got {block_size}: compiled CPU flex "
+            "attention (torch 2.13) returns wrong results for other sizes"
+        )
+    batch, _, prefix = kept.shape
     device = kept.device
-    head_groups = query_heads // kv_heads if kv_heads > 1 else 1
-    offset = torch.tensor(kv_length - q_length, device=device)
-    mask_mod = generate_compressed_prefix_mask(kept, offset, head_groups)
+    table = allowed_prefix(kept, query_heads)
+    mask_mod = generate_compressed_prefix_mask(table)
 
     n_kv_blocks = -(-kv_length // block_size)
-    table = allowed_prefix(kept, query_heads)
     heads = table.shape[1]
     padded = torch.zeros(batch, heads, n_kv_blocks * block_size, dtype=torch.bool, device=device)
     padded[..., :prefix] = table
     padded[..., prefix:kv_length] = True
     counts = padded.view(batch, heads, n_kv_blocks, block_size).sum(dim=-1)
-    starts = torch.arange(n_kv_blocks, device=device) * block_size
-    touches_new = starts + block_size > prefix
     full = counts == block_size
-    if q_length > 1:
-        full = full & ~touches_new  # new-token blocks need the causal rule
     partial = (counts > 0) & ~full
-    q_blocks = -(-q_length // Q_BLOCK_SIZE)
-    kv_num, kv_idx = _block_lists(partial, q_blocks)
-    full_num, full_idx = _block_lists(full, q_blocks)
+    kv_num, kv_idx = _block_lists(partial, 1)
+    full_num, full_idx = _block_lists(full, 1)
     return BlockMask.from_kv_blocks(
         kv_num, kv_idx, full_num, full_idx,
         BLOCK_SIZE=(Q_BLOCK_SIZE, block_size),
         mask_mod=mask_mod,
-        seq_lengths=(q_length, kv_length),
+        seq_lengths=(1, kv_length),
         compute_q_blocks=False,
     )

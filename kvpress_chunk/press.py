@@ -76,6 +76,11 @@ class Press:
             if not isinstance(part, base):
                 raise SpecError(f"{kind} must be a {base.__name__}, got {type(part).__name__}")
         self.rule  # validates the budget settings
+        if getattr(type(self.selector), "registered_name", "") == "adaptive" and self.apply != "mask":
+            raise SpecError(
+                "the adaptive selector keeps different token counts per head: use apply='mask' "
+                "(an evicted cache cannot be ragged across heads)"
+            )
         if self.selector.count == "groups" and self.budget is not None:  # type: ignore[attr-defined]
             raise SpecError("a selector with count='groups' needs compression_ratio, not budget")
 

@@ -204,3 +204,19 @@ def test_mask_mode_answers_like_evict_mode_on_smollm2():
         answers[mode] = kc.generate_answers(model, tokenizer, case.context, case.question, press=press, max_new_tokens=20)
     assert answers["mask"] == answers["evict"]
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_head_adaptive_press_runs_in_mask_mode_and_is_refused_in_evict_mode():
+    with pytest.raises(kc.SpecError, match="apply='mask'"):
+        kc.make_press("chunkkv-adaptive", compression_ratio=0.75, apply="evict")
+    model = make_tiny_model("qwen2")
+    press = kc.make_press("chunkkv-adaptive", compression_ratio=0.75, compile=False)
+    ids = torch.randint(3, 120, (1, 200), generator=torch.Generator().manual_seed(5))
+    steps = [torch.tensor([[5, 6]]), torch.tensor([[9]])]
+    logits, cache = next_logits(model, ids, press, steps)
+    assert cache.layers[0].keys.shape[-2] == 203
+    assert all(torch.isfinite(x).all() for x in logits)
+    with press(model) as session, torch.no_grad():
+        model(ids, past_key_values=DynamicCache(config=model.config))
+    counts = session.selections[0].slot_valid[0].sum(dim=-1)
+    assert int(counts.sum()) == 2 * max(int(200 * 0.25), 32)

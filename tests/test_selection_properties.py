@@ -160,3 +160,44 @@ def test_keeping_everything_is_the_identity(length, chunk, seed):
     values = torch.randn(2, 2, length, 4)
     kept_keys, kept_values = selection.apply(keys, values)
     assert torch.equal(kept_keys, keys) and torch.equal(kept_values, values)
+
+
+@given(
+    st.integers(1, 3), st.integers(20, 120), st.integers(2, 4), st.integers(1, 12), st.integers(0, 16),
+    st.sampled_from([0.5, 0.75, 0.9]), st.integers(0, 2**16),
+)
+def test_head_adaptive_selector_spends_the_layer_budget_across_heads(batch, length, heads, chunk, window, ratio, seed):
+    from kvpress_chunk.policies import HeadAdaptiveSelector
+
+    selector = HeadAdaptiveSelector(sinks=2)
+    budget = Budget(compression_ratio=ratio)
+    pads = [0] + [seed % (length // 2) for _ in range(batch - 1)]
+    scores, valid = make_inputs(batch, length, heads, pads, seed)
+    grouper = ChunkGrouper(size=chunk) if chunk > 1 else TokenGrouper()
+    together = run_selector(scores, valid, grouper, selector, budget, window)
+    for row in range(batch):
+        real = length - pads[row]
+        counts = together.slot_valid[row].sum(dim=-1)
+        protected = set(range(min(2, real))) | set(range(max(real - window, 0), real))
+        if real <= window:
+            assert counts.tolist() == [real] * heads
+            continue
+        per_head_budget = max(budget.kept(real), len(protected))
+        assert int(counts.sum()) == heads * min(real, per_head_budget)  # the layer budget, exactly
+        for head in range(heads):
+            kept = {int(t) - pads[row] for t in together.indices[row, head][together.slot_valid[row, head]]}
+            assert protected <= kept
+        alone = run_selector(scores[row : row + 1, :, pads[row]:], torch.ones(1, real, dtype=torch.bool), grouper, selector, budget, window)
+        for head in range(heads):
+            mine = together.indices[row, head][together.slot_valid[row, head]] - pads[row]
+            assert torch.equal(mine, alone.indices[0, head][alone.slot_valid[0, head]])
+
+
+def test_head_adaptive_budgets_really_differ_across_heads():
+    from kvpress_chunk.policies import HeadAdaptiveSelector
+
+    scores = torch.zeros(1, 2, 40)
+    scores[0, 0, 10:30] = 5.0  # head 0 has the important tokens
+    selection = run_selector(scores, torch.ones(1, 40, dtype=torch.bool), TokenGrouper(), HeadAdaptiveSelector(), Budget(compression_ratio=0.5), 0)
+    counts = selection.slot_valid[0].sum(dim=-1).tolist()
+    assert sum(counts) == 40 and counts[0] > counts[1]

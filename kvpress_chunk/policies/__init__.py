@@ -6,10 +6,10 @@ from .layer_inputs import LayerInputs
 from .planners import EveryLayer, Planner, ReuseEvery
 from .presets import list_presets, preset
 from .scorers import KnormScorer, RandomScorer, RecencyScorer, Scorer, SnapKVScorer
-from .selectors import Selector, TopKSelector
+from .selectors import HeadAdaptiveSelector, Selector, TopKSelector
 
 __all__ = [
-    "ChunkGrouper", "EveryLayer", "Grouper", "KnormScorer", "LayerInputs", "Planner", "RandomScorer",
+    "ChunkGrouper", "EveryLayer", "HeadAdaptiveSelector", "Grouper", "KnormScorer", "LayerInputs", "Planner", "RandomScorer",
     "RecencyScorer", "ReuseEvery", "Scorer", "Selector", "SnapKVScorer", "TokenGrouper", "TopKSelector",
     "list_presets", "preset",
 ]

@@ -128,3 +128,18 @@ def knorm(per_head: bool = True) -> dict[str, Any]:
 def random(seed: int = 0, per_head: bool = True) -> dict[str, Any]:
     """Random eviction (seeded): the floor every policy must beat."""
     return {"scorer": {"name": "random", "seed": seed}, "grouper": "token", "selector": {"name": "topk", "per_head": per_head}}
+
+
+@preset("chunkkv-adaptive")
+def chunkkv_adaptive(chunk_size: int = 16, window: int = 32, kernel: int = 5) -> dict[str, Any]:
+    """ChunkKV chunks with AdaKV head-adaptive budgets (needs apply='mask').
+
+    Chunks of 16 are whole FlexAttention KV blocks, so an evicted chunk is a skipped block.
+    """
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": {"name": "chunk", "size": chunk_size, "reduce": "sum"},
+        "selector": {"name": "adaptive"},
+        "planner": "every_layer",
+        "apply": "mask",
+    }

@@ -213,3 +213,50 @@ class TopKSelector(Selector):
         else:
             n_keep = keep(lengths)
         return select_topk(scores, group_ids, num_groups, valid, protected, n_keep, n_groups_keep, capacity, reduce, self.fill)
+
+
+@register("selector", "adaptive")
+@dataclass(frozen=True)
+class HeadAdaptiveSelector(TopKSelector):
+    """Head-adaptive budgets (AdaKV, arXiv 2407.11550): one layer budget, spent unevenly.
+
+    Every KV head keeps its protected tokens; the remaining ``Hkv * (n_keep - protected)``
+    tokens go to the best groups of *all* heads ranked together, so heads with concentrated
+    attention give budget to heads that need more. The layer keeps exactly ``Hkv * n_keep``
+    tokens; per-head counts differ, so it needs ``apply="mask"`` (an evicted cache would be
+    ragged across heads). No per-head floor (AdaKV's safeguard) yet.
+    """
+
+    per_head: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.per_head or self.fill != "exact" or self.count != "tokens":
+            raise ValueError("the adaptive selector is per-head with fill='exact' and count='tokens'")
+        TopKSelector.__post_init__(self)
+
+    def capacity(self, length: int, window: int, budget: Budget, max_group_size: int, num_groups: int) -> int:
+        # Per head: at most every token. The op trims all-padding columns afterwards.
+        return length
+
+    def select(self, scores, group_ids, num_groups, valid, window, keep, reduce, capacity) -> SelectionTensors:
+        batch, heads, length = scores.shape
+        lengths = valid.sum(dim=-1)
+        protected = protected_mask(valid, self.sinks, window if self.keep_window else 0)
+        protected = protected | ((lengths <= window).unsqueeze(-1) & valid)
+        # All heads side by side in one sequence; groups of different heads never merge.
+        offsets = (torch.arange(heads, device=scores.device) * (num_groups + 1))[None, :, None]
+        flat_ids = (group_ids.unsqueeze(1) + offsets).reshape(batch, heads * length)
+        flat_valid = valid.repeat(1, heads)
+        flat_protected = protected.repeat(1, heads)
+        n_keep = keep(lengths) * heads
+        flat = select_topk(
+            scores.reshape(batch, 1, heads * length), flat_ids, heads * (num_groups + 1), flat_valid,
+            flat_protected, n_keep, None, heads * length, reduce, "exact",
+        )
+        # Back to one row of kept positions per head, left-padded with -1.
+        table = torch.zeros(batch, heads * length + 1, dtype=torch.bool, device=scores.device)
+        table = table.scatter_(-1, torch.where(flat.slot_valid[:, 0], flat.indices[:, 0], heads * length), True)
+        table = table[:, :-1].view(batch, heads, length)
+        positions = torch.arange(length, device=scores.device)
+        indices = torch.where(table, positions, -1).sort(dim=-1).values
+        return SelectionTensors(indices, indices >= 0)

@@ -220,3 +220,37 @@ def test_head_adaptive_press_runs_in_mask_mode_and_is_refused_in_evict_mode():
         model(ids, past_key_values=DynamicCache(config=model.config))
     counts = session.selections[0].slot_valid[0].sum(dim=-1)
     assert int(counts.sum()) == 2 * max(int(200 * 0.25), 32)
+
+
+def test_small_mask_mods_compose_like_attention_gym():
+    from torch.nn.attention.flex_attention import and_masks, create_mask, or_masks
+
+    from kvpress_chunk.compile.masks import generate_causal_mask, generate_recent_mask, generate_sinks_mask
+
+    length = 12
+    streaming = and_masks(or_masks(generate_sinks_mask(2), generate_recent_mask(torch.tensor(8))),
+                          generate_causal_mask(torch.tensor(0)))
+    got = create_mask(streaming, 1, 1, length, length)[0, 0]
+    q = torch.arange(length)[:, None]
+    kv = torch.arange(length)[None, :]
+    assert torch.equal(got, ((kv < 2) | (kv >= 8)) & (kv <= q))
+
+
+def test_padded_batch_in_mask_mode_matches_evict_mode():
+    from kvpress_chunk.hf.generation import greedy_continue, prefill
+
+    model = make_tiny_model("llama")
+    rows = [torch.randint(3, 120, (n,), generator=torch.Generator().manual_seed(n)) for n in (150, 97)]
+    ids = torch.zeros(2, 150, dtype=torch.long)
+    mask = torch.zeros(2, 150, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, 150 - len(row):] = row
+        mask[r, 150 - len(row):] = 1
+    question = torch.tensor([[11, 12, 13]] * 2)
+    outputs = {}
+    for mode in ("evict", "mask"):
+        press = kc.make_press("chunkkv", compression_ratio=0.7, compile=False, apply=mode)
+        with press(model):
+            context = prefill(model, ids, mask)
+            outputs[mode] = greedy_continue(model, context, question, max_new_tokens=6)
+    assert torch.equal(outputs["mask"], outputs["evict"])

@@ -1,3 +1,65 @@
+"""Benchmark settings: full timed runs on demand, a once-each smoke subset in the normal test run.
+
+* ``pytest benchmarks --benchmark-only`` (or ``--benchmark-enable``): every case, timed.
+* ``python -m pytest`` (the README's test command, which collects ``benchmarks/`` too): only the
+  cases marked ``smoke``, each run once with timing disabled, so the benchmarks never rot but
+  CI passes no judgement on speed (timed assertions are flaky on shared machines).
+
+Ratios against the baseline measured *in the same run* (full cache, kvpress, prefill without a
+press) are printed at the end of a timed run; :mod:`ratios` computes them, and
+``python benchmarks/report.py run.json`` renders the same table from a saved run.
+"""
+
+from __future__ import annotations
+
 import os
+import platform
+
+import pytest
+import torch
+import torch._dynamo
+
+from ratios import format_table, records_from_session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A compiled policy that silently fell back to eager would time the wrong thing.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def timed_run(config: pytest.Config) -> bool:
+    return bool(config.getoption("benchmark_only") or config.getoption("benchmark_enable"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "smoke: benchmark case also run (once, untimed) by the normal test run")
+    if not timed_run(config):
+        # Runs before pytest-benchmark reads the option: the fixture then calls each function once.
+        config.option.benchmark_disable = True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if timed_run(config):
+        return
+    here = os.path.dirname(__file__)
+    dropped = [item for item in items if str(item.path).startswith(here) and item.get_closest_marker("smoke") is None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in set(dropped)]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not timed_run(config) or not session.benchmarks:
+        return
+    terminalreporter.write_sep("=", "ratios to the baseline of each group (same run)")
+    terminalreporter.write_line(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                                f"{torch.get_num_threads()} threads")
+    terminalreporter.write_line(format_table(records_from_session(session.benchmarks)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,8 +1,15 @@
 """Per-layer compression op (score -> group -> select -> gather): kvpress-chunk vs kvpress.
 
-Run: ``pytest benchmarks --benchmark-only``. Every case first checks that both libraries return
-the same compressed keys, then times them on identical inputs (SmolLM2's layer shape: 9 query /
-3 KV heads, head_dim 64; batch 1, because kvpress only handles batch row 0).
+Identical inputs for every implementation: SmolLM2's layer shape (9 query / 3 KV heads, head_dim
+64), random hidden states, keys and values, 75% compression, chunks of 20 with a SnapKV window of
+64 (kvpress' ``ChunkKVPress(SnapKVPress(0.75), chunk_length=20)``, whose twin is our
+``chunkkv-kvpress`` preset). Before timing, every implementation must return the kvpress result
+bit for bit (``chunkkv``, the paper's variant, keeps other tokens by design: its compiled op is
+checked against its eager twin instead).
+
+kvpress compresses batch row 0 only, so at batch 4 it is called once per row (a loop over rows,
+timed as such); our op handles the batch in one call, and each of its rows must equal kvpress on
+that row alone.
 """
 
 from __future__ import annotations
@@ -16,40 +23,76 @@ from kvpress_chunk.policies import LayerInputs
 
 kvpress = pytest.importorskip("kvpress")
 
+RATIO, CHUNK = 0.75, 20
+IMPLEMENTATIONS = {
+    "kvpress": "kvpress ChunkKVPress(SnapKVPress), a call per row",
+    "ours-eager": "chunkkv-kvpress, eager",
+    "ours-compiled": "chunkkv-kvpress, compiled",
+    "chunkkv-compiled": "chunkkv (paper: window 32, chunks of 10, exact budget), compiled",
+}
+
 
 @pytest.fixture(scope="module")
-def layer():
+def attention_layer():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          intermediate_size=64, num_hidden_layers=1, max_position_embeddings=40_000)
-    model = LlamaForCausalLM(config).eval()
-    return model
+    return LlamaForCausalLM(config).eval()
 
 
-def make_inputs(model, length):
-    generator = torch.Generator().manual_seed(length)
-    hidden = torch.randn(1, length, 576, generator=generator)
-    keys = torch.randn(1, 3, length, 64, generator=generator)
-    values = torch.randn(1, 3, length, 64, generator=generator)
-    cos_sin = model.model.rotary_emb(hidden, torch.arange(length)[None])
-    return hidden, keys, values, cos_sin
+def layer_inputs(model, batch: int, length: int) -> LayerInputs:
+    generator = torch.Generator().manual_seed(length + batch)
+    hidden = torch.randn(batch, length, 576, generator=generator)
+    keys = torch.randn(batch, 3, length, 64, generator=generator)
+    values = torch.randn(batch, 3, length, 64, generator=generator)
+    cos_sin = model.model.rotary_emb(hidden, torch.arange(length).expand(batch, length))
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    return LayerInputs(model.model.layers[0].self_attn, 0, hidden, keys, values, valid, cos_sin)
 
 
-@pytest.mark.parametrize("length", [2048, 8192])
-@pytest.mark.parametrize("impl", ["kvpress", "ours-eager", "ours-compiled"])
-def test_chunkkv_layer_op(benchmark, layer, length, impl):
-    module = layer.model.layers[0].self_attn
-    hidden, keys, values, cos_sin = make_inputs(layer, length)
-    reference = kvpress.ChunkKVPress(kvpress.SnapKVPress(compression_ratio=0.75), chunk_length=20)
-    want, _ = reference.compress(module, hidden, keys, values, None, {"position_embeddings": cos_sin})
-    if impl == "kvpress":
-        fn = lambda: reference.compress(module, hidden, keys, values, None, {"position_embeddings": cos_sin})  # noqa: E731
-    else:
-        press = kc.make_press("chunkkv-kvpress", compression_ratio=0.75, compile=impl == "ours-compiled")
-        inputs = LayerInputs(module, 0, hidden, keys, values, torch.ones(1, length, dtype=torch.bool), cos_sin)
-        fn = lambda: press.select(inputs)  # noqa: E731
-    with torch.no_grad():
-        got = fn()[0]
-        assert torch.equal(got, want)
-        benchmark.group = f"chunkkv layer op, {length} tokens"
+def kvpress_per_row(inputs: LayerInputs):
+    """kvpress on each batch row separately (it reads row 0 only), stacked back into a batch."""
+    reference = kvpress.ChunkKVPress(kvpress.SnapKVPress(compression_ratio=RATIO), chunk_length=CHUNK)
+    kept_keys, kept_values = [], []
+    for row in range(inputs.keys.shape[0]):
+        cos, sin = inputs.position_embeddings
+        keys, values = reference.compress(
+            inputs.module, inputs.hidden_states[row:row + 1], inputs.keys[row:row + 1], inputs.values[row:row + 1],
+            None, {"position_embeddings": (cos[row:row + 1], sin[row:row + 1])},
+        )
+        kept_keys.append(keys)
+        kept_values.append(values)
+    return torch.cat(kept_keys), torch.cat(kept_values)
+
+
+def implementation(name: str, inputs: LayerInputs):
+    """``(fn, oracle)``: the function to time and the result it must reproduce first."""
+    if name == "kvpress":
+        return (lambda: kvpress_per_row(inputs)), None
+    if name == "chunkkv-compiled":
+        press = kc.make_press("chunkkv", compression_ratio=RATIO)
+        return (lambda: press.select(inputs)[:2]), press.replace(compile=False).select(inputs)[:2]
+    press = kc.make_press("chunkkv-kvpress", compression_ratio=RATIO, compile=name == "ours-compiled")
+    return (lambda: press.select(inputs)[:2]), None
+
+
+def smoke_first(values):
+    """The first value marked ``smoke``: the normal test run runs those cases once."""
+    return [pytest.param(v, marks=pytest.mark.smoke) if i == 0 else v for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("length", smoke_first([2048, 8192, 32768]))
+def test_chunkkv_layer_op(benchmark, attention_layer, length, batch, impl):
+    inputs = layer_inputs(attention_layer, batch, length)
+    with torch.inference_mode():
+        want = kvpress_per_row(inputs)
+        fn, oracle = implementation(impl, inputs)
+        got = fn()  # also pays the compile cost before timing
+        expected = oracle if oracle is not None else want
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        benchmark.group = f"compression op per layer, {length} tokens, batch {batch}, 75% removed"
+        benchmark.extra_info.update(label=IMPLEMENTATIONS[impl], baseline=impl == "kvpress", reading="speedup",
+                                    facts={"kept": int(got[0].shape[-2])})
         benchmark(fn)

@@ -1,9 +1,13 @@
-"""One decoding step with a 75%-compressed cache: full cache vs evict vs mask (FlexAttention).
+"""Decoding speed on the embedded SmolLM2 after a 4k / 8k-token prefill: full cache vs caches
+compressed by ChunkKV at 50 / 75 / 90%, evicted (a smaller cache) or masked (the whole cache,
+attended through FlexAttention block masks).
 
-Run: ``pytest benchmarks --benchmark-only``. SmolLM2's attention shape on random weights
-(30 layers would only multiply the same ratio; 4 layers keep the run short). Ratios to the full
-cache are what to read: pytest-benchmark prints them in the group's ``Mean (ratio)`` column.
-Before timing, mask and evict must give the same next-token logits.
+Each round decodes ``STEPS`` tokens (a fixed token sequence, so every round does the same work)
+with explicit positions continuing from the original length, then crops the cache back to its
+post-prefill length. Read the ratios to the full cache (tokens per second).
+
+Checks before timing: an evicted cache keeps exactly ``int(T * (1 - ratio))`` tokens per layer,
+and mask mode gives the evict mode's logits for the same press (to 1e-4).
 """
 
 from __future__ import annotations
@@ -12,44 +16,68 @@ import contextlib
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvpress_chunk as kc
+from kvpress_chunk.hf.generation import applied
+from workloads import new_cache, prompt_ids, smollm2
+
+STEPS = 8
+SMOKE = {(4096, "full", 0.0), (4096, "evict", 0.75), (4096, "mask", 0.75)}
+CASES = [
+    pytest.param(length, mode, ratio, marks=[pytest.mark.smoke] if (length, mode, ratio) in SMOKE else [],
+                 id=f"{length}-{mode}" + (f"-{ratio}" if mode != "full" else ""))
+    for length in (4096, 8000)  # SmolLM2 has 8192 positions: 8000 leaves room for decoding
+    for mode, ratio in [("full", 0.0)] + [(m, r) for m in ("evict", "mask") for r in (0.5, 0.75, 0.9)]
+]
+_EVICT_LOGITS: dict[tuple[int, float], torch.Tensor] = {}
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         intermediate_size=1536, num_hidden_layers=4, max_position_embeddings=16_384)
-    return LlamaForCausalLM(config).eval()
+def prepare(model, length: int, mode: str, ratio: float):
+    """Prefill under the press (still applied when this returns: mask mode needs it to decode);
+    returns ``(decode_round, kept, exit_stack)``."""
+    press = None if mode == "full" else kc.make_press("chunkkv", compression_ratio=ratio, apply=mode)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode())
+    stack.enter_context(applied(press, model))
+    cache = new_cache(model)
+    model(prompt_ids(length), past_key_values=cache, logits_to_keep=1)
+    kept = cache.get_seq_length()
+    feed = prompt_ids(length)[:, :STEPS]  # any fixed tokens: every round does the same work
+    positions = torch.arange(length, length + STEPS)[None]
+
+    def decode_round():
+        for step in range(STEPS):
+            logits = model(feed[:, step:step + 1], past_key_values=cache, position_ids=positions[:, step:step + 1],
+                           logits_to_keep=1).logits
+        cache.crop(kept)  # back to the post-prefill cache: every round times the same steps
+        return logits
+
+    return decode_round, kept, stack
 
 
-@pytest.mark.parametrize("length", [2048, 8192])
-@pytest.mark.parametrize("mode", ["full", "evict", "mask"])
-def test_decode_step(benchmark, model, length, mode):
-    ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(length))
-    step = torch.tensor([[7]])
-    position = torch.tensor([[length]])
-    reference_logits = None
-    if mode == "mask":  # the evict-mode answer, to check mask mode against before timing it
-        reference = DynamicCache(config=model.config)
-        with torch.no_grad(), kc.make_press("chunkkv", compression_ratio=0.75, compile=False)(model):
-            model(ids, past_key_values=reference)
-            reference_logits = model(step, past_key_values=reference, position_ids=position).logits
-    press = None if mode == "full" else kc.make_press("chunkkv", compression_ratio=0.75, apply=mode, compile=False)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), (press(model) if press else contextlib.nullcontext()):
-        model(ids, past_key_values=cache)
-        kept = cache.get_seq_length()
+def evict_logits(model, length, ratio):
+    if (length, ratio) not in _EVICT_LOGITS:
+        decode_round, _, stack = prepare(model, length, "evict", ratio)
+        with stack:
+            _EVICT_LOGITS[(length, ratio)] = decode_round()
+    return _EVICT_LOGITS[(length, ratio)]
 
-        def one_step():
-            out = model(step, past_key_values=cache, position_ids=position).logits
-            cache.crop(kept)  # back to the compressed prefix: every round times the same step
-            return out
 
-        logits = one_step()
-        if reference_logits is not None:
-            torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
-        benchmark.group = f"decode step, {length} cached tokens, 75% compressed"
-        benchmark(one_step)
+@pytest.mark.parametrize("length,mode,ratio", CASES)
+def test_decode(benchmark, length, mode, ratio):
+    model, _ = smollm2()
+    reference = evict_logits(model, length, ratio) if mode == "mask" else None  # before the mask press is applied
+    decode_round, kept, stack = prepare(model, length, mode, ratio)
+    with stack:
+        logits = decode_round()  # check, and warm-up (compiles flex in mask mode)
+        if mode == "evict":
+            assert kept == int(length * (1 - ratio))
+            _EVICT_LOGITS[(length, ratio)] = logits
+        elif mode == "mask":
+            assert kept == length  # the cache stays whole
+            torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+        label = "full cache" if mode == "full" else f"{mode}, {ratio:.0%} removed"
+        benchmark.group = f"decode, SmolLM2, {length}-token context, {STEPS} tokens per round"
+        benchmark.extra_info.update(label=label, baseline=mode == "full", reading="throughput", tokens=STEPS,
+                                    facts={"cached tokens": kept})
+        benchmark.pedantic(decode_round, rounds=5, iterations=1)

@@ -17,7 +17,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -142,6 +142,19 @@ class Press:
             kept_keys = kept_keys[..., -width:, :].contiguous()
             kept_values = kept_values[..., -width:, :].contiguous()
         return kept_keys, kept_values, trimmed
+
+    def compress_layer(
+        self, inputs: LayerInputs, earlier: Mapping[int, Selection]
+    ) -> tuple[torch.Tensor, torch.Tensor, Selection]:
+        """Planner, then select: apply the source layer's selection when the planner names another
+        layer that was already compressed (``earlier``: layer -> Selection of this prefill), else
+        score and select afresh. What the hooks do per layer, usable without them (benchmarks)."""
+        source = self.planner.source_layer(inputs.layer_idx)
+        reused = earlier.get(source) if source != inputs.layer_idx else None
+        if reused is None:
+            return self.select(inputs)
+        kept_keys, kept_values = reused.apply(inputs.keys, inputs.values)
+        return kept_keys, kept_values, reused
 
     # -- the context manager ----------------------------------------------------------------------
 
@@ -283,22 +296,16 @@ class PressSession:
             valid = torch.ones(keys.shape[0], length, dtype=torch.bool, device=keys.device)
         else:
             valid = valid.to(keys.device)
-        source = self.press.planner.source_layer(layer_idx)
-        reused = self.selections.get(source) if source != layer_idx else None
-        if reused is not None:
-            kept_keys, kept_values = reused.apply(keys, values)
-            selection = reused
-        else:
-            inputs = LayerInputs(
-                module=module,
-                layer_idx=layer_idx,
-                hidden_states=hidden,
-                keys=keys,
-                values=values,
-                valid=valid,
-                position_embeddings=kwargs.get("position_embeddings"),
-            )
-            kept_keys, kept_values, selection = self.press.select(inputs)
+        inputs = LayerInputs(
+            module=module,
+            layer_idx=layer_idx,
+            hidden_states=hidden,
+            keys=keys,
+            values=values,
+            valid=valid,
+            position_embeddings=kwargs.get("position_embeddings"),
+        )
+        kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections)
         self.selections[layer_idx] = selection
         if self.press.apply == "mask":
             from .compile.attention import LayerMask, set_layer_mask

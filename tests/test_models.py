@@ -152,6 +152,41 @@ def test_reuse_planner_shares_one_selection_per_group():
     assert not torch.equal(sel[0].indices, sel[2].indices)  # layers really select afresh
 
 
+def test_layers_are_compressed_one_by_one_so_the_full_cache_is_never_alive():
+    """Each layer is evicted right after its attention runs: at any point of the prefill the
+    cache holds the compressed earlier layers plus one uncompressed layer, never all of them."""
+    model = make_tiny_model("llama", num_layers=6)
+    press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
+    seen = []
+
+    def probe(module, args, kwargs, output):  # registered first: runs before the press's hook
+        cache = kwargs["past_key_values"]
+        seen.append(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None))
+
+    handles = [module.register_forward_hook(probe, with_kwargs=True) for _, module in kc.find_attention_layers(model)]
+    try:
+        _, cache, _ = run(model, prompt(), press)
+    finally:
+        for handle in handles:
+            handle.remove()
+    one_layer = cache.layers[0].keys.nbytes * 4 * 2  # an uncompressed layer: 4x the kept keys, K and V
+    kept_total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert max(seen) == kept_total - one_layer // 4 + one_layer  # the last layer, still whole
+    assert max(seen) < one_layer * len(cache.layers) / 2
+
+
+def test_compress_layer_without_hooks_follows_the_planner():
+    """``Press.compress_layer`` (what the hooks call) reuses the source layer's selection."""
+    model = make_tiny_model("llama", num_layers=4)
+    press = kc.make_press("chunkkv", compression_ratio=0.75, reuse_every=2, compile=False)
+    _, _, session = run(model, prompt(), press)
+    keys = torch.randn(1, model.config.num_key_value_heads, LENGTH, model.config.head_dim)
+    inputs = kc.policies.LayerInputs(None, 1, None, keys, keys + 1, torch.ones(1, LENGTH, dtype=torch.bool))
+    kept_keys, kept_values, selection = press.compress_layer(inputs, {0: session.selections[0]})
+    assert selection is session.selections[0]
+    assert torch.equal(kept_keys, selection.apply(keys, keys)[0]) and torch.equal(kept_values, kept_keys + 1)
+
+
 def test_contexts_not_longer_than_the_window_pass_through():
     model = make_tiny_model("llama")
     press = kc.make_press("chunkkv", compression_ratio=0.9, window=32, compile=False)

@@ -60,6 +60,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.write_line(format_table(records_from_session(session.benchmarks)))
 
 
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    """Versions that move the figures, saved in every JSON run (``report.py`` prints them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "transformers", "kvpress", "kvpress-chunk"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["threads"] = str(torch.get_num_threads())
+    machine_info["kvpress_chunk_versions"] = versions
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -115,16 +115,19 @@ def peak_rss_growth(fn: Callable[[], object]) -> tuple[int, object]:
     """``(bytes, result)``: how far the process's resident memory peaked above its level before
     ``fn`` ran. Linux only: resets the kernel's high-water mark (``/proc/self/clear_refs`` 5)
     and reads ``VmHWM``. It counts everything (activations, attention buffers, caches), which is
-    what a user's machine has to hold; the allocator may reuse freed memory, so small differences
-    (a few tens of MB) are noise."""
+    what a user's machine has to hold. glibc keeps freed memory resident and reuses it, which
+    would hide a peak below the level left by earlier work (seen here: 0 MB), so free memory
+    is handed back to the system first (``malloc_trim``); differences of ~10 MB are noise."""
+    import ctypes
     import gc
 
+    gc.collect()
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as handle:
-            gc.collect()
             handle.write("5")
     except OSError as exc:
-        pytest.skip(f"peak memory needs Linux' /proc/self/clear_refs: {exc}")
+        pytest.skip(f"peak memory needs Linux with glibc (malloc_trim, /proc/self/clear_refs): {exc}")
     before = _proc_status("VmRSS")
     result = fn()
     return _proc_status("VmHWM") - before, result

@@ -103,11 +103,11 @@ def test_compression_of_all_layers(benchmark, length, name):
             assert kept == {int(length * (1 - RATIO))}
             if name == "chunkkv-reuse2":
                 assert all(result[i] is result[i - 1] for i in range(1, len(result), 2))
-            if name == "chunkkv-kvpress":
-                reference = kvpress_all_layers(press_factories()["kvpress"][1](), captured)
-                for inputs, (want_keys, want_values) in zip(captured, reference):
-                    keys, values = result[inputs.layer_idx].apply(inputs.keys, inputs.values)
-                    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+        if name == "chunkkv-kvpress":
+            reference = kvpress_all_layers(press_factories()["kvpress"][1](), captured)
+            for inputs, (want_keys, want_values) in zip(captured, reference):
+                keys, values = result[inputs.layer_idx].apply(inputs.keys, inputs.values)
+                assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
         benchmark.group = f"compression work of all 30 layers, SmolLM2 inputs, {length} tokens"
         benchmark.extra_info.update(label=label, baseline=name == "chunkkv", reading="speedup",
                                     share_of=f"prefill, SmolLM2, {length} tokens, 75% removed")

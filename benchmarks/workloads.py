@@ -11,6 +11,8 @@ from transformers import DynamicCache
 
 import kvpress_chunk as kc
 from kvpress_chunk.eval.tasks import make_case
+from kvpress_chunk.hf.generation import _new_cache as new_cache
+from kvpress_chunk.hf.generation import applied
 from kvpress_chunk.hf.hooks import cache_of, call_argument, find_attention_layers
 from kvpress_chunk.policies import LayerInputs
 
@@ -35,24 +37,18 @@ def prompt_ids(length: int) -> torch.Tensor:
     return ids
 
 
-def new_cache(model) -> DynamicCache:
-    return DynamicCache(config=model.config)
-
-
-def run_prefill(model, ids: torch.Tensor, press_context: Callable | None = None) -> DynamicCache:
-    """One prefill from an empty cache, under ``press_context(model)`` when given (ours or kvpress')."""
+def run_prefill(model, ids: torch.Tensor, press=None) -> DynamicCache:
+    """One prefill from an empty cache, under ``press(model)`` when given (ours or kvpress')."""
     cache = new_cache(model)
-    with torch.inference_mode():
-        if press_context is None:
-            model(ids, past_key_values=cache, logits_to_keep=1)
-        else:
-            with press_context(model):
-                model(ids, past_key_values=cache, logits_to_keep=1)
+    with torch.inference_mode(), applied(press, model):
+        model(ids, past_key_values=cache, logits_to_keep=1)
     return cache
 
 
 def cache_bytes(cache: DynamicCache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    """Bytes held by the cache's keys and values (layers not filled yet count 0)."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
+               if getattr(layer, "keys", None) is not None)
 
 
 def capture_layer_inputs(model, ids: torch.Tensor) -> list[LayerInputs]:
@@ -89,9 +85,7 @@ class LiveCacheProbe:
         self._handles = []
 
     def _hook(self, module, args, kwargs, output):
-        cache = cache_of(kwargs)
-        self.peak = max(self.peak, sum(layer.keys.nbytes + layer.values.nbytes
-                                       for layer in cache.layers if getattr(layer, "keys", None) is not None))
+        self.peak = max(self.peak, cache_bytes(cache_of(kwargs)))
 
     def __enter__(self):
         self._handles = [module.register_forward_hook(self._hook, with_kwargs=True)

@@ -10,7 +10,7 @@ Public API::
 
 from . import policies  # noqa: F401  (registers the built-in parts and presets)
 from .budget import Budget, BudgetError
-from .hf.generation import CompressedContext, generate_answers, greedy_continue, prefill
+from .generation import CompressedContext, generate_answers, greedy_continue, prefill
 from .hf.hooks import UnsupportedModelError, find_attention_layers
 from .policies.presets import list_presets, preset
 from .press import Press, PressAlreadyActiveError, PressSession, make_press

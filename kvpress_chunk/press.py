@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,18 @@ from torch import nn
 
 from .budget import Budget
 from .compile.ops import compiled_compress, eager_compress
-from .hf.hooks import UnsupportedModelError, cache_length, cache_of, call_argument, find_attention_layers, padding_mask
+from .hf.hooks import (
+    CACHE_ARGUMENT_NAMES,
+    CacheNotFoundError,
+    cache_argument,
+    cache_length,
+    call_argument,
+    find_attention_layers,
+    has_cache_argument,
+    padding_mask,
+)
+from .modes import get_mode, mode_names
+from .modes.routing import compressed_attention
 from .policies.groupers import Grouper
 from .policies.layer_inputs import LayerInputs
 from .policies.planners import Planner
@@ -35,7 +47,6 @@ from .selection import Selection
 
 PART_BASES: dict[str, type] = {"scorer": Scorer, "grouper": Grouper, "selector": Selector, "planner": Planner}
 PRESS_KEYS = ("compression_ratio", "budget", "compile", "apply")
-APPLY_MODES = ("evict", "mask")
 
 
 class PressAlreadyActiveError(RuntimeError):
@@ -69,28 +80,26 @@ class Press:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        if self.apply not in APPLY_MODES:
-            raise SpecError(f"apply must be one of {', '.join(APPLY_MODES)}, got {self.apply!r}")
+        mode = get_mode(self.apply)  # raises SpecError naming the valid modes
         for kind, base in PART_BASES.items():
             part = getattr(self, kind)
             if not isinstance(part, base):
                 raise SpecError(f"{kind} must be a {base.__name__}, got {type(part).__name__}")
         self.rule  # validates the budget settings
-        if getattr(type(self.selector), "registered_name", "") == "adaptive" and self.apply != "mask":
+        # Capabilities declared by the parts, checked in this one place.
+        if self.selector.ragged_heads and not mode.holds_ragged_heads:
+            holders = [name for name in mode_names() if get_mode(name).holds_ragged_heads]
             raise SpecError(
-                "the adaptive selector keeps different token counts per head: use apply='mask' "
-                "(an evicted cache cannot be ragged across heads)"
+                f"the {describe_part(self.selector).split('(')[0]} selector keeps different token counts per head, "
+                f"which apply={self.apply!r} cannot hold: use apply={holders[0]!r}"
             )
-        if self.selector.count == "groups" and self.budget is not None:  # type: ignore[attr-defined]
+        if self.selector.needs_ratio and self.budget is not None:
             raise SpecError("a selector with count='groups' needs compression_ratio, not budget")
 
     @property
-    def block_size(self) -> int:
-        """KV block size of mask mode: 16. Chunks whose size is a multiple of 16 are then whole
-        blocks, so evicted chunks are skipped blocks. Compiled CPU flex (torch 2.13) returns
-        garbage for KV blocks that are not multiples of 16 (measured: 8, 10) and, in our
-        hypothesis runs, for 32 with short sequences; 16 passed every check."""
-        return 16
+    def mode(self):
+        """The :class:`~kvpress_chunk.modes.ApplyMode` named by :attr:`apply`."""
+        return get_mode(self.apply)
 
     @property
     def rule(self) -> Budget:
@@ -193,6 +202,9 @@ class PressSession:
         self.skipped_layers: set[int] = set()
         self.prefill_length: int | None = None
         self.prefill_valid: torch.Tensor | None = None
+        self.valid_seen = False  # the forward in flight is a prefill this session handles
+        self.router = None  # the model's CompressedAttention while attached
+        self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:
@@ -203,51 +215,28 @@ class PressSession:
             )
         handles = []
         _ACTIVE_SESSIONS[self.model] = self
-        saved_attention = None
         try:
-            if self.press.apply == "mask":
-                saved_attention = self._use_masked_attention()
-            handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-            handles.append(self.model.register_forward_hook(self._after_model, always_call=True))
-            first_layer = self.layers[0][0]
-            for layer_idx, module in self.layers:
-                hook = self._make_attention_hook(layer_idx, is_first=layer_idx == first_layer)
-                handles.append(module.register_forward_hook(hook, with_kwargs=True))
-            yield self
+            with compressed_attention(self.model) as router:
+                self.router = router
+                handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+                handles.append(self.model.register_forward_hook(self._after_model, always_call=True))
+                first_layer = self.layers[0][0]
+                for layer_idx, module in self.layers:
+                    hook = self._make_attention_hook(layer_idx, is_first=layer_idx == first_layer)
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                yield self
         finally:
             for handle in handles:
                 handle.remove()
-            self._clear_layer_masks()
-            if saved_attention is not None:
-                self.model.set_attn_implementation(saved_attention)
+            self.router = None
             _ACTIVE_SESSIONS.pop(self.model, None)
-
-    def _use_masked_attention(self) -> str:
-        """Switch the model to the masked attention function; returns the implementation to restore."""
-        from .compile.attention import register_masked_attention
-
-        if not hasattr(self.model, "set_attn_implementation"):
-            raise UnsupportedModelError(
-                f"apply='mask' needs a transformers PreTrainedModel (AttentionInterface); got {type(self.model).__name__}"
-            )
-        saved = self.model.config._attn_implementation
-        self.model.set_attn_implementation(register_masked_attention())
-        return saved
-
-    def _clear_layer_masks(self) -> None:
-        if self.press.apply == "mask":
-            from .compile.attention import set_layer_mask
-
-            for _, module in self.layers:
-                set_layer_mask(module, None)
 
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.valid = None
-        if cache_length(kwargs.get("past_key_values")) > 0:
+        if cache_length(cache_argument(args, kwargs, position=3)) > 0:
             return
-        self._clear_layer_masks()  # a new prefill attends in full; its own masks come after it
         inputs = call_argument(args, kwargs, "input_ids", 0)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
@@ -256,7 +245,15 @@ class PressSession:
         self.valid = padding_mask(call_argument(args, kwargs, "attention_mask", 1), inputs.shape[1])
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.valid_seen and not self.selections and self.skipped_layers:
+            warnings.warn(
+                f"kvpress-chunk: no layer was compressed: all {len(self.skipped_layers)} attention layers of this "
+                f"{type(self.model).__name__} are sliding-window layers, which bound their own memory",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.valid = None
+        self.valid_seen = False
 
     def _make_attention_hook(self, layer_idx: int, is_first: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -265,10 +262,22 @@ class PressSession:
         return hook
 
     def _compress_layer(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict, is_first: bool) -> None:
-        cache = cache_of(kwargs)
+        cache = cache_argument((), kwargs)
         hidden = call_argument(args, kwargs, "hidden_states", 0)
-        if cache is None or hidden is None or not hasattr(cache, "layers") or layer_idx >= len(cache.layers):
-            return
+        if cache is None:
+            if has_cache_argument(kwargs):
+                return  # use_cache=False: nothing is cached, so nothing to compress
+            raise CacheNotFoundError(
+                f"attention layer {layer_idx} ({type(module).__name__}) was called without a cache argument "
+                f"under any known name ({', '.join(CACHE_ARGUMENT_NAMES)}); got keyword arguments "
+                f"{sorted(kwargs)}. This transformers version passes the cache differently: please report it. "
+                "Refusing to run uncompressed silently."
+            )
+        if hidden is None or not hasattr(cache, "layers") or layer_idx >= len(cache.layers):
+            raise CacheNotFoundError(
+                f"cannot compress layer {layer_idx}: the cache ({type(cache).__name__}) has no layer list "
+                "with keys/values (use a transformers DynamicCache)"
+            )
         layer = cache.layers[layer_idx]
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
@@ -282,10 +291,12 @@ class PressSession:
         if hidden.shape[1] != seen:
             return  # not a prefill from an empty cache: decoding or a follow-up question
         if is_first:
+            self.valid_seen = True  # a prefill from an empty cache is under way
             self.selections.clear()
             self.skipped_layers.clear()
             self.prefill_length = hidden.shape[1]
             self.prefill_valid = self.valid
+            self.views = self.router.start_prefill(cache)
         if sliding:
             # A sliding-window layer already bounds its memory; its own length bookkeeping
             # (cumulative_length) would disagree with an evicted cache.
@@ -307,22 +318,7 @@ class PressSession:
         )
         kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections)
         self.selections[layer_idx] = selection
-        if self.press.apply == "mask":
-            from .compile.attention import LayerMask, set_layer_mask
-
-            set_layer_mask(module, LayerMask(selection.kept_table(), self.press.block_size))
-        else:
-            layer.keys, layer.values = kept_keys, kept_values
-
-    def attention_mask(self) -> torch.Tensor | None:
-        """2-D mask of the compressed cache for later forwards (``None`` if nothing was compressed).
-
-        All compressed layers keep the same count per row, so one mask serves every layer."""
-        if not self.selections:
-            return None
-        if self.press.apply == "mask":  # the cache stays whole: only the prefill's padding is masked
-            return self.prefill_valid.to(torch.int64) if self.prefill_valid is not None else None
-        return next(iter(self.selections.values())).attention_mask()
+        self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
 
 
 def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import kvpress_chunk as kc
-from kvpress_chunk.compile import attention as flex_attention_module
-from kvpress_chunk.compile.attention import FlexRecompileLimit, compiled_graph_count, flex_attend
-from kvpress_chunk.compile.masks import selection_block_mask
+from kvpress_chunk.modes.block_masks import KV_BLOCK_SIZE, selection_block_mask
+from kvpress_chunk.modes.flex import FLEX_STATUS, FlexRecompileLimit, compiled_graph_count, flex_attend
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -40,7 +39,7 @@ def dense_oracle(kept: torch.Tensor, query_heads: int, q_length: int, kv_length:
 
 @settings(max_examples=20, deadline=None)
 @given(
-    batch=st.just(1),  # flex runs per batch row (see compile/attention.py); batches are tested end to end
+    batch=st.just(1),  # flex runs per batch row (see modes/flex.py); batches are tested end to end
     kv_heads=st.sampled_from([1, 2]),
     groups=st.sampled_from([1, 3]),
     per_head=st.booleans(),
@@ -86,7 +85,7 @@ def test_flex_block_mask_matches_dense_sdpa(batch, kv_heads, groups, per_head, p
 )
 @settings(max_examples=30, deadline=None)
 def test_dense_prefix_mask_for_multi_token_queries_matches_the_oracle(batch, kv_heads, groups, prefix, q_length, seed):
-    from kvpress_chunk.compile.masks import dense_prefix_mask
+    from kvpress_chunk.modes.block_masks import dense_prefix_mask
 
     kept = torch.rand(batch, kv_heads, prefix, generator=torch.Generator().manual_seed(seed)) < 0.5
     kv_length = prefix + q_length + 2
@@ -131,8 +130,8 @@ sys.path.insert(0, sys.argv[1])
 torch._dynamo.config.fail_on_recompile_limit_hit = True
 warnings.simplefilter("error", RuntimeWarning)  # a fallback to dense SDPA must fail this check
 import kvpress_chunk as kc
-from kvpress_chunk.compile.attention import FLEX_STATE, compiled_graph_count
-from kvpress_chunk.hf.generation import greedy_continue, prefill
+from kvpress_chunk.modes.flex import FLEX_STATUS, compiled_graph_count
+from kvpress_chunk.generation import greedy_continue, prefill
 from tiny_models import make_tiny_model
 model = make_tiny_model("llama")
 press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False, apply="mask")
@@ -140,7 +139,7 @@ ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(2)
 with press(model):
     context = prefill(model, ids)
     tokens = greedy_continue(model, context, torch.tensor([[7, 8, 9]]), max_new_tokens=100)
-print(json.dumps({"tokens": tokens.shape[1], "graphs": compiled_graph_count(), "broken": FLEX_STATE["broken"]}))
+print(json.dumps({"tokens": tokens.shape[1], "graphs": compiled_graph_count(), "broken": FLEX_STATUS.broken}))
 """
 
 
@@ -173,8 +172,7 @@ def test_a_recompile_storm_is_refused_before_silent_fallback():
 def test_kv_blocks_that_compiled_cpu_flex_gets_wrong_are_refused():
     with pytest.raises(ValueError, match="multiple of 16"):
         selection_block_mask(torch.ones(1, 1, 40, dtype=torch.bool), 2, 41, 10)
-    assert kc.make_press("chunkkv", compression_ratio=0.5, apply="mask").block_size == 16
-    assert kc.make_press("chunkkv", chunk_size=32, compression_ratio=0.5, apply="mask").block_size == 16
+    assert KV_BLOCK_SIZE == 16
 
 
 def test_mask_mode_refuses_models_without_attention_interface():
@@ -222,22 +220,8 @@ def test_head_adaptive_press_runs_in_mask_mode_and_is_refused_in_evict_mode():
     assert int(counts.sum()) == 2 * max(int(200 * 0.25), 32)
 
 
-def test_small_mask_mods_compose_like_attention_gym():
-    from torch.nn.attention.flex_attention import and_masks, create_mask, or_masks
-
-    from kvpress_chunk.compile.masks import generate_causal_mask, generate_recent_mask, generate_sinks_mask
-
-    length = 12
-    streaming = and_masks(or_masks(generate_sinks_mask(2), generate_recent_mask(torch.tensor(8))),
-                          generate_causal_mask(torch.tensor(0)))
-    got = create_mask(streaming, 1, 1, length, length)[0, 0]
-    q = torch.arange(length)[:, None]
-    kv = torch.arange(length)[None, :]
-    assert torch.equal(got, ((kv < 2) | (kv >= 8)) & (kv <= q))
-
-
 def test_padded_batch_in_mask_mode_matches_evict_mode():
-    from kvpress_chunk.hf.generation import greedy_continue, prefill
+    from kvpress_chunk.generation import greedy_continue, prefill
 
     model = make_tiny_model("llama")
     rows = [torch.randint(3, 120, (n,), generator=torch.Generator().manual_seed(n)) for n in (150, 97)]

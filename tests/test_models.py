@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpress_chunk as kc
-from kvpress_chunk.hf.generation import greedy_continue, prefill
+from kvpress_chunk.generation import greedy_continue, prefill
 from tiny_models import TINY_FAMILIES, make_tiny_model
 
 FULL_ATTENTION_FAMILIES = [f for f in TINY_FAMILIES if f not in ("gemma2", "gemma3")]
@@ -135,7 +135,7 @@ def test_batch_rows_get_their_own_selection_identical_to_alone(family, preset):
         assert torch.equal(batch_tokens[r], alone_tokens[0])
         # The row's cache holds the same keys as when it is alone.
         layer = 0
-        kept = batched.cache_mask[r].bool()
+        kept = batched.layer_views[layer].visible[r, 0]
         torch.testing.assert_close(
             batched.cache.layers[layer].keys[r][:, kept], alone.cache.layers[layer].keys[0][:, : int(kept.sum())],
             rtol=1e-4, atol=1e-5,
@@ -160,7 +160,7 @@ def test_layers_are_compressed_one_by_one_so_the_full_cache_is_never_alive():
     seen = []
 
     def probe(module, args, kwargs, output):  # registered first: runs before the press's hook
-        cache = kwargs["past_key_values"]
+        cache = kc.hf.hooks.cache_argument(args, kwargs)
         seen.append(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None))
 
     handles = [module.register_forward_hook(probe, with_kwargs=True) for _, module in kc.find_attention_layers(model)]

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import kvpress_chunk as kc
 from kvpress_chunk.eval.tasks import make_case, score_answer
-from kvpress_chunk.hf.generation import prefill
+from kvpress_chunk.generation import prefill
 
 pytestmark = pytest.mark.slow
 kvpress = pytest.importorskip("kvpress")
@@ -44,7 +44,7 @@ def test_needle_is_found_without_compression_and_with_chunkkv(smollm2, needle):
     press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
     answers = kc.generate_answers(
         model, tokenizer, needle.context, [needle.question, "Repeat the special magic number."], press=press,
-        max_new_tokens=24, on_prefill=lambda ctx: kept.append(ctx.cache_mask.shape[-1]),
+        max_new_tokens=24, on_prefill=lambda ctx: kept.append(int(ctx.kept_per_row()[0])),
     )
     context_tokens = len(tokenizer(kc.hf.models.chat_prompt_parts(tokenizer)[0] + needle.context,
                                    add_special_tokens=False).input_ids)
@@ -74,8 +74,8 @@ def test_padded_batch_on_the_real_model_matches_rows_alone(smollm2, needle):
     together = prefill(model, batch.input_ids, batch.attention_mask, press)
     for row, text in enumerate(texts):
         alone = prefill(model, tokenizer(text, return_tensors="pt").input_ids, None, press)
-        mask = together.cache_mask[row].bool()
-        assert int(mask.sum()) == alone.cache_mask.shape[-1]
+        mask = together.layer_views[5].visible[row, 0]
+        assert int(mask.sum()) == int(alone.kept_per_row()[0]) == alone.cache.layers[5].keys.shape[-2]
         torch.testing.assert_close(
             together.cache.layers[5].keys[row][:, mask], alone.cache.layers[5].keys[0], rtol=1e-3, atol=1e-4
         )

@@ -38,14 +38,15 @@ _FAMILIES = {
 TINY_FAMILIES = tuple(_FAMILIES)
 
 
-def make_tiny_model(family: str, *, seed: int = 0, num_layers: int = 4, dtype=torch.float32):
-    """An eval-mode ``*ForCausalLM`` with deterministic random weights."""
+def make_tiny_model(family: str, *, seed: int = 0, num_layers: int = 4, dtype=torch.float32, **overrides):
+    """An eval-mode ``*ForCausalLM`` with deterministic random weights (``overrides``: config keys)."""
     if family not in _FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(TINY_FAMILIES)}")
     config_cls, model_cls, extra = _FAMILIES[family]
     extra = dict(extra)
     if family == "gemma3":
         extra["layer_types"] = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    extra.update(overrides)
     config = config_cls(
         vocab_size=128,
         hidden_size=64,

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..hf.generation import applied, greedy_continue, prefill
+from ..generation import applied, eos_token_ids, greedy_continue, prefill
 from ..hf.models import chat_prompt_parts
 from ..press import make_press
 from .tasks import Case, score_answer
@@ -56,12 +56,7 @@ def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
 
 def kept_tokens(model, context) -> int:
     """Real prefix tokens later forwards attend to (mask mode keeps the cache whole but masks it)."""
-    from ..press import active_session
-
-    session = active_session(model)
-    if session is not None and session.selections:
-        return int(next(iter(session.selections.values())).kept_per_row[0])
-    return int(context.cache_mask[0].sum())
+    return int(context.kept_per_row()[0])
 
 
 @torch.inference_mode()
@@ -69,10 +64,8 @@ def answer_case(model, tokenizer, case: Case, press, query_aware: bool, max_new_
     """``(answer, kept cache tokens)`` for one case. Query-agnostic: the context alone is
     prefilled (and compressed), then the question is fed. Query-aware: context and question are
     prefilled together, so the question sits in the observation window while compressing."""
-    from ..hf.generation import _eos_ids
-
     prefix, suffix = chat_prompt_parts(tokenizer) if getattr(tokenizer, "chat_template", None) else ("", "\n")
-    eos = _eos_ids(tokenizer, model)
+    eos = eos_token_ids(tokenizer, model)
     encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
     with applied(press, model):
         if query_aware:

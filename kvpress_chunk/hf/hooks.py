@@ -45,10 +45,45 @@ def call_argument(args: tuple, kwargs: dict[str, Any], name: str, position: int)
     return args[position] if len(args) > position else None
 
 
+#: How transformers names the cache argument: ``cache`` from 5.2x (``past_key_values`` is
+#: deprecated there, removal planned for 5.40), ``past_key_values`` before, ``past_key_value``
+#: in older attention layers. Every spelling is looked up, newest first.
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+class CacheNotFoundError(UnsupportedModelError):
+    """An attention layer that should be compressed was called without a recognisable cache argument."""
+
+
+def cache_argument(args: tuple, kwargs: dict[str, Any], position: int | None = None) -> Any:
+    """The cache object of a forward call under any of its names (``None`` if absent or None)."""
+    for name in CACHE_ARGUMENT_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    if position is not None and len(args) > position and hasattr(args[position], "get_seq_length"):
+        return args[position]
+    return None
+
+
+def has_cache_argument(kwargs: dict[str, Any]) -> bool:
+    """Whether the call names a cache argument at all (its value may be ``None``: use_cache=False)."""
+    return any(name in kwargs for name in CACHE_ARGUMENT_NAMES)
+
+
 def cache_of(kwargs: dict[str, Any]) -> Any:
     """The cache object handed to an attention forward (name changed across transformers)."""
-    cache = kwargs.get("past_key_values")
-    return cache if cache is not None else kwargs.get("past_key_value")
+    return cache_argument((), kwargs)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes the cache on this transformers version."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def cache_length(cache: Any) -> int:

@@ -40,9 +40,18 @@ class SelectionTensors(NamedTuple):
 
 
 class Selector:
-    """Base class: frozen dataclasses registered with ``@register("selector", name)``."""
+    """Base class: frozen dataclasses registered with ``@register("selector", name)``.
+
+    Declared capabilities, checked by the press against its other parts and its apply mode:
+    ``ragged_heads`` (KV heads may keep different token counts) and ``needs_ratio`` (the budget
+    must be a compression ratio, not a token count)."""
 
     per_head: bool = False
+    ragged_heads: bool = False
+
+    @property
+    def needs_ratio(self) -> bool:
+        return False
 
     def capacity(self, length: int, window: int, budget: Budget, max_group_size: int, num_groups: int) -> int:
         """Static upper bound (Python int) on kept tokens per row, used to size top-k."""
@@ -171,6 +180,10 @@ class TopKSelector(Selector):
             # Heads would keep different counts, which a single 2-D attention mask cannot express.
             raise ValueError("per_head=True needs fill='exact' and count='tokens' (equal kept counts per head)")
 
+    @property
+    def needs_ratio(self) -> bool:
+        return self.count == "groups"
+
     def protected_count(self, window: int) -> int:
         return self.sinks + (window if self.keep_window else 0)
 
@@ -228,6 +241,7 @@ class HeadAdaptiveSelector(TopKSelector):
     """
 
     per_head: bool = True
+    ragged_heads = True  # class attribute, not a setting
 
     def __post_init__(self) -> None:
         if not self.per_head or self.fill != "exact" or self.count != "tokens":

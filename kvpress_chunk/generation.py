@@ -1,43 +1,69 @@
 """Generation on a compressed cache: prefill once (compressing), then greedy-decode answers.
 
-Why our own loop instead of ``model.generate``: after eviction the cache is shorter than the
-text it stands for. RoPE positions must continue from the *original* length, and rows of a
-padded batch keep different token counts (left-padded slots). Both need explicit
-``position_ids`` and a 2-D attention mask over the compressed cache, which this loop supplies.
+After eviction a layer's cache is shorter than the text it stands for. Two facts follow, and
+this loop honours both (so does ``model.generate`` under ``with press(model):``):
+
+* RoPE positions continue from the *original* length: explicit ``position_ids``;
+* the 2-D ``attention_mask`` passed to the model stays the mask of the original text plus the
+  tokens added since (what ``generate`` passes, and what sliding-window layers need); the
+  compressed layers attend through their own :class:`~kvpress_chunk.modes.routing.LayerView`
+  (kept slots, per row and head), routed by :mod:`kvpress_chunk.modes.routing`.
+
+A :class:`CompressedContext` carries the cache together with those views, so it can be copied,
+decoded after the ``with press(model):`` block, or by several questions in turn.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..press import Press, PressSession, active_session
+from .hf.hooks import cache_keyword
+from .modes.routing import LayerView, compressed_attention, router_of
+from .press import Press
 
 
 @dataclass
 class CompressedContext:
     """A prefilled (and possibly compressed) cache plus what is needed to continue from it.
 
-    ``next_positions[B]``: RoPE position of the next token of each row (its real token count);
-    ``cache_mask[B, K]``: 1 on real cache slots, 0 on padding slots.
+    ``attention_mask[B, L]``: the 2-D mask of the text so far (prefill padding, then every token
+    added since), in original coordinates; ``next_positions[B]``: RoPE position of each row's
+    next token; ``layer_views``: layer -> :class:`LayerView` of each compressed layer (empty when
+    nothing was compressed by this library).
     """
 
     cache: object
     next_positions: torch.Tensor
-    cache_mask: torch.Tensor
+    attention_mask: torch.Tensor
     last_logits: torch.Tensor
+    layer_views: dict[int, LayerView] = field(default_factory=dict)
 
     def copy(self) -> "CompressedContext":
         """An independent copy, so several questions can start from the same context."""
-        return CompressedContext(copy.deepcopy(self.cache), self.next_positions.clone(), self.cache_mask.clone(), self.last_logits)
+        return CompressedContext(
+            copy.deepcopy(self.cache), self.next_positions.clone(), self.attention_mask.clone(), self.last_logits,
+            dict(self.layer_views),
+        )
+
+    def kept_per_row(self) -> torch.Tensor:
+        """``int64[B]``: prefix tokens each row still attends to in the first compressed layer
+        (its real prefill tokens when nothing was compressed)."""
+        if self.layer_views:
+            return self.layer_views[min(self.layer_views)].kept_per_row()
+        kept = self.cache.get_seq_length() if hasattr(self.cache, "get_seq_length") else self.attention_mask.shape[-1]
+        if kept < self.attention_mask.shape[-1]:  # compressed by another library (batch 1, no padding)
+            return torch.full_like(self.next_positions, kept)
+        return self.next_positions.clone()
 
 
-def _new_cache(model: nn.Module):
+def new_cache(model: nn.Module):
+    """An empty ``DynamicCache`` for ``model`` (per-layer-type layers where the config says so)."""
     from transformers import DynamicCache
 
     try:
@@ -53,37 +79,27 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
     press: Press | None = None,
 ) -> CompressedContext:
-    """Run the prompt through ``model`` (left-padded batch allowed), compressing with ``press``."""
+    """Run the prompt through ``model`` (left-padded batch allowed), compressing with ``press``
+    (or with the press already applied by an enclosing ``with press(model):``)."""
     input_ids = input_ids.to(model.device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(model.device)
     position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    cache = _new_cache(model)
-    kwargs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    if press is None:
-        # A press may already be applied by the caller (`with press(model): prefill(...)`).
-        session = active_session(model)
+    cache = new_cache(model)
+    kwargs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        cache_keyword(model): cache,
+        "use_cache": True,
+        "logits_to_keep": 1,
+    }
+    with applied(press, model):
         out = model(**kwargs)
-    else:
-        with press(model) as session:
-            out = model(**kwargs)
-    session_mask = session.attention_mask() if isinstance(session, PressSession) else None
-    if session_mask is not None:
-        cache_mask = session_mask.to(model.device)
-    else:
-        # No session of ours (no press, or another library's press, e.g. kvpress): batch-1 caches
-        # it compressed hold only real tokens.
-        kept = out.past_key_values.get_seq_length()
-        cache_mask = attention_mask if kept == attention_mask.shape[-1] else attention_mask.new_ones(input_ids.shape[0], kept)
-    return CompressedContext(out.past_key_values, attention_mask.sum(dim=-1), cache_mask, out.logits[:, -1])
+        router = router_of(model)
+        views = router.views_of(cache) if router is not None else {}
+    return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views)
 
 
 @torch.inference_mode()
@@ -105,31 +121,34 @@ def greedy_continue(
     eos = torch.tensor(list(eos_token_ids), device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
-    mask = context.cache_mask
+    mask = context.attention_mask
     positions = context.next_positions.to(device)
     step_ids = input_ids
-    for _ in range(max_new_tokens):
-        length = step_ids.shape[1]
-        mask = torch.cat([mask, torch.ones(batch, length, dtype=mask.dtype, device=device)], dim=-1)
-        position_ids = positions[:, None] + torch.arange(length, device=device)
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=context.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        positions = positions + length
-        next_token = out.logits[:, -1].argmax(dim=-1)
-        if eos.numel():
-            next_token = torch.where(finished, generated[-1] if generated else next_token, next_token)
-            finished = finished | torch.isin(next_token, eos)
-        generated.append(next_token)
-        step_ids = next_token[:, None]
-        if bool(finished.all()):
-            break
-    context.cache_mask, context.next_positions = mask, positions
+    cache_kw = cache_keyword(model)
+    routing = compressed_attention(model) if context.layer_views else contextlib.nullcontext()
+    with routing as router, (router.using(context.cache, context.layer_views) if router else contextlib.nullcontext()):
+        for _ in range(max_new_tokens):
+            length = step_ids.shape[1]
+            mask = torch.cat([mask, torch.ones(batch, length, dtype=mask.dtype, device=device)], dim=-1)
+            position_ids = positions[:, None] + torch.arange(length, device=device)
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kw: context.cache},
+            )
+            positions = positions + length
+            next_token = out.logits[:, -1].argmax(dim=-1)
+            if eos.numel():
+                next_token = torch.where(finished, generated[-1] if generated else next_token, next_token)
+                finished = finished | torch.isin(next_token, eos)
+            generated.append(next_token)
+            step_ids = next_token[:, None]
+            if bool(finished.all()):
+                break
+    context.attention_mask, context.next_positions = mask, positions
     if not generated:
         return torch.empty(batch, 0, dtype=torch.long, device=device)
     return torch.stack(generated, dim=1)
@@ -138,7 +157,7 @@ def greedy_continue(
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
-def _eos_ids(tokenizer, model: nn.Module) -> list[int]:
+def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
     """Tokens that end an answer: the tokenizer's and generation config's EOS, plus the chat
     end-of-turn token when the vocabulary has one (the SmolLM2 GGUF declares <|im_start|> as EOS,
     so without <|im_end|> answers would run on into a new turn)."""
@@ -171,7 +190,7 @@ def generate_answers(
     and question form one user message, as kvpress' pipeline does. ``on_prefill`` is called
     once with the compressed context (e.g. to record how many tokens it kept).
     """
-    from .models import chat_prompt_parts
+    from .hf.models import chat_prompt_parts
 
     if isinstance(questions, str):
         questions = [questions]
@@ -181,7 +200,7 @@ def generate_answers(
     if chat_template and getattr(tokenizer, "chat_template", None):
         prefix, suffix = chat_prompt_parts(tokenizer)
     context_ids = tokenizer(prefix + context, return_tensors="pt", add_special_tokens=not prefix).input_ids
-    eos = _eos_ids(tokenizer, model)
+    eos = eos_token_ids(tokenizer, model)
     answers = []
     # The press stays applied while answering: mask mode needs its masks during decoding (evict
     # mode is unaffected: only prefills from an empty cache are compressed).

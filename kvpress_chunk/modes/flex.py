@@ -1,0 +1,113 @@
+"""Compiled FlexAttention for mask-mode decoding steps, refusing to degrade silently.
+
+FlexAttention is compiled once with ``dynamic=True``: decoding grows the KV length every step,
+and a static compile would recompile per step until dynamo's recompile limit, after which it
+silently runs uncompiled (slow, and on CPU it ignores the block lists). We count the compiled
+graphs and raise before that can happen.
+
+If inductor cannot build the CPU flex kernel on a machine at all, :data:`FLEX_STATUS` records it
+and mask mode continues with SDPA and a dense boolean mask (same results, slower), with one
+warning. The status is one explicit object so that tests can inspect and reset it.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch._dynamo.eval_frame as eval_frame
+from torch.nn.attention.flex_attention import flex_attention
+
+from .block_masks import selection_block_mask
+
+
+class FlexFallbackError(RuntimeError):
+    """Compiled FlexAttention would fall back to the slow uncompiled path."""
+
+
+class FlexRecompileLimit(FlexFallbackError):
+    def __init__(self, graphs: int, limit: int):
+        super().__init__(
+            f"FlexAttention has compiled {graphs} graphs (dynamo's recompile limit is {limit}); further shapes "
+            "would silently run the uncompiled, much slower path. Bucket sequence lengths, or raise "
+            "torch._dynamo.config.recompile_limit."
+        )
+
+
+@dataclass
+class FlexStatus:
+    """Whether compiled CPU flex works in this process (``broken`` after a failed kernel build)."""
+
+    broken: bool = False
+    reason: str = ""
+
+    def mark_broken(self, exc: Exception) -> None:
+        self.broken, self.reason = True, type(exc).__name__
+        warnings.warn(
+            "kvpress-chunk: compiling FlexAttention failed on this machine "
+            f"({self.reason}); mask mode continues with SDPA and a dense boolean mask "
+            "(same results, slower decoding). See docs/apply_modes.md.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def reset(self) -> None:
+        self.broken, self.reason = False, ""
+
+
+FLEX_STATUS = FlexStatus()
+
+
+def _flex(query, key, value, block_mask, scale):
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+# Own code object: the graph count below is ours alone, not shared with other flex users.
+_flex_own = types.FunctionType(_flex.__code__.replace(co_name="kvpress_chunk_flex"), _flex.__globals__, "kvpress_chunk_flex")
+compiled_flex = torch.compile(_flex_own, dynamic=True, fullgraph=True)
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo holds for our flex wrapper (each new one is a compile)."""
+    return len(eval_frame._debug_get_cache_entry_list(_flex_own.__code__))
+
+
+def flex_attend(query, key, value, block_mask, scale: float) -> torch.Tensor:
+    """Compiled flex attention, refusing to degrade silently into the uncompiled path."""
+    before = compiled_graph_count()
+    out = compiled_flex(query, key, value, block_mask, scale)
+    after = compiled_graph_count()
+    limit = torch._dynamo.config.recompile_limit
+    if after > before and after >= limit:
+        raise FlexRecompileLimit(after, limit)
+    return out
+
+
+def is_compile_failure(exc: Exception) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    return isinstance(exc, (InductorError, BackendCompilerFailed)) and not isinstance(exc, FlexFallbackError)
+
+
+def flex_decode_step(query, key, value, visible: torch.Tensor, block_size: int, scale: float) -> torch.Tensor | None:
+    """One decoding query per row through the prefix's BlockMask: ``[B, Hq, 1, D]``, or ``None``
+    when flex is unavailable on this machine (the caller then uses the dense mask).
+
+    One flex call per batch row: with a batch dimension > 1, torch 2.13's CPU flex template emits
+    invalid C++ under dynamic shapes (seen for every batch size >= 2 we tried)."""
+    if FLEX_STATUS.broken:
+        return None
+    try:
+        rows = []
+        for row in range(query.shape[0]):
+            block_mask = selection_block_mask(visible[row : row + 1], query.shape[1], key.shape[2], block_size)
+            rows.append(flex_attend(query[row : row + 1], key[row : row + 1], value[row : row + 1], block_mask, scale))
+        return torch.cat(rows, dim=0)
+    except Exception as exc:  # inductor's C++ build or codegen failed for this shape
+        if not is_compile_failure(exc):
+            raise
+        FLEX_STATUS.mark_broken(exc)
+        return None

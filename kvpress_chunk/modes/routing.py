@@ -1,0 +1,292 @@
+"""Attention of compressed layers, routed through their own masks (both apply modes).
+
+Why this exists: after compression a full-attention layer's cache holds ``P`` slots (evict mode:
+the kept tokens, left-padded per row; mask mode: the whole prefill, partly hidden), while the
+2-D attention mask that callers pass describes the *original* text: that is what
+``model.generate``, pipelines, sliding-window layers (Gemma 2/3, Mistral) and RoPE positions
+need. One 2-D mask cannot describe both, so the model keeps the original (logical) mask and each
+compressed layer attends through its :class:`LayerView` instead:
+
+* slots ``[0, P)``: the layer's prefix, visible where ``LayerView.visible[B, Hs, P]`` says
+  (``Hs`` = 1 when all heads share a selection, one row per KV head otherwise);
+* slots ``[P, kv)``: tokens added after compression, visible under the causal rule where the
+  last ``kv - P`` columns of the forward's 2-D mask say (they are the same tokens in both
+  coordinates).
+
+Layers that were not compressed (sliding-window layers, other models) keep the model's own mask.
+
+:class:`CompressedAttention` installs this for one model: an attention implementation registered
+with transformers' ``AttentionInterface`` that delegates to the model's own (``sdpa`` or
+``eager``) with the substituted mask, plus a forward pre-hook that records the 2-D mask of the
+call in flight. Views are kept per cache object, so a context copied or decoded later never
+meets another prefill's masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..hf.hooks import UnsupportedModelError, cache_argument, call_argument, cache_length, find_attention_layers
+from .block_masks import dense_prefix_mask
+from .flex import flex_decode_step
+
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """How later queries see one compressed layer's cache prefix.
+
+    ``visible[B, Hs, P]``: which of the ``P`` prefix slots a row (and head) attends to.
+    ``flex_block_size``: decode single queries through a FlexAttention BlockMask (mask mode).
+    ``all_visible``: every slot visible and shared by all heads (batch 1 evict, no padding):
+    the model's own mask is then already right and is used unchanged (no dense mask to build).
+    """
+
+    visible: torch.Tensor
+    flex_block_size: int | None = None
+    all_visible: bool = False
+
+    @classmethod
+    def of(cls, visible: torch.Tensor, flex_block_size: int | None = None) -> "LayerView":
+        visible = visible.to(torch.bool)
+        every = visible.shape[1] == 1 and flex_block_size is None and bool(visible.all())
+        return cls(visible, flex_block_size, every)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.visible.shape[-1]
+
+    def kept_per_row(self) -> torch.Tensor:
+        """Prefix tokens each row attends to (mean over heads for per-head views)."""
+        return self.visible.sum(dim=-1).to(torch.float32).mean(dim=1).round().to(torch.int64)
+
+
+Views = dict[int, LayerView]
+
+# attention module -> (router, layer index) while a router is installed on its model
+_ROUTES: "weakref.WeakKeyDictionary[nn.Module, tuple[CompressedAttention, int]]" = weakref.WeakKeyDictionary()
+# model -> its installed router
+_ROUTERS: "weakref.WeakKeyDictionary[nn.Module, CompressedAttention]" = weakref.WeakKeyDictionary()
+_REGISTERED: set[str] = set()
+
+
+def router_of(model: nn.Module) -> "CompressedAttention | None":
+    """The router installed on ``model``, if any."""
+    return _ROUTERS.get(model)
+
+
+class CompressedAttention:
+    """Per-model routing state: views per cache, and the 2-D mask of the forward in flight."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.views: "weakref.WeakKeyDictionary[Any, Views]" = weakref.WeakKeyDictionary()
+        self.active: Views | None = None
+        self.forward_mask: torch.Tensor | None = None
+        self.trailing_valid = 0  # trailing columns of forward_mask that are real in every row
+        self._depth = 0
+        self._handles: list = []
+        self._saved_implementation: str | None = None
+
+    # -- installation -----------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        model = self.model
+        if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+            raise UnsupportedModelError(
+                f"a press needs a transformers PreTrainedModel (AttentionInterface); got {type(model).__name__}"
+            )
+        current = model.config._attn_implementation
+        if current not in SUPPORTED_IMPLEMENTATIONS:
+            raise UnsupportedModelError(
+                f"a press supports attn_implementation 'sdpa' or 'eager', the model uses {current!r}: "
+                "load it with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))"
+            )
+        layers = find_attention_layers(model)
+        name = register_routed_attention(current)
+        self._saved_implementation = current
+        model.set_attn_implementation(name)
+        self.takes_cache_position = _takes_argument(model, "cache_position")
+        self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
+        for layer_idx, module in layers:
+            _ROUTES[module] = (self, layer_idx)
+        _ROUTERS[model] = self
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in [m for m, (router, _) in list(_ROUTES.items()) if router is self]:
+            _ROUTES.pop(module, None)
+        _ROUTERS.pop(self.model, None)
+        if self._saved_implementation is not None:
+            self.model.set_attn_implementation(self._saved_implementation)
+        self.active = self.forward_mask = None
+
+    # -- views --------------------------------------------------------------------------------------
+
+    def start_prefill(self, cache: Any) -> Views:
+        """A fresh, empty view table for ``cache`` (called when its prefill begins compressing)."""
+        fresh: Views = {}
+        self.views[cache] = fresh
+        return fresh
+
+    def views_of(self, cache: Any) -> Views:
+        return dict(self.views.get(cache, {})) if cache is not None else {}
+
+    @contextlib.contextmanager
+    def using(self, cache: Any, views: Mapping[int, LayerView]) -> Iterator[None]:
+        """Route ``cache``'s compressed layers through ``views`` for the block (e.g. a copied context)."""
+        if not views or cache in self.views:
+            yield
+            return
+        self.views[cache] = dict(views)
+        try:
+            yield
+        finally:
+            self.views.pop(cache, None)
+
+    # -- forward hooks --------------------------------------------------------------------------------
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        cache = cache_argument(args, kwargs, position=3)
+        views = self.views.get(cache) if cache is not None and cache_length(cache) > 0 else None
+        self.active = views or None
+        mask = call_argument(args, kwargs, "attention_mask", 1)
+        self.forward_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.trailing_valid = 0
+        if self.active is None:
+            return
+        position_ids = call_argument(args, kwargs, "position_ids", 2)
+        if position_ids is None:
+            raise ValueError(
+                "this cache was compressed, so it is shorter than the text it stands for: pass position_ids "
+                "continuing from the original length (model.generate, kvpress_chunk.greedy_continue and "
+                "generate_answers do it for you)"
+            )
+        if self.forward_mask is not None:
+            real = self.forward_mask.to(torch.bool)
+            self.trailing_valid = int(real.all(dim=0).flip(-1).to(torch.int64).cumprod(-1).sum())
+        if self.takes_cache_position and kwargs.get("cache_position") is None:
+            # transformers < 5.3 derives cache_position from cache.get_seq_length(), which a
+            # compressed first layer makes too small; sliding-window layers build their masks
+            # from it. The original coordinates: the 2-D mask's width, or the positions.
+            inputs = call_argument(args, kwargs, "input_ids", 0)
+            if inputs is None:
+                inputs = kwargs.get("inputs_embeds")
+            if inputs is not None:
+                length = inputs.shape[1]
+                if self.forward_mask is not None:
+                    width = self.forward_mask.shape[-1]
+                    start = torch.arange(width - length, width, device=inputs.device)
+                else:
+                    start = position_ids.reshape(-1, position_ids.shape[-1])[0].to(inputs.device)
+                kwargs["cache_position"] = start
+                return args, kwargs
+        return None
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.active = self.forward_mask = None
+
+    @property
+    def forward_mask_full(self) -> bool:
+        """No padding anywhere in the forward's 2-D mask (or no mask): the model's own mask is right
+        for a layer whose slots are all visible."""
+        return self.forward_mask is None or self.trailing_valid >= self.forward_mask.shape[-1]
+
+    def appended_valid(self, count: int) -> torch.Tensor | None:
+        """Validity of the last ``count`` tokens of the forward (``None``: all real)."""
+        if self.forward_mask is None or count <= self.trailing_valid:
+            return None
+        if self.forward_mask.shape[-1] < count:
+            raise ValueError(
+                f"the attention mask covers {self.forward_mask.shape[-1]} tokens, fewer than the {count} added "
+                "after compression: pass the mask of the whole text (original prefix + every token since)"
+            )
+        return self.forward_mask[:, -count:].to(torch.bool)
+
+
+def _takes_argument(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def compressed_attention(model: nn.Module) -> Iterator[CompressedAttention]:
+    """Install (or reuse, re-entrantly) the router on ``model`` for the duration of the block."""
+    router = _ROUTERS.get(model)
+    if router is None:
+        router = CompressedAttention(model)
+        router._install()
+    router._depth += 1
+    try:
+        yield router
+    finally:
+        router._depth -= 1
+        if router._depth == 0:
+            router._remove()
+
+
+def _delegate(implementation: str, module: nn.Module):
+    if implementation == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    family = sys.modules.get(type(module).__module__)
+    eager = getattr(family, "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+    return eager
+
+
+def _make_routed_attention(implementation: str):
+    def routed_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        delegate = _delegate(implementation, module)
+        router, layer_idx = _ROUTES.get(module, (None, -1))
+        view = router.active.get(layer_idx) if router is not None and router.active else None
+        if view is None or key.shape[2] < view.prefix_length:
+            return delegate(module, query, key, value, attention_mask, *args, **kwargs)
+        appended = router.appended_valid(key.shape[2] - view.prefix_length)
+        if view.all_visible and router.forward_mask_full:
+            return delegate(module, query, key, value, attention_mask, *args, **kwargs)
+        q_length = query.shape[2]
+        if view.flex_block_size is not None and q_length == 1 and appended is None and kwargs.get("softcap") is None:
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            out = flex_decode_step(query, key, value, view.visible, view.flex_block_size, scale)
+            if out is not None:
+                return out.transpose(1, 2).contiguous(), None
+        allowed = dense_prefix_mask(view.visible, query.shape[1], q_length, key.shape[2], appended)
+        if implementation == "eager":
+            allowed = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~allowed, torch.finfo(query.dtype).min
+            )
+        return delegate(module, query, key, value, allowed, *args, **kwargs)
+
+    routed_attention.__name__ = f"kvpress_chunk_{implementation}"
+    return routed_attention
+
+
+def register_routed_attention(implementation: str) -> str:
+    """Register the routed twin of ``implementation`` with transformers (idempotent); its name."""
+    name = f"kvpress_chunk_{implementation}"
+    if name not in _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+        AttentionInterface.register(name, _make_routed_attention(implementation))
+        AttentionMaskInterface.register(name, eager_mask if implementation == "eager" else sdpa_mask)
+        _REGISTERED.add(name)
+    return name

@@ -1,0 +1,200 @@
+"""Decoding after compression through every entry point: ``model.generate``, our loop, padded
+batches, sliding-window models (Gemma 2/3, Mistral), both apply modes, both cache spellings.
+
+The oracles: a padded batch row equals the same row alone; ``generate`` equals our loop; a press
+that keeps everything equals no press (so the substituted masks are exactly the model's own);
+mask mode equals evict mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import kvpress_chunk as kc
+from kvpress_chunk.generation import greedy_continue, new_cache, prefill
+from kvpress_chunk.hf.hooks import CacheNotFoundError, cache_keyword
+from tiny_models import make_tiny_model
+
+SLIDING = ("gemma2", "gemma3", "qwen2-sliding")  # sliding-window and full-attention layers mixed
+FAMILIES = ("llama", "qwen3", "mistral-sliding") + SLIDING
+
+
+def tiny(family: str, window: int = 32, layers: int = 4):
+    if family == "mistral-sliding":  # every layer slides: nothing to compress (and a warning says so)
+        return make_tiny_model("mistral", num_layers=layers, sliding_window=window)
+    if family == "qwen2-sliding":  # full attention below max_window_layers, sliding above
+        return make_tiny_model("qwen2", num_layers=layers, sliding_window=window, use_sliding_window=True, max_window_layers=2)
+    if family in ("gemma2", "gemma3"):
+        return make_tiny_model(family, num_layers=layers, sliding_window=window)
+    return make_tiny_model(family, num_layers=layers)
+
+
+def left_padded(lengths, seed=0, vocab=120):
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    rows = []
+    for r, n in enumerate(lengths):
+        row = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed + n))
+        rows.append(row)
+        ids[r, width - n:] = row
+        mask[r, width - n:] = 1
+    return ids, mask, rows
+
+
+def generate(model, ids, mask=None, press=None, new=6):
+    with torch.no_grad(), kc.generation.applied(press, model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "no layer was compressed")
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_a_padded_batch_gives_each_row_its_answer_alone(family, mode):
+    model = tiny(family)
+    press = kc.make_press("chunkkv", compression_ratio=0.7, compile=False, apply=mode)
+    ids, mask, rows = left_padded([150, 60])
+    batched = generate(model, ids, mask, press)
+    for r, row in enumerate(rows):
+        alone = generate(model, row[None], None, press)
+        assert torch.equal(batched[r], alone[0]), f"{family}/{mode} row {r}: {batched[r].tolist()} vs {alone[0].tolist()}"
+    # Our own loop gives generate's tokens too (same feed: no question, the prompt's last logits first).
+    with press(model):
+        context = prefill(model, ids, mask)
+        first = context.last_logits.argmax(dim=-1, keepdim=True)
+        rest = greedy_continue(model, context, first, max_new_tokens=5)
+    assert torch.equal(torch.cat([first, rest], dim=-1), batched)
+
+
+@pytest.mark.parametrize("family", SLIDING + ("llama",))
+@pytest.mark.parametrize("window", [16, 48])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_a_press_that_keeps_everything_decodes_exactly_like_no_press(family, window, mode):
+    """Padded batch, contexts longer than the sliding window: the compressed layers' substituted
+    masks must be exactly the model's own (a wrong mask on any layer type shows in the logits)."""
+    model = tiny(family, window=window)
+    keep_all = kc.make_press("snapkv", budget=10_000, compile=False, apply=mode)
+    ids, mask, _ = left_padded([130, 75, 40], seed=3)
+    question = torch.tensor([[11, 12, 13]] * 3)
+    logits = {}
+    for name, press in (("none", None), ("keep-all", keep_all)):
+        context = prefill(model, ids, mask, press)
+        if press is not None:
+            assert context.layer_views, "the keep-all press registers views for its layers"
+        steps = []
+        with kc.generation.applied(press, model):
+            for step in range(4):
+                tokens = greedy_continue(model, context, question if step == 0 else tokens[:, -1:], 1)
+                steps.append(context.last_logits if step == 0 else tokens)
+        logits[name] = torch.cat([s.float().reshape(3, -1) for s in steps[1:]], dim=-1)
+    assert torch.equal(logits["none"], logits["keep-all"])
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_window_models_answer_alike_through_our_loop_and_generate(family):
+    """The Gemma 3 defect: our loop passed the compressed layers' slot mask to every layer, so
+    sliding-window layers (whose cache follows the original text) attended to the wrong slots."""
+    model = tiny(family, window=32)
+    ids = torch.randint(3, 120, (1, 180), generator=torch.Generator().manual_seed(7))
+    for ratio in (0.5, 0.9):
+        press = kc.make_press("chunkkv", compression_ratio=ratio, compile=False)
+        with press(model) as session:
+            context = prefill(model, ids)
+            first = context.last_logits.argmax(dim=-1, keepdim=True)
+            ours = torch.cat([first, greedy_continue(model, context, first, max_new_tokens=7)], dim=-1)
+        assert session.skipped_layers and session.selections, "the model mixes sliding and compressed layers"
+        assert torch.equal(ours, generate(model, ids, None, press, new=8)), f"{family} r={ratio}"
+
+
+def test_decoding_a_copied_context_after_the_press_block_uses_its_views():
+    model = tiny("gemma3")
+    ids, mask, _ = left_padded([120, 50], seed=5)
+    press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
+    question = torch.tensor([[9, 8, 7]] * 2)
+    with press(model):
+        context = prefill(model, ids, mask)
+        inside = greedy_continue(model, context.copy(), question, 5)
+    outside = greedy_continue(model, context.copy(), question, 5)  # no press applied any more
+    assert torch.equal(inside, outside)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_cache_keyword_of_either_transformers_line_is_found():
+    """transformers 5.2x passes ``cache=``, earlier releases ``past_key_values=``: both compress."""
+    model = tiny("llama")
+    ids = torch.randint(3, 120, (1, 100), generator=torch.Generator().manual_seed(1))
+    press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
+    for keyword in {cache_keyword(model), "past_key_values"}:
+        cache = new_cache(model)
+        with press(model), torch.no_grad():
+            model(ids, **{keyword: cache})
+        assert all(layer.keys.shape[-2] == 32 for layer in cache.layers), keyword  # the window: 32 > 25
+
+
+def test_a_layer_called_without_a_findable_cache_is_an_error_not_a_silent_pass_through():
+    model = tiny("llama")
+    attention = kc.find_attention_layers(model)[1][1]
+
+    def hide_cache(module, args, kwargs):  # what a transformers release with a new spelling looks like
+        kwargs = {("kv_store" if k in ("cache", "past_key_values") else k): v for k, v in kwargs.items()}
+        return args, kwargs
+
+    original_forward = attention.forward
+    attention.forward = lambda *a, kv_store=None, **k: original_forward(*a, **k)
+    handle = attention.register_forward_pre_hook(hide_cache, with_kwargs=True)
+    try:
+        with pytest.raises(CacheNotFoundError, match="layer 1.*without a cache argument"):
+            with kc.make_press("chunkkv", compression_ratio=0.5, compile=False)(model), torch.no_grad():
+                model(torch.randint(3, 120, (1, 80)), **{cache_keyword(model): new_cache(model)})
+    finally:
+        handle.remove()
+        del attention.forward
+
+
+def test_use_cache_false_runs_uncompressed_without_error():
+    model = tiny("llama")
+    ids = torch.randint(3, 120, (1, 80))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        with kc.make_press("chunkkv", compression_ratio=0.5, compile=False)(model):
+            got = model(ids, use_cache=False).logits
+    assert torch.equal(got, want)
+
+
+def test_decoding_a_compressed_cache_without_positions_is_refused():
+    model = tiny("llama")
+    ids = torch.randint(3, 120, (1, 100))
+    cache = new_cache(model)
+    with kc.make_press("chunkkv", compression_ratio=0.75, compile=False)(model), torch.no_grad():
+        model(ids, **{cache_keyword(model): cache})
+        with pytest.raises(ValueError, match="position_ids"):
+            model(torch.tensor([[5]]), **{cache_keyword(model): cache})
+
+
+def test_eager_attention_models_are_routed_too():
+    model = tiny("llama")
+    model.set_attn_implementation("eager")
+    ids, mask, rows = left_padded([120, 50], seed=9)
+    press = kc.make_press("chunkkv", compression_ratio=0.7, compile=False)
+    batched = generate(model, ids, mask, press)
+    for r, row in enumerate(rows):
+        assert torch.equal(batched[r], generate(model, row[None], None, press)[0])
+    assert model.config._attn_implementation == "eager"
+
+
+def test_unsupported_attention_implementations_are_refused_clearly():
+    model = tiny("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(kc.UnsupportedModelError, match="sdpa"):
+        with kc.make_press("chunkkv", compression_ratio=0.5)(model):
+            pass
+
+
+def test_a_press_on_a_model_whose_layers_all_slide_warns_that_it_compresses_nothing():
+    model = tiny("mistral-sliding")
+    with pytest.warns(RuntimeWarning, match="no layer was compressed"):
+        prefill(model, torch.randint(3, 120, (1, 100)), press=kc.make_press("chunkkv", compression_ratio=0.5, compile=False))

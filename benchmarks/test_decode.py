@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import kvpress_chunk as kc
-from kvpress_chunk.hf.generation import applied
+from kvpress_chunk.generation import applied
 from workloads import new_cache, prompt_ids, smollm2
 
 STEPS = 8

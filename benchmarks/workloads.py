@@ -11,8 +11,8 @@ from transformers import DynamicCache
 
 import kvpress_chunk as kc
 from kvpress_chunk.eval.tasks import make_case
-from kvpress_chunk.hf.generation import _new_cache as new_cache
-from kvpress_chunk.hf.generation import applied
+from kvpress_chunk.generation import new_cache
+from kvpress_chunk.generation import applied
 from kvpress_chunk.hf.hooks import cache_of, call_argument, find_attention_layers
 from kvpress_chunk.policies import LayerInputs
 

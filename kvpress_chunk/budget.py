@@ -69,6 +69,11 @@ class Budget:
             return torch.tensor(float(self.compression_ratio), dtype=torch.float64, device=device)
         return torch.tensor(int(self.budget), dtype=torch.int64, device=device)
 
+    def describe(self) -> str:
+        if self.compression_ratio is not None:
+            return f"compression_ratio={self.compression_ratio}"
+        return f"budget={self.budget}"
+
     def kept_tensor(self, counts: torch.Tensor) -> torch.Tensor:
         """Vectorised :meth:`kept` for per-row counts (int64)."""
         return kept_counts(self.kind, self.value_tensor(counts.device), counts)
@@ -81,8 +86,3 @@ def kept_counts(kind: str, value: torch.Tensor, counts: torch.Tensor) -> torch.T
         kept = torch.floor(counts.to(torch.float64) * (1 - value)).to(torch.int64)
         return torch.minimum(kept.clamp(min=1), counts)
     return torch.minimum(counts, value)
-
-    def describe(self) -> str:
-        if self.compression_ratio is not None:
-            return f"compression_ratio={self.compression_ratio}"
-        return f"budget={self.budget}"

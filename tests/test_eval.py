@@ -97,6 +97,8 @@ def test_table_lists_full_cache_then_presses():
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--query-aware", "--compare-kvpress", "--haystack", "prose", "--needle", "hex"]])
 def test_end_to_end_sweep_writes_table_json_and_heatmap(tmp_path, capsys, extra):
+    if "--compare-kvpress" in extra:
+        pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
     argv = ["niah", "--presses", "chunkkv", "--ratios", "0.75", "--lengths", "300", "--depths", "0.5",
             "--max-new-tokens", "8", "--out", str(tmp_path), *extra]
     assert cli.main(argv) == 0

@@ -155,3 +155,11 @@ def test_invalid_part_settings_are_spec_errors():
         build_part("planner", "reuse(every=0)")
     with pytest.raises(SpecError, match="count='groups' needs"):
         kc.make_press("chunkkv-kvpress", budget=10)
+
+
+@pytest.mark.parametrize("name", sorted(kc.list_presets()))
+def test_every_preset_describes_itself(name):
+    press = kc.make_press(name, compression_ratio=0.5)
+    text = press.describe()
+    assert text.startswith(f"{name}: scorer=") and "compression_ratio=0.5" in text and f"apply={press.apply}" in text
+    assert "budget=64" in kc.make_press("snapkv", budget=64).describe()

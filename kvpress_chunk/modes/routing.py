@@ -260,9 +260,12 @@ def _make_routed_attention(implementation: str):
         if view is None or key.shape[2] < view.prefix_length:
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         appended = router.appended_valid(key.shape[2] - view.prefix_length)
-        if view.all_visible and router.forward_mask_full:
-            return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         q_length = query.shape[2]
+        if view.all_visible and router.forward_mask_full and q_length == 1:
+            # One query, every slot real and visible: the model's own mask is right. (Not for
+            # several queries: transformers < 5.3 places them by cache_position, which is in
+            # original coordinates, so its causal rule would let them see each other.)
+            return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         if view.flex_block_size is not None and q_length == 1 and appended is None and kwargs.get("softcap") is None:
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             out = flex_decode_step(query, key, value, view.visible, view.flex_block_size, scale)

@@ -13,7 +13,9 @@ from .budget import Budget, BudgetError
 from .generation import CompressedContext, generate_answers, greedy_continue, prefill
 from .hf.hooks import UnsupportedModelError, find_attention_layers
 from .policies.presets import list_presets, preset
-from .press import Press, PressAlreadyActiveError, PressSession, make_press
+from .press import Press
+from .session import PressAlreadyActiveError, PressSession
+from .spec import make_press
 from .registry import SpecError, register, registered
 from .selection import Selection
 

@@ -19,7 +19,7 @@ import dataclasses
 import re
 from typing import Any, Callable, TypeVar
 
-PART_KINDS = ("scorer", "grouper", "selector", "planner")
+PART_KINDS = ("scorer", "grouper", "selector", "allocator", "planner")
 
 T = TypeVar("T")
 

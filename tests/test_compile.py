@@ -32,6 +32,8 @@ def random_case(press, batch, length, pads=None, heads=3, q_heads=9, dim=16, see
     capacity = press.selector.capacity(
         length, press.scorer.window, press.rule, press.grouper.max_group_size, press.grouper.num_groups(length)
     )
+    if press.allocator.pools_heads:
+        capacity = length
     return keys, values, valid, extra, capacity, press.rule.value_tensor("cpu")
 
 
@@ -41,8 +43,9 @@ def random_case(press, batch, length, pads=None, heads=3, q_heads=9, dim=16, see
 )
 def test_compiled_equals_eager_over_many_lengths(preset, batch):
     press = kc.make_press(preset, compression_ratio=0.75)
-    compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule.kind)
-    eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule.kind)
+    pooled = press.allocator.pools_heads  # chunkkv-adaptive: the heads' pooled path
+    compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled)
+    eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled)
     lengths = [97, 130, 256, 301, 512, 777, 1000, 1024, 1500, 2048, 3001, 4096]
     for i, length in enumerate(lengths):
         pads = [0] + [(7 * row * (i + 1)) % (length // 2) for row in range(1, batch)]
@@ -74,6 +77,20 @@ def test_a_ratio_sweep_reuses_one_graph():
     for ratio in (0.1, 0.5, 0.75, 0.9, 0.95):
         swept = press.replace(compression_ratio=ratio)
         args = random_case(swept, 2, 333, [0, 40])
+        for g, w in zip(compiled(*args), eager(*args)):
+            assert torch.equal(g, w)
+    assert graphs_of(compiled) <= 2
+
+
+def test_per_row_layer_budgets_compile_like_eager():
+    """Allocators (pyramid) hand the op an int64[B] budget per row instead of the press ratio."""
+    press = kc.make_press("pyramidkv", compression_ratio=0.75)
+    compiled = compiled_compress(press.scorer, press.grouper, press.selector, "budget")
+    eager = eager_compress(press.scorer, press.grouper, press.selector, "budget")
+    for i, length in enumerate([130, 257, 600]):
+        keys, values, valid, extra, _, _ = random_case(press, 2, length, [0, 31], seed=i)
+        budgets = torch.tensor([length // 3, (length - 31) // 5])
+        args = (keys, values, valid, extra, length // 3, budgets)
         for g, w in zip(compiled(*args), eager(*args)):
             assert torch.equal(g, w)
     assert graphs_of(compiled) <= 2

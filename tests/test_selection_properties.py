@@ -12,16 +12,17 @@ from hypothesis import strategies as st
 
 from kvpress_chunk.budget import Budget
 from kvpress_chunk.policies import ChunkGrouper, TokenGrouper, TopKSelector
+from kvpress_chunk.policies.selectors import SelectionRequest
 from kvpress_chunk.selection import Selection
 
 
 def run_selector(scores, valid, grouper, selector, budget, window) -> Selection:
     length = scores.shape[-1]
     capacity = selector.capacity(length, window, budget, grouper.max_group_size, grouper.num_groups(length))
-    out = selector.select(
+    out = selector.select(SelectionRequest(
         scores, grouper.group_ids(valid), grouper.num_groups(length), valid, window, budget.kept_tensor,
         grouper.reduce, capacity,
-    )
+    ))
     return Selection(out.indices, out.slot_valid, length).trimmed()
 
 

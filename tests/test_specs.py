@@ -98,7 +98,7 @@ def test_chunk_size_below_one_refused(size):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(SpecError, match=r"unknown preset 'chunky'; valid presets: chunkkv, chunkkv-adaptive, chunkkv-kvpress"):
+    with pytest.raises(SpecError, match=r"unknown preset 'chunky'; valid presets: adakv, chunkkv, chunkkv-adaptive, chunkkv-global, chunkkv-kvpress"):
         kc.make_press("chunky", compression_ratio=0.5)
     with pytest.raises(SpecError, match=r"unknown scorer 'h2o'; valid scorers: knorm, random, snapkv, streamingllm"):
         kc.make_press({"scorer": "h2o", "compression_ratio": 0.5})

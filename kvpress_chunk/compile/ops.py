@@ -22,7 +22,7 @@ import torch
 from ..budget import kept_counts
 from ..policies.groupers import Grouper
 from ..policies.scorers import Scorer
-from ..policies.selectors import Selector
+from ..policies.selectors import SelectionRequest, Selector
 from ..selection import gather_kv
 
 CompressFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -33,6 +33,7 @@ def compress_eager(
     grouper: Grouper,
     selector: Selector,
     budget_kind: str,
+    pool_heads: bool,
     keys: torch.Tensor,
     values: torch.Tensor,
     valid: torch.Tensor,
@@ -42,7 +43,9 @@ def compress_eager(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference semantics. Returns ``(keys, values, indices, slot_valid)`` with ``capacity`` slots.
 
-    ``budget_kind`` ("ratio" / "budget") is static; ``budget_value`` is a 0-d tensor (data)."""
+    ``budget_kind`` ("ratio" / "budget") and ``pool_heads`` (the allocator pools the heads'
+    budgets) are static; ``budget_value`` is a tensor (data: 0-d for the press rule, ``[B]`` for
+    an allocator's per-row layer budget)."""
     scores = scorer.score(keys, valid, **extra)
     group_ids = grouper.group_ids(valid)
     num_groups = grouper.num_groups(keys.shape[-2])
@@ -50,38 +53,43 @@ def compress_eager(
     def keep(counts: torch.Tensor) -> torch.Tensor:
         return kept_counts(budget_kind, budget_value, counts)
 
-    selection = selector.select(scores, group_ids, num_groups, valid, scorer.window, keep, grouper.reduce, capacity)
+    request = SelectionRequest(scores, group_ids, num_groups, valid, scorer.window, keep, grouper.reduce, capacity, pool_heads)
+    selection = selector.select(request)
     kept_keys, kept_values = gather_kv(keys, values, selection.indices)
     return kept_keys, kept_values, selection.indices, selection.slot_valid
 
 
-def _bind(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str) -> CompressFn:
+def _bind(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool) -> CompressFn:
     def compress(keys, values, valid, extra, capacity, budget_value):
         return compress_eager(
-            scorer, grouper, selector, budget_kind, keys, values, valid, extra, capacity, budget_value
+            scorer, grouper, selector, budget_kind, pool_heads, keys, values, valid, extra, capacity, budget_value
         )
 
     return compress
 
 
-def eager_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str) -> CompressFn:
+def eager_compress(
+    scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool = False
+) -> CompressFn:
     """The eager twin: same signature as :func:`compiled_compress`'s result."""
-    return _bind(scorer, grouper, selector, budget_kind)
+    return _bind(scorer, grouper, selector, budget_kind, pool_heads)
 
 
 _COMPILED: dict[Any, CompressFn] = {}
 _LOCK = threading.Lock()
 
 
-def compiled_compress(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str) -> CompressFn:
+def compiled_compress(
+    scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool = False
+) -> CompressFn:
     """The compiled op for one part configuration (memoised: same config, same graphs).
 
     The budget's *value* is not part of the key: ratios 0.5 and 0.9 share graphs."""
-    key = (scorer, grouper, selector, budget_kind)
+    key = (scorer, grouper, selector, budget_kind, pool_heads)
     with _LOCK:
         fn = _COMPILED.get(key)
         if fn is None:
-            bound = _bind(scorer, grouper, selector, budget_kind)
+            bound = _bind(scorer, grouper, selector, budget_kind, pool_heads)
             own_code = bound.__code__.replace(co_name=f"compress_{len(_COMPILED)}")
             fresh = types.FunctionType(own_code, bound.__globals__, own_code.co_name, None, bound.__closure__)
             fn = torch.compile(fresh, fullgraph=True, dynamic=True)

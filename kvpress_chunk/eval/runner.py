@@ -15,7 +15,7 @@ import torch
 
 from ..generation import applied, eos_token_ids, greedy_continue, prefill
 from ..hf.models import chat_prompt_parts
-from ..press import make_press
+from ..spec import make_press
 from .tasks import Case, score_answer
 
 LIBRARY = "kvpress-chunk"

@@ -1,6 +1,7 @@
 """Policy parts, in data-flow order: scorers -> groupers -> selectors -> planners; and presets."""
 
-from . import groupers, planners, presets, scorers, selectors  # noqa: F401  (registers the parts)
+from . import allocators, groupers, planners, presets, scorers, selectors  # noqa: F401  (registers the parts)
+from .allocators import AdaptiveAllocator, Allocator, GlobalAllocator, PyramidAllocator, UniformAllocator
 from .groupers import ChunkGrouper, Grouper, TokenGrouper
 from .layer_inputs import LayerInputs
 from .planners import EveryLayer, Planner, ReuseEvery
@@ -9,6 +10,7 @@ from .scorers import KnormScorer, RandomScorer, RecencyScorer, Scorer, SnapKVSco
 from .selectors import HeadAdaptiveSelector, Selector, TopKSelector
 
 __all__ = [
+    "AdaptiveAllocator", "Allocator", "GlobalAllocator", "PyramidAllocator", "UniformAllocator",
     "ChunkGrouper", "EveryLayer", "HeadAdaptiveSelector", "Grouper", "KnormScorer", "LayerInputs", "Planner", "RandomScorer",
     "RecencyScorer", "ReuseEvery", "Scorer", "Selector", "SnapKVScorer", "TokenGrouper", "TopKSelector",
     "list_presets", "preset",

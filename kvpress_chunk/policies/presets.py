@@ -132,14 +132,48 @@ def random(seed: int = 0, per_head: bool = True) -> dict[str, Any]:
 
 @preset("chunkkv-adaptive")
 def chunkkv_adaptive(chunk_size: int = 16, window: int = 32, kernel: int = 5) -> dict[str, Any]:
-    """ChunkKV chunks with AdaKV head-adaptive budgets (needs apply='mask').
+    """ChunkKV chunks with AdaKV head-adaptive budgets (allocator 'adaptive'; ragged heads).
 
-    Chunks of 16 are whole FlexAttention KV blocks, so an evicted chunk is a skipped block.
+    Chunks of 16 are whole FlexAttention KV blocks, so in mask mode an evicted chunk is a skipped
+    block; in evict mode (default) each head is padded to the widest head.
     """
     return {
         "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
         "grouper": {"name": "chunk", "size": chunk_size, "reduce": "sum"},
-        "selector": {"name": "adaptive"},
+        "selector": {"name": "topk", "per_head": True},
+        "allocator": "adaptive",
         "planner": "every_layer",
-        "apply": "mask",
+    }
+
+
+@preset("adakv")
+def adakv(window: int = 64, kernel: int = 5) -> dict[str, Any]:
+    """AdaKV (arXiv 2407.11550): SnapKV token scores, a layer's heads share one budget."""
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": "token",
+        "selector": {"name": "topk", "per_head": True},
+        "allocator": "adaptive",
+    }
+
+
+@preset("pyramidkv")
+def pyramidkv(window: int = 64, kernel: int = 5, spread: float = 0.5) -> dict[str, Any]:
+    """PyramidKV (arXiv 2406.02069): SnapKV per head, budgets decreasing with depth, same total."""
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": "token",
+        "selector": {"name": "topk", "per_head": True},
+        "allocator": {"name": "pyramid", "spread": spread},
+    }
+
+
+@preset("chunkkv-global")
+def chunkkv_global(chunk_size: int = 10, window: int = 32, kernel: int = 5) -> dict[str, Any]:
+    """ChunkKV chunks ranked across every layer and head at once (allocator 'global', after the prefill)."""
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": {"name": "chunk", "size": chunk_size, "reduce": "sum"},
+        "selector": {"name": "topk", "per_head": True},
+        "allocator": "global",
     }

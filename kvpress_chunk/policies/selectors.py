@@ -39,6 +39,25 @@ class SelectionTensors(NamedTuple):
     slot_valid: torch.Tensor
 
 
+class SelectionRequest(NamedTuple):
+    """Everything a selector needs for one layer, passed as one value (traced by torch.compile).
+
+    ``scores[B, Hkv, T]``, ``group_ids[B, T]`` (padding in bucket ``num_groups``), ``valid[B, T]``,
+    the scorer's observation ``window``, ``keep(counts[B]) -> kept[B]`` (the press budget rule, or
+    the allocator's per-layer budget), the grouper's ``reduce``, the static ``capacity`` (slots per
+    row and head) and ``pool_heads`` (the allocator pools the heads' budgets: AdaKV)."""
+
+    scores: torch.Tensor
+    group_ids: torch.Tensor
+    num_groups: int
+    valid: torch.Tensor
+    window: int
+    keep: Callable[[torch.Tensor], torch.Tensor]
+    reduce: str
+    capacity: int
+    pool_heads: bool = False
+
+
 class Selector:
     """Base class: frozen dataclasses registered with ``@register("selector", name)``.
 
@@ -57,18 +76,12 @@ class Selector:
         """Static upper bound (Python int) on kept tokens per row, used to size top-k."""
         raise NotImplementedError
 
-    def select(
-        self,
-        scores: torch.Tensor,
-        group_ids: torch.Tensor,
-        num_groups: int,
-        valid: torch.Tensor,
-        window: int,
-        keep: Callable[[torch.Tensor], torch.Tensor],
-        reduce: str,
-        capacity: int,
-    ) -> SelectionTensors:
-        """``keep(counts[B]) -> kept[B]`` applies the press budget (see :mod:`..budget`)."""
+    def protected_count(self, window: int) -> int:
+        """Tokens per row and head that are always kept (sinks, the observation window)."""
+        return 0
+
+    def select(self, request: SelectionRequest) -> SelectionTensors:
+        """Kept indices ``[B, Hs, K]`` for one layer (see :class:`SelectionRequest`)."""
         raise NotImplementedError
 
 
@@ -198,27 +211,23 @@ class TopKSelector(Selector):
         # A row not longer than the window is kept whole, so room for `window` tokens is needed.
         return min(length, max(wanted, window))
 
-    def select(
-        self,
-        scores: torch.Tensor,
-        group_ids: torch.Tensor,
-        num_groups: int,
-        valid: torch.Tensor,
-        window: int,
-        keep: Callable[[torch.Tensor], torch.Tensor],
-        reduce: str,
-        capacity: int,
-    ) -> SelectionTensors:
+    def protected(self, valid: torch.Tensor, window: int) -> torch.Tensor:
+        """``bool[B, T]``: sinks, the window if kept, and whole rows not longer than the window."""
+        protected = protected_mask(valid, self.sinks, window if self.keep_window else 0)
+        short_row = valid.sum(dim=-1) <= window  # nothing to observe from: kept whole
+        return protected | (short_row.unsqueeze(-1) & valid)
+
+    def select(self, request: SelectionRequest) -> SelectionTensors:
+        scores, group_ids, num_groups, valid, window, keep, reduce, capacity, pool_heads = request
+        lengths = valid.sum(dim=-1)
+        protected = self.protected(valid, window)
+        if pool_heads:
+            return select_pooled(scores, group_ids, num_groups, valid, protected, keep(lengths) * scores.shape[1], reduce)
         if not self.per_head:
             scores = scores.sum(dim=1, keepdim=True)
-        lengths = valid.sum(dim=-1)
-        recent = window if self.keep_window else 0
-        protected = protected_mask(valid, self.sinks, recent)
-        # Rows not longer than the observation window are kept whole (nothing to observe from).
-        short_row = lengths <= window
-        protected = protected | (short_row.unsqueeze(-1) & valid)
         n_keep = n_groups_keep = None
         if self.count == "groups":
+            short_row = lengths <= window
             members = torch.zeros(valid.shape[0], num_groups + 1, device=valid.device, dtype=torch.int64)
             members = members.scatter_add_(-1, group_ids, (valid & ~protected).to(torch.int64))[:, :num_groups]
             n_groups = (members > 0).sum(dim=-1)
@@ -226,6 +235,35 @@ class TopKSelector(Selector):
         else:
             n_keep = keep(lengths)
         return select_topk(scores, group_ids, num_groups, valid, protected, n_keep, n_groups_keep, capacity, reduce, self.fill)
+
+
+def select_pooled(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    valid: torch.Tensor,
+    protected: torch.Tensor,
+    n_keep_total: torch.Tensor,
+    reduce: str,
+) -> SelectionTensors:
+    """Pools share one budget: ``scores[B, P, T]`` (P = heads of a layer, or layers x heads for
+    the global allocator). Every pool keeps its protected tokens; the rest of ``n_keep_total[B]``
+    goes to the best groups of all pools ranked together (groups of different pools never merge).
+    Returns ``[B, P, K]`` kept indices per pool, left-padded with -1 (counts differ per pool)."""
+    batch, pools, length = scores.shape
+    offsets = (torch.arange(pools, device=scores.device) * (num_groups + 1))[None, :, None]
+    flat_ids = (group_ids.unsqueeze(1) + offsets).reshape(batch, pools * length)
+    flat = select_topk(
+        scores.reshape(batch, 1, pools * length), flat_ids, pools * (num_groups + 1), valid.repeat(1, pools),
+        protected.repeat(1, pools), n_keep_total, None, pools * length, reduce, "exact",
+    )
+    # Back to one row of kept positions per pool, left-padded with -1.
+    table = torch.zeros(batch, pools * length + 1, dtype=torch.bool, device=scores.device)
+    table = table.scatter_(-1, torch.where(flat.slot_valid[:, 0], flat.indices[:, 0], pools * length), True)
+    table = table[:, :-1].view(batch, pools, length)
+    positions = torch.arange(length, device=scores.device)
+    indices = torch.where(table, positions, -1).sort(dim=-1).values
+    return SelectionTensors(indices, indices >= 0)
 
 
 @register("selector", "adaptive")
@@ -252,25 +290,5 @@ class HeadAdaptiveSelector(TopKSelector):
         # Per head: at most every token. The op trims all-padding columns afterwards.
         return length
 
-    def select(self, scores, group_ids, num_groups, valid, window, keep, reduce, capacity) -> SelectionTensors:
-        batch, heads, length = scores.shape
-        lengths = valid.sum(dim=-1)
-        protected = protected_mask(valid, self.sinks, window if self.keep_window else 0)
-        protected = protected | ((lengths <= window).unsqueeze(-1) & valid)
-        # All heads side by side in one sequence; groups of different heads never merge.
-        offsets = (torch.arange(heads, device=scores.device) * (num_groups + 1))[None, :, None]
-        flat_ids = (group_ids.unsqueeze(1) + offsets).reshape(batch, heads * length)
-        flat_valid = valid.repeat(1, heads)
-        flat_protected = protected.repeat(1, heads)
-        n_keep = keep(lengths) * heads
-        flat = select_topk(
-            scores.reshape(batch, 1, heads * length), flat_ids, heads * (num_groups + 1), flat_valid,
-            flat_protected, n_keep, None, heads * length, reduce, "exact",
-        )
-        # Back to one row of kept positions per head, left-padded with -1.
-        table = torch.zeros(batch, heads * length + 1, dtype=torch.bool, device=scores.device)
-        table = table.scatter_(-1, torch.where(flat.slot_valid[:, 0], flat.indices[:, 0], heads * length), True)
-        table = table[:, :-1].view(batch, heads, length)
-        positions = torch.arange(length, device=scores.device)
-        indices = torch.where(table, positions, -1).sort(dim=-1).values
-        return SelectionTensors(indices, indices >= 0)
+    def select(self, request: SelectionRequest) -> SelectionTensors:
+        return TopKSelector.select(self, request._replace(pool_heads=True))

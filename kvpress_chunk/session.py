@@ -1,0 +1,226 @@
+"""The ``with press(model):`` session: hooks on the model and its attention layers, and the state
+of one prefill.
+
+Per attention layer, right after its attention ran at prefill (the layer's full cache exists,
+later layers' do not yet)::
+
+    hook -> planner (reuse?) -> allocator budget -> Press.select (compiled op) -> mode.apply -> view
+
+so the whole uncompressed cache is never alive at once. Policies whose allocator needs every
+layer's scores (``global``) record scores in the hooks instead, and select and evict once after
+the prefill (the whole-cache stage, :mod:`.whole_cache`): the uncompressed cache is then alive
+until the end of the prefill. Later forwards attend through the layers' views
+(:mod:`.modes.routing`).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from .hf.hooks import (
+    CACHE_ARGUMENT_NAMES,
+    CacheNotFoundError,
+    cache_argument,
+    cache_length,
+    call_argument,
+    find_attention_layers,
+    has_cache_argument,
+    padding_mask,
+)
+from .modes.routing import compressed_attention
+from .policies.layer_inputs import LayerInputs
+from .selection import Selection
+from .whole_cache import LayerScores, select_globally
+
+if TYPE_CHECKING:
+    from .press import Press
+
+
+class PressAlreadyActiveError(RuntimeError):
+    """A press is already applied to this model (hooks would compress twice)."""
+
+
+_ACTIVE_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, PressSession]" = weakref.WeakKeyDictionary()
+
+
+def active_session(model: nn.Module) -> "PressSession | None":
+    """The session of the press currently applied to ``model``, if any."""
+    return _ACTIVE_SESSIONS.get(model)
+
+
+class PressSession:
+    """Mutable state of one ``with press(model):`` block.
+
+    * ``valid``: the padding mask of the prefill in flight (from the model's ``attention_mask``);
+    * ``selections``: ``layer_idx -> Selection`` of the last prefill (reused by planners, and
+      inspectable: kept indices, Jaccard overlap between layers...);
+    * ``skipped_layers``: layers left alone (sliding-window layers).
+    """
+
+    def __init__(self, press: "Press", model: nn.Module):
+        self.press = press
+        self.model = model
+        self.layers = find_attention_layers(model)
+        self.valid: torch.Tensor | None = None
+        self.selections: dict[int, Selection] = {}
+        self.skipped_layers: set[int] = set()
+        self.prefill_length: int | None = None
+        self.prefill_valid: torch.Tensor | None = None
+        self.valid_seen = False  # the forward in flight is a prefill this session handles
+        self.router = None  # the model's CompressedAttention while attached
+        self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
+        # Layers the allocator counts (sliding-window layers are never compressed): rank -> budget.
+        layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
+        self.compressible = [
+            idx for idx, _ in self.layers
+            if not (idx < len(layer_types) and layer_types[idx] in ("sliding_attention", "chunked_attention"))
+        ]
+        # Whole-cache stage: scores and cache layers held until the prefill's forward ends.
+        self.pending_scores: dict[int, LayerScores] = {}
+        self.pending_layers: dict[int, tuple[Any, int]] = {}
+
+    @contextmanager
+    def attached(self) -> Iterator["PressSession"]:
+        if self.model in _ACTIVE_SESSIONS:
+            raise PressAlreadyActiveError(
+                f"a press is already applied to this {type(self.model).__name__}; "
+                "exit the first `with press(model):` block before entering another"
+            )
+        handles = []
+        _ACTIVE_SESSIONS[self.model] = self
+        try:
+            with compressed_attention(self.model) as router:
+                self.router = router
+                handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+                handles.append(self.model.register_forward_hook(self._after_model, always_call=True))
+                first_layer = self.layers[0][0]
+                for layer_idx, module in self.layers:
+                    hook = self._make_attention_hook(layer_idx, is_first=layer_idx == first_layer)
+                    handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.router = None
+            _ACTIVE_SESSIONS.pop(self.model, None)
+
+    # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
+    # 2-D form) and forget it afterwards so that it cannot leak into a later call.
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.valid = None
+        if cache_length(cache_argument(args, kwargs, position=3)) > 0:
+            return
+        inputs = call_argument(args, kwargs, "input_ids", 0)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            return
+        self.valid = padding_mask(call_argument(args, kwargs, "attention_mask", 1), inputs.shape[1])
+
+    def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            if self.pending_layers and output is not None:
+                self._finish_whole_cache()
+        finally:
+            self.pending_scores.clear()
+            self.pending_layers.clear()
+        if self.valid_seen and not self.selections and self.skipped_layers:
+            warnings.warn(
+                f"kvpress-chunk: no layer was compressed: all {len(self.skipped_layers)} attention layers of this "
+                f"{type(self.model).__name__} are sliding-window layers, which bound their own memory",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.valid = None
+        self.valid_seen = False
+
+    def _make_attention_hook(self, layer_idx: int, is_first: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self._compress_layer(layer_idx, module, args, kwargs, is_first)
+
+        return hook
+
+    def _compress_layer(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict, is_first: bool) -> None:
+        cache = cache_argument((), kwargs)
+        hidden = call_argument(args, kwargs, "hidden_states", 0)
+        if cache is None:
+            if has_cache_argument(kwargs):
+                return  # use_cache=False: nothing is cached, so nothing to compress
+            raise CacheNotFoundError(
+                f"attention layer {layer_idx} ({type(module).__name__}) was called without a cache argument "
+                f"under any known name ({', '.join(CACHE_ARGUMENT_NAMES)}); got keyword arguments "
+                f"{sorted(kwargs)}. This transformers version passes the cache differently: please report it. "
+                "Refusing to run uncompressed silently."
+            )
+        if hidden is None or not hasattr(cache, "layers") or layer_idx >= len(cache.layers):
+            raise CacheNotFoundError(
+                f"cannot compress layer {layer_idx}: the cache ({type(cache).__name__}) has no layer list "
+                "with keys/values (use a transformers DynamicCache)"
+            )
+        layer = cache.layers[layer_idx]
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            raise TypeError(
+                f"cannot compress cache layer {type(layer).__name__}: expected `.keys`/`.values` tensors "
+                "[B, H, T, D] (use a DynamicCache; quantized and static caches are not supported)"
+            )
+        length = keys.shape[-2]
+        sliding = getattr(layer, "is_sliding", False)
+        seen = getattr(layer, "cumulative_length", length) if sliding else length
+        if hidden.shape[1] != seen:
+            return  # not a prefill from an empty cache: decoding or a follow-up question
+        if is_first:
+            self.valid_seen = True  # a prefill from an empty cache is under way
+            self.selections.clear()
+            self.skipped_layers.clear()
+            self.prefill_length = hidden.shape[1]
+            self.prefill_valid = self.valid
+            self.views = self.router.start_prefill(cache)
+        if sliding:
+            # A sliding-window layer already bounds its memory; its own length bookkeeping
+            # (cumulative_length) would disagree with an evicted cache.
+            self.skipped_layers.add(layer_idx)
+            return
+        valid = self.valid
+        if valid is None:
+            valid = torch.ones(keys.shape[0], length, dtype=torch.bool, device=keys.device)
+        else:
+            valid = valid.to(keys.device)
+        inputs = LayerInputs(
+            module=module,
+            layer_idx=layer_idx,
+            hidden_states=hidden,
+            keys=keys,
+            values=values,
+            valid=valid,
+            position_embeddings=kwargs.get("position_embeddings"),
+        )
+        if self.press.whole_cache:
+            source = self.press.planner.source_layer(layer_idx)
+            if source == layer_idx or source not in self.pending_layers:
+                source = layer_idx
+                self.pending_scores[layer_idx] = LayerScores(self.press.score_layer(inputs), valid)
+            self.pending_layers[layer_idx] = (layer, source)
+            return
+        rank = self.compressible.index(layer_idx) if layer_idx in self.compressible else 0
+        budget = self.press.layer_budget(valid, rank, len(self.compressible))
+        kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections, budget)
+        self.selections[layer_idx] = selection
+        self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
+
+    def _finish_whole_cache(self) -> None:
+        """After the prefill: one selection over every scored layer, then evict each layer once."""
+        chosen = select_globally(self.press, self.pending_scores)
+        for layer_idx, (layer, source) in sorted(self.pending_layers.items()):
+            selection = chosen[source]
+            kept_keys, kept_values = selection.apply(layer.keys, layer.values)
+            self.selections[layer_idx] = selection
+            self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
+
+

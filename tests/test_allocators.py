@@ -1,0 +1,169 @@
+"""Allocators (uniform, pyramid, adaptive, global), ragged per-head eviction, the whole-cache
+stage, and the spec round trip of every preset.
+
+The invariant every allocator keeps: over the whole cache a row keeps exactly
+``layers x heads x kept(T)`` tokens (protected tokens included), whatever the split.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvpress_chunk as kc
+from kvpress_chunk.generation import greedy_continue, prefill
+from kvpress_chunk.policies.allocators import pyramid_budgets
+from tiny_models import make_tiny_model
+
+LAYERS = 6
+
+
+@given(
+    kept=st.integers(1, 400), protected=st.integers(0, 64), extra=st.integers(0, 400),
+    layers=st.integers(1, 32), spread=st.floats(0, 0.99),
+)
+def test_pyramid_budgets_keep_the_total_and_decrease_with_depth(kept, protected, extra, layers, spread):
+    length = kept + extra
+    budgets = pyramid_budgets(kept, protected, length, layers, spread)
+    assert sum(budgets) == layers * kept
+    assert all(min(protected, kept) <= b <= max(length, kept) for b in budgets)
+    assert all(a >= b - 1 for a, b in zip(budgets, budgets[1:]))  # non-increasing (rounding: +-1)
+
+
+def left_padded(lengths, seed=0):
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, width - n:] = torch.randint(3, 120, (n,), generator=torch.Generator().manual_seed(seed + n))
+        mask[r, width - n:] = 1
+    return ids, mask
+
+
+def kept_per_row(session, heads):
+    """Real tokens kept per row over every layer and head."""
+    total = None
+    for selection in session.selections.values():
+        per_head = selection.slot_valid.sum(dim=-1)  # [B, Hs]
+        row = per_head.sum(dim=-1) * (heads if selection.shared else 1)
+        total = row if total is None else total + row
+    return total
+
+
+ALLOCATOR_PRESETS = [
+    ("chunkkv", {}),  # uniform
+    ("pyramidkv", {}),
+    ("adakv", {}),
+    ("chunkkv-adaptive", {}),
+    ("chunkkv-global", {}),
+    ("chunkkv-global", {"chunk_size": 1}),
+]
+
+
+@pytest.mark.parametrize("preset,params", ALLOCATOR_PRESETS)
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_every_allocator_keeps_exactly_the_press_budget_over_the_whole_cache(preset, params, ratio):
+    model = make_tiny_model("llama", num_layers=LAYERS)
+    heads = model.config.num_key_value_heads
+    press = kc.make_press(preset, compression_ratio=ratio, compile=False, **params)
+    lengths = [200, 137, 90]
+    ids, mask = left_padded(lengths)
+    with press(model) as session:
+        prefill(model, ids, mask)
+    protected = press.selector.protected_count(press.scorer.window)
+    want = [LAYERS * heads * max(press.rule.kept(n), min(protected, n)) for n in lengths]
+    assert kept_per_row(session, heads).tolist() == want
+    for selection in session.selections.values():  # padding is never kept
+        for r, n in enumerate(lengths):
+            assert bool((selection.indices[r][selection.slot_valid[r]] >= max(lengths) - n).all())
+
+
+@pytest.mark.parametrize("preset", ["pyramidkv", "adakv", "chunkkv-global"])
+def test_each_row_of_a_padded_batch_is_selected_as_if_alone(preset):
+    model = make_tiny_model("qwen2", num_layers=4)
+    press = kc.make_press(preset, compression_ratio=0.7, compile=False)
+    lengths = [180, 120]
+    ids, mask = left_padded(lengths, seed=3)
+    with press(model) as session:
+        prefill(model, ids, mask)
+    together = session.selections
+    for r, n in enumerate(lengths):
+        pad = max(lengths) - n
+        with press(model) as alone:
+            prefill(model, ids[r : r + 1, pad:])
+        for layer, selection in alone.selections.items():
+            for head in range(selection.indices.shape[1]):
+                mine = together[layer].indices[r, head][together[layer].slot_valid[r, head]] - pad
+                assert torch.equal(mine, selection.indices[0, head][selection.slot_valid[0, head]]), (layer, head)
+
+
+def test_pyramid_layers_keep_less_as_depth_grows():
+    model = make_tiny_model("llama", num_layers=LAYERS)
+    with kc.make_press("pyramidkv", compression_ratio=0.75, window=8, compile=False)(model) as session:
+        prefill(model, torch.randint(3, 120, (1, 400)))
+    counts = [int(session.selections[i].slot_valid[0, 0].sum()) for i in range(LAYERS)]
+    assert counts[0] > counts[-1] and counts == sorted(counts, reverse=True)
+
+
+def test_the_global_allocator_gives_layers_different_budgets_after_the_prefill():
+    model = make_tiny_model("llama", num_layers=LAYERS)
+    press = kc.make_press("chunkkv-global", compression_ratio=0.75, compile=False)
+    assert press.whole_cache
+    with press(model) as session:
+        context = prefill(model, torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(4)))
+    per_layer = [int(s.slot_valid[0].sum()) for s in session.selections.values()]
+    assert len(set(per_layer)) > 1  # budgets really moved between layers
+    for idx, layer in enumerate(context.cache.layers):  # evicted once, after the prefill
+        assert layer.keys.shape[-2] == session.selections[idx].indices.shape[-1] < 300
+
+
+@pytest.mark.parametrize("preset", ["adakv", "chunkkv-adaptive", "chunkkv-global"])
+def test_ragged_heads_in_evict_mode_give_the_logits_of_mask_mode_and_save_memory(preset):
+    model = make_tiny_model("qwen3", num_layers=4)
+    ids, mask = left_padded([220, 150], seed=6)
+    question = torch.tensor([[5, 6, 7]] * 2)
+    out = {}
+    for mode in ("evict", "mask"):
+        press = kc.make_press(preset, compression_ratio=0.75, window=16, compile=False, apply=mode)
+        with press(model) as session:
+            context = prefill(model, ids, mask)
+            tokens = greedy_continue(model, context, question, max_new_tokens=4)
+        out[mode] = (context.last_logits, tokens, context)
+    torch.testing.assert_close(out["evict"][0], out["mask"][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out["evict"][1], out["mask"][1])
+    assert any(not s.shared and len(set(s.slot_valid[0].sum(-1).tolist())) > 1 for s in session.selections.values())
+    evicted = sum(layer.keys.nbytes for layer in out["evict"][2].cache.layers)
+    whole = sum(layer.keys.nbytes for layer in out["mask"][2].cache.layers)
+    assert evicted < 0.6 * whole
+
+
+def test_allocator_capabilities_are_checked_in_one_place():
+    with pytest.raises(kc.SpecError, match="per_head=True"):
+        kc.make_press({"scorer": "knorm", "selector": "topk", "allocator": "adaptive", "compression_ratio": 0.5})
+    with pytest.raises(kc.SpecError, match="count='tokens'"):
+        kc.make_press({"scorer": "snapkv", "grouper": "chunk", "selector": "topk(count='groups')",
+                       "allocator": "pyramid", "compression_ratio": 0.5})
+
+
+@settings(max_examples=40)
+@given(
+    preset=st.sampled_from(sorted(kc.list_presets())),
+    ratio=st.sampled_from([None, 0.3, 0.75, 0.9]),
+    budget=st.integers(1, 4096),
+    apply=st.sampled_from(["evict", "mask"]),
+    compile=st.booleans(),
+)
+def test_to_spec_rebuilds_an_equal_press_for_every_preset(preset, ratio, budget, apply, compile):
+    base = kc.make_press(preset, compression_ratio=0.5)
+    if base.selector.needs_ratio and ratio is None:
+        ratio = 0.6
+    settings_ = {"compression_ratio": ratio} if ratio is not None else {"budget": budget}
+    press = kc.make_press(preset, apply=apply, compile=compile, **settings_)
+    spec = press.to_spec()
+    rebuilt = kc.make_press(spec)
+    assert rebuilt == press and rebuilt.name == press.name
+    import json
+
+    assert kc.make_press(json.loads(json.dumps(spec))) == press  # plain data

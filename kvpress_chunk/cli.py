@@ -43,15 +43,19 @@ def _names(text: str) -> list[str]:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from . import list_presets, registered
+    from .registry import PART_KINDS
     from .policies.presets import preset_parameters
 
     print("Presets (make_press(name, compression_ratio=... | budget=..., **params)):")
     for name, doc in list_presets().items():
         params = ", ".join(f"{k}={v!r}" for k, v in preset_parameters(name).items())
         print(f"  {name:<16} {doc}\n  {'':<16} params: {params or '(none)'}")
-    print("\nParts (spec: 'name(key=value, ...)'):")
-    for kind in ("scorer", "grouper", "selector", "planner"):
-        print(f"  {kind + 's':<10} {', '.join(sorted(registered(kind)))}")
+    from .modes import mode_names
+
+    print("\nParts, in data-flow order (spec: 'name(key=value, ...)'):")
+    for kind in PART_KINDS:
+        print(f"  {kind + 's':<11} {', '.join(sorted(registered(kind)))}")
+    print(f"  {'apply modes':<11} {', '.join(mode_names())}")
     return 0
 
 

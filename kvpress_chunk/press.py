@@ -182,8 +182,9 @@ class Press:
         if self.allocator.pools_heads:
             capacity = length  # a pooled head may keep every token; all-padding columns are trimmed
         extra = self.scorer.prepare(inputs)
+        group_extra = self.grouper.prepare(inputs)
         kept_keys, kept_values, indices, slot_valid = self.compress_fn(kind)(
-            keys, values, inputs.valid, extra, capacity, value
+            keys, values, inputs.valid, extra, capacity, value, group_extra
         )
         selection = Selection(indices, slot_valid, length)
         trimmed = selection.trimmed()

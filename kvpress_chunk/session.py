@@ -68,6 +68,7 @@ class PressSession:
         self.model = model
         self.layers = find_attention_layers(model)
         self.valid: torch.Tensor | None = None
+        self.input_ids: torch.Tensor | None = None  # tokens of the prefill in flight
         self.selections: dict[int, Selection] = {}
         self.skipped_layers: set[int] = set()
         self.prefill_length: int | None = None
@@ -113,7 +114,7 @@ class PressSession:
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.valid = None
+        self.valid = self.input_ids = None
         if cache_length(cache_argument(args, kwargs, position=3)) > 0:
             return
         inputs = call_argument(args, kwargs, "input_ids", 0)
@@ -122,6 +123,7 @@ class PressSession:
         if inputs is None:
             return
         self.valid = padding_mask(call_argument(args, kwargs, "attention_mask", 1), inputs.shape[1])
+        self.input_ids = inputs if not inputs.is_floating_point() else None
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:
@@ -137,7 +139,7 @@ class PressSession:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.valid = None
+        self.valid = self.input_ids = None
         self.valid_seen = False
 
     def _make_attention_hook(self, layer_idx: int, is_first: bool):
@@ -200,12 +202,14 @@ class PressSession:
             values=values,
             valid=valid,
             position_embeddings=kwargs.get("position_embeddings"),
+            input_ids=self.input_ids.to(keys.device) if self.input_ids is not None and self.input_ids.shape[-1] == length else None,
         )
         if self.press.whole_cache:
             source = self.press.planner.source_layer(layer_idx)
             if source == layer_idx or source not in self.pending_layers:
                 source = layer_idx
-                self.pending_scores[layer_idx] = LayerScores(self.press.score_layer(inputs), valid)
+                scores = self.press.score_layer(inputs)
+                self.pending_scores[layer_idx] = LayerScores(scores, valid, self.press.grouper.prepare(inputs))
             self.pending_layers[layer_idx] = (layer, source)
             return
         rank = self.compressible.index(layer_idx) if layer_idx in self.compressible else 0

@@ -40,6 +40,7 @@ def compress_eager(
     extra: dict[str, torch.Tensor],
     capacity: int,
     budget_value: torch.Tensor,
+    group_extra: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference semantics. Returns ``(keys, values, indices, slot_valid)`` with ``capacity`` slots.
 
@@ -47,7 +48,7 @@ def compress_eager(
     budgets) are static; ``budget_value`` is a tensor (data: 0-d for the press rule, ``[B]`` for
     an allocator's per-row layer budget)."""
     scores = scorer.score(keys, valid, **extra)
-    group_ids = grouper.group_ids(valid)
+    group_ids = grouper.group_ids(valid, **(group_extra or {}))
     num_groups = grouper.num_groups(keys.shape[-2])
 
     def keep(counts: torch.Tensor) -> torch.Tensor:
@@ -60,9 +61,10 @@ def compress_eager(
 
 
 def _bind(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool) -> CompressFn:
-    def compress(keys, values, valid, extra, capacity, budget_value):
+    def compress(keys, values, valid, extra, capacity, budget_value, group_extra=None):
         return compress_eager(
-            scorer, grouper, selector, budget_kind, pool_heads, keys, values, valid, extra, capacity, budget_value
+            scorer, grouper, selector, budget_kind, pool_heads, keys, values, valid, extra, capacity, budget_value,
+            group_extra,
         )
 
     return compress

@@ -14,7 +14,9 @@ class LayerInputs:
 
     ``keys``/``values`` are the layer's full cache ``[B, Hkv, T, D]`` right after prefill;
     ``valid[B, T]`` is ``False`` on left padding; ``position_embeddings`` is the ``(cos, sin)``
-    pair the model used (``None`` for models without RoPE).
+    pair the model used (``None`` for models without RoPE); ``input_ids[B, T]`` are the prefill's
+    tokens (``None`` when the model was called with ``inputs_embeds``), for groupers that cut at
+    text boundaries.
     """
 
     module: nn.Module
@@ -24,3 +26,4 @@ class LayerInputs:
     values: torch.Tensor
     valid: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    input_ids: torch.Tensor | None = None

@@ -177,3 +177,14 @@ def chunkkv_global(chunk_size: int = 10, window: int = 32, kernel: int = 5) -> d
         "selector": {"name": "topk", "per_head": True},
         "allocator": "global",
     }
+
+
+@preset("chunkkv-sentence")
+def chunkkv_sentence(max_size: int = 32, window: int = 32, kernel: int = 5, reduce: str = "mean") -> dict[str, Any]:
+    """ChunkKV with sentence-boundary chunks (cut at . ! ? ; : and newlines, at most max_size tokens)."""
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": {"name": "sentence", "max_size": max_size, "reduce": reduce},
+        "selector": {"name": "topk", "keep_window": True},
+        "planner": "every_layer",
+    }

@@ -139,7 +139,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.tasks import TASKS
+    from .eval.tasks import task_names
 
     parser = argparse.ArgumentParser(prog="kvpress-chunk", description="KV-cache compression (ChunkKV and friends) for HF models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     niah = sub.add_parser("niah", help="needle-in-a-haystack sweep on the embedded model")
     _add_sweep_arguments(niah)
     niah.set_defaults(func=cmd_eval, task="niah")
-    evaluate = sub.add_parser("eval", help="a RULER-style task: " + ", ".join(TASKS))
-    evaluate.add_argument("task", choices=TASKS)
+    evaluate = sub.add_parser("eval", help="a RULER-style task: " + ", ".join(task_names()))
+    evaluate.add_argument("task", choices=task_names())
     _add_sweep_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     return parser

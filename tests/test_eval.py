@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from kvpress_chunk import cli
 from kvpress_chunk.eval.report import format_table
-from kvpress_chunk.eval.tasks import HAYSTACKS, NEEDLE_FORMATS, TASKS, make_case, score_answer
+from kvpress_chunk.eval.tasks import HAYSTACKS, NEEDLE_FORMATS, make_case, score_answer, task_names
+TASKS = task_names()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from typing import Callable
 NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 HAYSTACKS = ("noise", "prose")
 NEEDLE_FORMATS = ("number", "hex", "name")
-TASKS = ("niah", "multikey", "multivalue", "multiquery", "vt")
 
 _FIRST = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ingrid", "Jonas", "Kavya", "Lucia")
 _LAST = ("Okafor", "Lindqvist", "Moreau", "Tanaka", "Castellano", "Novak", "Brennan", "Haddad", "Quintero", "Van Dijk")
@@ -168,6 +167,113 @@ def build_context(tokenizer, target_tokens: int, needles: list[tuple[float, str]
     return " ".join(parts)
 
 
+@dataclass
+class Draw:
+    """What a task function gets: the seeded generator and the case's settings, with helpers that
+    keep keys unique. ``key``/``value`` are the asked needle's; ``depth`` is where it goes and
+    ``other_depths`` where the other needles (distractors, extra values, chain links) go."""
+
+    rng: random.Random
+    noun: str
+    needle_format: str
+    depth: float
+    other_depths: list[float]
+    used: set[str] = field(default_factory=set)
+    key: str = ""
+    value: str = ""
+
+    def new_key(self) -> str:
+        return _make_key(self.rng, self.used)
+
+    def new_value(self) -> str:
+        return make_value(self.needle_format, self.rng)
+
+    def needle(self, key: str, value: str) -> str:
+        return f"The special magic {self.noun} for {key} is: {value}."
+
+
+@dataclass(frozen=True)
+class TaskCase:
+    """A task function's result: ``needles`` as ``(depth, sentence)``, the question, the answers."""
+
+    needles: list[tuple[float, str]]
+    question: str
+    answers: tuple[str, ...]
+
+
+TaskFn = Callable[[Draw], TaskCase]
+_TASKS: dict[str, TaskFn] = {}
+
+
+def task(name: str) -> Callable[[TaskFn], TaskFn]:
+    """Register an evaluation task: one function ``Draw -> TaskCase`` plus this decorator makes
+    it available to :func:`make_case`, ``kvpress-chunk eval NAME`` and the sweeps."""
+
+    def decorator(fn: TaskFn) -> TaskFn:
+        if name in _TASKS and _TASKS[name] is not fn:
+            raise ValueError(f"task {name!r} is already registered")
+        _TASKS[name] = fn
+        return fn
+
+    return decorator
+
+
+def task_names() -> tuple[str, ...]:
+    return tuple(_TASKS)
+
+
+@task("niah")
+def niah(draw: Draw) -> TaskCase:
+    """One needle, no key (RULER's niah_single style): nothing to confuse it with."""
+    return TaskCase(
+        [(draw.depth, f"The special magic {draw.noun} is: {draw.value}.")],
+        f"What is the special magic {draw.noun} mentioned in the provided text?",
+        (draw.value,),
+    )
+
+
+@task("multikey")
+def multikey(draw: Draw) -> TaskCase:
+    """The needle plus distractor needles with other keys; asked about one key."""
+    needles = [(draw.depth, draw.needle(draw.key, draw.value))]
+    needles += [(d, draw.needle(draw.new_key(), draw.new_value())) for d in draw.other_depths]
+    return TaskCase(needles, f"What is the special magic {draw.noun} for {draw.key} mentioned in the provided text?", (draw.value,))
+
+
+@task("multivalue")
+def multivalue(draw: Draw) -> TaskCase:
+    """One key with several values scattered in the text; all values are asked for."""
+    values = [draw.value] + [draw.new_value() for _ in draw.other_depths]
+    needles = [(d, draw.needle(draw.key, v)) for d, v in zip([draw.depth] + draw.other_depths, values)]
+    question = f"What are all the special magic {draw.noun}s for {draw.key} mentioned in the provided text?"
+    return TaskCase(needles, question, tuple(values))
+
+
+@task("multiquery")
+def multiquery(draw: Draw) -> TaskCase:
+    """Several keys; the values of all of them are asked for."""
+    keys = [draw.key] + [draw.new_key() for _ in draw.other_depths]
+    values = [draw.value] + [draw.new_value() for _ in draw.other_depths]
+    needles = [(d, draw.needle(k, v)) for d, k, v in zip([draw.depth] + draw.other_depths, keys, values)]
+    question = (f"What are the special magic {draw.noun}s for {', '.join(keys[:-1])} and {keys[-1]} "
+                "mentioned in the provided text?")
+    return TaskCase(needles, question, tuple(values))
+
+
+@task("vt")
+def variable_tracking(draw: Draw) -> TaskCase:
+    """Variable tracking: a chain ``X1 = value``, ``X2 = X1``, ...; all names holding the value."""
+    names: list[str] = []
+    while len(names) < len(draw.other_depths) + 1:
+        name = "".join(draw.rng.choice(string.ascii_uppercase) for _ in range(5))
+        if name not in names:
+            names.append(name)
+    chain_depths = sorted([draw.depth] + draw.other_depths)
+    needles = [(chain_depths[0], f"VAR {names[0]} = {draw.value}.")]
+    needles += [(d, f"VAR {names[i + 1]} = VAR {names[i]}.") for i, d in enumerate(chain_depths[1:])]
+    return TaskCase(needles, f"Find all variables that are assigned the value {draw.value} in the text above.", tuple(names))
+
+
 def make_case(
     tokenizer,
     task: str = "niah",
@@ -180,8 +286,8 @@ def make_case(
 ) -> Case:
     """Generate one case. ``depth`` places the asked needle; other needles (distractors, extra
     values, chain links) are spread over the rest of the context, seeded."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(_TASKS)}")
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     if context_tokens < 50:
@@ -191,50 +297,13 @@ def make_case(
     if haystack not in HAYSTACKS:
         raise ValueError(f"unknown haystack {haystack!r}; valid: {', '.join(HAYSTACKS)}")
     rng = random.Random(f"{task}-{context_tokens}-{depth}-{haystack}-{needle_format}-{seed}")
-    noun = _FORMAT_NOUN[needle_format]
-    used: set[str] = set()
-    other_depths = [round(rng.uniform(0.05, 0.95), 3) for _ in range(n_extra)]
-
-    def needle(key: str, value: str) -> str:
-        return f"The special magic {noun} for {key} is: {value}."
-
-    key = _make_key(rng, used)
-    value = make_value(needle_format, rng)
-    if task == "niah":
-        # A single needle needs no key (RULER's niah_single_1 style): nothing to confuse it with.
-        needles = [(depth, f"The special magic {noun} is: {value}.")]
-        question = f"What is the special magic {noun} mentioned in the provided text?"
-        answers = (value,)
-    elif task == "multikey":
-        needles = [(depth, needle(key, value))]
-        needles += [(d, needle(_make_key(rng, used), make_value(needle_format, rng))) for d in other_depths]
-        question = f"What is the special magic {noun} for {key} mentioned in the provided text?"
-        answers = (value,)
-    elif task == "multivalue":
-        values = [value] + [make_value(needle_format, rng) for _ in other_depths]
-        needles = [(d, needle(key, v)) for d, v in zip([depth] + other_depths, values)]
-        question = f"What are all the special magic {noun}s for {key} mentioned in the provided text?"
-        answers = tuple(values)
-    elif task == "multiquery":
-        keys = [key] + [_make_key(rng, used) for _ in other_depths]
-        values = [value] + [make_value(needle_format, rng) for _ in other_depths]
-        needles = [(d, needle(k, v)) for d, k, v in zip([depth] + other_depths, keys, values)]
-        question = f"What are the special magic {noun}s for {', '.join(keys[:-1])} and {keys[-1]} mentioned in the provided text?"
-        answers = tuple(values)
-    else:  # vt
-        names = []
-        while len(names) < n_extra + 1:
-            name = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
-            if name not in names:
-                names.append(name)
-        chain_depths = sorted([depth] + other_depths)
-        needles = [(chain_depths[0], f"VAR {names[0]} = {value}.")]
-        needles += [(d, f"VAR {names[i + 1]} = VAR {names[i]}.") for i, d in enumerate(chain_depths[1:])]
-        question = f"Find all variables that are assigned the value {value} in the text above."
-        answers = tuple(names)
-    context = build_context(tokenizer, context_tokens, needles, haystack, rng)
+    draw = Draw(rng, _FORMAT_NOUN[needle_format], needle_format, depth, [round(rng.uniform(0.05, 0.95), 3) for _ in range(n_extra)])
+    draw.key = draw.new_key()
+    draw.value = draw.new_value()
+    made = _TASKS[task](draw)
+    context = build_context(tokenizer, context_tokens, made.needles, haystack, rng)
     return Case(
-        task=task, context=context, question=question, answers=answers, depth=depth,
+        task=task, context=context, question=made.question, answers=made.answers, depth=depth,
         context_tokens=_count(tokenizer, context), target_tokens=context_tokens, haystack=haystack,
-        needle_format=needle_format, seed=seed, needles=tuple(text for _, text in needles),
+        needle_format=needle_format, seed=seed, needles=tuple(text for _, text in made.needles),
     )

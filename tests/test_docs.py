@@ -1,0 +1,60 @@
+"""Every Python snippet of the README and docs/policies.md runs as written, in order, and every
+press a snippet builds compresses a real (tiny) model. The README's shell commands are checked
+for the flags and presets they name."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvpress_chunk as kc
+from tiny_models import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+def run_blocks(path: Path, namespace: dict) -> list[tuple[int, object]]:
+    presses = []
+    for number, block in enumerate(python_blocks(path)):
+        before = namespace.get("press")
+        exec(compile(block, f"{path.name}[block {number}]", "exec"), namespace)  # noqa: S102 - our own docs
+        if namespace.get("press") is not before:
+            presses.append((number, namespace["press"]))
+    return presses
+
+
+def test_policy_docs_worked_examples_run_and_compress():
+    presses = run_blocks(ROOT / "docs" / "policies.md", {})
+    assert len(presses) >= 4  # scorer, grouper, allocator, apply mode
+    model = make_tiny_model("llama", num_layers=4)
+    ids = torch.randint(3, 120, (2, 160), generator=torch.Generator().manual_seed(0))
+    for number, press in presses:
+        context = kc.prefill(model, ids, press=press.replace(compile=False))
+        kept = context.kept_per_row()
+        assert bool((kept < 160).all()), f"block {number}: nothing was compressed ({kept.tolist()})"
+
+
+@pytest.mark.slow
+def test_readme_snippets_run_as_written():
+    namespace: dict = {}
+    run_blocks(ROOT / "README.md", namespace)
+    assert namespace, "the README has Python snippets"
+
+
+def test_readme_shell_commands_name_real_presets_and_flags():
+    from kvpress_chunk.cli import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    for command in re.findall(r"^kvpress-chunk [^\n`]*", text, flags=re.MULTILINE):
+        argv = command.split()[1:]
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exc:  # argparse error: an unknown flag or choice in the README
+            pytest.fail(f"README command does not parse: {command!r} ({exc})")

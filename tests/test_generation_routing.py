@@ -207,3 +207,23 @@ def test_a_press_on_a_model_whose_layers_all_slide_warns_that_it_compresses_noth
     model = tiny("mistral-sliding")
     with pytest.warns(RuntimeWarning, match="no layer was compressed"):
         prefill(model, torch.randint(3, 120, (1, 100)), press=kc.make_press("chunkkv", compression_ratio=0.5, compile=False))
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_accelerate_offloaded_model_compresses_and_answers_like_the_plain_model(mode):
+    """accelerate's hooks (weights kept off the module, loaded per forward) sit on the same
+    modules as ours: the press must still find every layer and give the same tokens."""
+    import copy
+
+    from accelerate import cpu_offload
+
+    model = tiny("llama")
+    offloaded = copy.deepcopy(model)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # really offloaded
+    press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False, apply=mode)
+    ids, mask, _ = left_padded([150, 110], seed=11)
+    with press(offloaded) as session:
+        got = offloaded.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert len(session.selections) == 4
+    assert torch.equal(got[:, ids.shape[1]:], generate(model, ids, mask, press, new=5))

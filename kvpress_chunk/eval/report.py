@@ -60,9 +60,10 @@ def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") ->
     ratios = sorted({k[2] for k in keys if k[1] != "full"}) or [0.0]
     rows = [k for k in dict.fromkeys((k[0], k[1]) for k in keys)]
     fig, axes = plt.subplots(
-        len(rows), len(ratios), figsize=(1.2 + 1.1 * len(ratios) * max(2, len(lengths)) * 0.6, 0.9 + 0.45 * len(rows) * max(3, len(depths))),
+        len(rows), len(ratios), figsize=(1.8 + 1.3 * len(ratios) * max(2, len(lengths)) * 0.6, 0.9 + 0.55 * len(rows) * max(3, len(depths))),
         squeeze=False,
     )
+    image = None
     for i, (library, press) in enumerate(rows):
         for j, ratio in enumerate(ratios):
             ax = axes[i][j]
@@ -72,18 +73,27 @@ def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") ->
                 continue
             grid = [[sum(panels[key][(d, n)]) / len(panels[key][(d, n)]) if panels[key][(d, n)] else float("nan")
                      for n in lengths] for d in depths]
-            ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+            for y, row in enumerate(grid):  # the score in each cell, readable without the colours
+                for x, value in enumerate(row):
+                    if value == value:  # not NaN
+                        ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=7,
+                                color="black" if 0.25 < value < 0.85 else "white")
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
             name = press if library in ("-", "kvpress-chunk") else f"{press} [kvpress]"
-            ax.set_title(f"{name}" + ("" if press == "full" else f", r={ratio:g}"), fontsize=8)
+            ax.set_title(f"{name}\n" + ("(full cache)" if press == "full" else f"{ratio:.0%} removed"), fontsize=8)
             if j == 0:
                 ax.set_ylabel("depth", fontsize=7)
             if i == len(rows) - 1:
                 ax.set_xlabel("context tokens", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    if image is not None:  # a legend for the colours: exact-match score, 0% (lost) to 100% (found)
+        colorbar = fig.colorbar(image, cax=fig.add_axes((0.91, 0.3, 0.02, 0.4)))
+        colorbar.set_label("score (exact match)", fontsize=7)
+        colorbar.ax.tick_params(labelsize=6)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

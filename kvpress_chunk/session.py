@@ -74,6 +74,7 @@ class PressSession:
         self.prefill_length: int | None = None
         self.prefill_valid: torch.Tensor | None = None
         self.valid_seen = False  # the forward in flight is a prefill this session handles
+        self.warned_length = False
         self.router = None  # the model's CompressedAttention while attached
         self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
         # Layers the allocator counts (sliding-window layers are never compressed): rank -> budget.
@@ -123,7 +124,20 @@ class PressSession:
         if inputs is None:
             return
         self.valid = padding_mask(call_argument(args, kwargs, "attention_mask", 1), inputs.shape[1])
+        self._warn_if_longer_than_the_model(inputs.shape[1])
         self.input_ids = inputs if not inputs.is_floating_point() else None
+
+    def _warn_if_longer_than_the_model(self, length: int) -> None:
+        """RoPE models run past their trained length without an error, answering worse: say so once."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and length > limit and not self.warned_length:
+            self.warned_length = True
+            warnings.warn(
+                f"kvpress-chunk: this prompt has {length} tokens, more than the {limit} positions "
+                f"{type(self.model).__name__} was configured for: expect degraded answers (with or without a press)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:

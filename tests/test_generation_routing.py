@@ -227,3 +227,12 @@ def test_accelerate_offloaded_model_compresses_and_answers_like_the_plain_model(
         got = offloaded.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert len(session.selections) == 4
     assert torch.equal(got[:, ids.shape[1]:], generate(model, ids, mask, press, new=5))
+
+
+def test_a_prompt_longer_than_the_models_positions_warns_once():
+    model = make_tiny_model("llama", max_position_embeddings=128)
+    press = kc.make_press("chunkkv", compression_ratio=0.5, compile=False)
+    with press(model), pytest.warns(RuntimeWarning, match="more than the 128 positions") as record, torch.no_grad():
+        for _ in range(2):
+            model(torch.randint(3, 120, (1, 150)), use_cache=True)
+    assert sum("positions" in str(w.message) for w in record) == 1

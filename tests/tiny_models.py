@@ -47,16 +47,10 @@ def make_tiny_model(family: str, *, seed: int = 0, num_layers: int = 4, dtype=to
     if family == "gemma3":
         extra["layer_types"] = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
     extra.update(overrides)
-    config = config_cls(
-        vocab_size=128,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        max_position_embeddings=4096,
-        **extra,
+    settings = dict(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, num_hidden_layers=num_layers, max_position_embeddings=4096,
     )
+    config = config_cls(**{**settings, **extra})
     torch.manual_seed(seed)
     return model_cls(config).to(dtype).eval()

@@ -162,11 +162,21 @@ def test_hundred_decoding_steps_compile_few_graphs_and_never_fall_back():
 def test_a_recompile_storm_is_refused_before_silent_fallback():
     kept = torch.ones(1, 1, 40, dtype=torch.bool)
     query, key, value = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 41, 8), torch.randn(1, 2, 41, 8)
-    limit = compiled_graph_count() + 1
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=False, recompile_limit=limit), pytest.raises(
+    flex_attend(query, key, value, selection_block_mask(kept, 2, 41, 16), 0.3)  # this geometry's first graph
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=False, recompile_limit=2), pytest.raises(
         FlexRecompileLimit, match="recompile limit"
     ):
         flex_attend(query, key, value, selection_block_mask(kept, 2, 41, 48), 0.3)  # a new block size: new graph
+
+
+def test_each_attention_geometry_has_its_own_recompile_budget():
+    kept = torch.ones(1, 1, 40, dtype=torch.bool)
+    for heads, dim in ((2, 8), (4, 8), (2, 16)):
+        query, key = torch.randn(1, heads, 1, dim), torch.randn(1, heads, 41, dim)
+        flex_attend(query, key, key, selection_block_mask(kept, heads, 41, 16), 0.5)
+    from kvpress_chunk.modes.flex import graph_counts
+
+    assert len(graph_counts()) >= 3 and all(count <= 2 for count in graph_counts().values())
 
 
 def test_kv_blocks_that_compiled_cpu_flex_gets_wrong_are_refused():

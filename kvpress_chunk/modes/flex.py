@@ -64,21 +64,43 @@ def _flex(query, key, value, block_mask, scale):
     return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
-# Own code object: the graph count below is ours alone, not shared with other flex users.
-_flex_own = types.FunctionType(_flex.__code__.replace(co_name="kvpress_chunk_flex"), _flex.__globals__, "kvpress_chunk_flex")
-compiled_flex = torch.compile(_flex_own, dynamic=True, fullgraph=True)
+# One compiled function, with its own code object, per attention geometry (heads, head size,
+# dtype, scale): dynamo's recompile limit counts per code object, so one model's graphs never
+# push another model (or a test sweeping many shapes) onto the silent uncompiled path. Within a
+# geometry, decoding compiles one dynamic graph (plus at most one size specialisation).
+_COMPILED_FLEX: dict[tuple, object] = {}
+
+
+def _compiled_flex_for(geometry: tuple):
+    fn = _COMPILED_FLEX.get(geometry)
+    if fn is None:
+        name = f"kvpress_chunk_flex_{len(_COMPILED_FLEX)}"
+        own = types.FunctionType(_flex.__code__.replace(co_name=name), _flex.__globals__, name)
+        fn = torch.compile(own, dynamic=True, fullgraph=True)
+        _COMPILED_FLEX[geometry] = fn
+    return fn
+
+
+def _graphs(fn) -> int:
+    return len(eval_frame._debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
+
+
+def graph_counts() -> dict[tuple, int]:
+    """Compiled graphs per attention geometry ``(query heads, KV heads, head size, dtype, scale)``."""
+    return {geometry: _graphs(fn) for geometry, fn in _COMPILED_FLEX.items()}
 
 
 def compiled_graph_count() -> int:
-    """Graphs dynamo holds for our flex wrapper (each new one is a compile)."""
-    return len(eval_frame._debug_get_cache_entry_list(_flex_own.__code__))
+    """Graphs dynamo holds for our flex wrappers, all geometries together (each one a compile)."""
+    return sum(_graphs(fn) for fn in _COMPILED_FLEX.values())
 
 
 def flex_attend(query, key, value, block_mask, scale: float) -> torch.Tensor:
     """Compiled flex attention, refusing to degrade silently into the uncompiled path."""
-    before = compiled_graph_count()
-    out = compiled_flex(query, key, value, block_mask, scale)
-    after = compiled_graph_count()
+    fn = _compiled_flex_for((query.shape[1], key.shape[1], query.shape[-1], query.dtype, float(scale)))
+    before = _graphs(fn)
+    out = fn(query, key, value, block_mask, scale)
+    after = _graphs(fn)
     limit = torch._dynamo.config.recompile_limit
     if after > before and after >= limit:
         raise FlexRecompileLimit(after, limit)

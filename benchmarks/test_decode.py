@@ -19,6 +19,7 @@ import torch
 
 import kvpress_chunk as kc
 from kvpress_chunk.generation import applied
+from kvpress_chunk.hf.hooks import cache_keyword
 from workloads import new_cache, prompt_ids, smollm2
 
 STEPS = 8
@@ -40,16 +41,18 @@ def prepare(model, length: int, mode: str, ratio: float):
     stack.enter_context(torch.inference_mode())
     stack.enter_context(applied(press, model))
     cache = new_cache(model)
-    model(prompt_ids(length), past_key_values=cache, logits_to_keep=1)
+    model(prompt_ids(length), logits_to_keep=1, **{cache_keyword(model): cache})
     kept = cache.get_seq_length()
     feed = prompt_ids(length)[:, :STEPS]  # any fixed tokens: every round does the same work
     positions = torch.arange(length, length + STEPS)[None]
 
     def decode_round():
         for step in range(STEPS):
-            logits = model(feed[:, step:step + 1], past_key_values=cache, position_ids=positions[:, step:step + 1],
-                           logits_to_keep=1).logits
-        cache.crop(kept)  # back to the post-prefill cache: every round times the same steps
+            logits = model(feed[:, step:step + 1], position_ids=positions[:, step:step + 1], logits_to_keep=1,
+                           **{cache_keyword(model): cache}).logits
+        # Back to the post-prefill cache: every round times the same steps. (A negative count of
+        # tokens to drop: transformers >= 5.3 refuses a positive target length.)
+        cache.crop(kept - cache.get_seq_length())
         return logits
 
     return decode_round, kept, stack

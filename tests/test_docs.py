@@ -30,15 +30,34 @@ def run_blocks(path: Path, namespace: dict) -> list[tuple[int, object]]:
     return presses
 
 
+POLICY_DOC_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import kvpress_chunk as kc
+from test_docs import ROOT, run_blocks
+from tiny_models import make_tiny_model
+presses = run_blocks(ROOT / "docs" / "policies.md", {})
+assert len(presses) >= 4, presses  # scorer, grouper, allocator, apply mode
+model = make_tiny_model("llama", num_layers=4)
+ids = torch.randint(3, 120, (2, 160), generator=torch.Generator().manual_seed(0))
+for number, press in presses:
+    context = kc.prefill(model, ids, press=press.replace(compile=False))
+    kept = context.kept_per_row()
+    assert bool((kept < 160).all()), f"block {number}: nothing was compressed ({kept.tolist()})"
+print("ok", len(presses))
+"""
+
+
 def test_policy_docs_worked_examples_run_and_compress():
-    presses = run_blocks(ROOT / "docs" / "policies.md", {})
-    assert len(presses) >= 4  # scorer, grouper, allocator, apply mode
-    model = make_tiny_model("llama", num_layers=4)
-    ids = torch.randint(3, 120, (2, 160), generator=torch.Generator().manual_seed(0))
-    for number, press in presses:
-        context = kc.prefill(model, ids, press=press.replace(compile=False))
-        kept = context.kept_per_row()
-        assert bool((kept < 160).all()), f"block {number}: nothing was compressed ({kept.tolist()})"
+    """In a fresh process: the examples register parts, which must not leak into other tests."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", POLICY_DOC_CHECK, os.path.dirname(__file__)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("ok")
 
 
 @pytest.mark.slow

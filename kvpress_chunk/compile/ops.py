@@ -93,7 +93,7 @@ def compiled_compress(
         if fn is None:
             bound = _bind(scorer, grouper, selector, budget_kind, pool_heads)
             own_code = bound.__code__.replace(co_name=f"compress_{len(_COMPILED)}")
-            fresh = types.FunctionType(own_code, bound.__globals__, own_code.co_name, None, bound.__closure__)
+            fresh = types.FunctionType(own_code, bound.__globals__, own_code.co_name, bound.__defaults__, bound.__closure__)
             fn = torch.compile(fresh, fullgraph=True, dynamic=True)
             _COMPILED[key] = fn
         return fn

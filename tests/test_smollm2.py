@@ -101,3 +101,19 @@ def test_generate_on_a_padded_batch_under_a_press_answers_each_row_as_alone(smol
     together = answer(texts)
     assert together == [answer([text])[0] for text in texts]
     assert "1234" in together[1], together
+
+
+def test_text_generation_pipeline_under_a_press_answers_each_prompt_as_alone(smollm2, needle):
+    from transformers import pipeline
+
+    model, tokenizer = smollm2
+    long_text = tokenizer.decode(tokenizer(needle.context, add_special_tokens=False).input_ids[:900])
+    prompts = [long_text + " The special magic number is", "Remember 1234. The number to remember is"]
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
+    settings = dict(max_new_tokens=8, do_sample=False, return_full_text=False, pad_token_id=tokenizer.pad_token_id)
+    with press(model), torch.no_grad():
+        together = [r[0]["generated_text"] for r in pipe(prompts, batch_size=2, **settings)]
+        alone = [pipe(p, **settings)[0]["generated_text"] for p in prompts]
+    assert together == alone
+    assert "1234" in together[1], together

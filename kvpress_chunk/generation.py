@@ -172,6 +172,20 @@ def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
     return sorted(ids)
 
 
+QUESTION_SEPARATOR = "\n\n"
+
+
+def prompt_parts(tokenizer, chat_template: bool = True) -> tuple[str, str]:
+    """``(prefix, suffix)`` around ``context + QUESTION_SEPARATOR + question``: the chat template's
+    parts when the tokenizer has one (and ``chat_template``), else ``("", "\n")``. One rule for
+    the library, the eval and the CLI."""
+    from .hf.models import chat_prompt_parts
+
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return chat_prompt_parts(tokenizer)
+    return "", "\n"
+
+
 def generate_answers(
     model: nn.Module,
     tokenizer,
@@ -181,36 +195,49 @@ def generate_answers(
     max_new_tokens: int = 32,
     chat_template: bool = True,
     on_prefill: Callable[[CompressedContext], None] | None = None,
+    query_aware: bool = False,
 ) -> list[str]:
     """Answer each question about ``context``, compressing the context once with ``press``.
 
-    The questions are *not* seen while compressing (compress once, ask many: what a serving
-    system does with a long document). Each question starts from its own copy of the same
-    compressed cache. With ``chat_template`` (default, if the tokenizer has one) the context
-    and question form one user message, as kvpress' pipeline does. ``on_prefill`` is called
-    once with the compressed context (e.g. to record how many tokens it kept).
+    Query-agnostic by default: the questions are *not* seen while compressing (compress once, ask
+    many: what a serving system does with a long document); each question starts from its own
+    copy of the same compressed cache. ``query_aware=True`` prefills (and compresses) context and
+    question together instead, once per question. With ``chat_template`` (default, if the
+    tokenizer has one) the context and question form one user message, as kvpress' pipeline
+    does. ``press`` may be ours or any press-like context manager (e.g. kvpress'). ``on_prefill``
+    is called with each compressed context (e.g. to record how many tokens it kept).
     """
-    from .hf.models import chat_prompt_parts
-
     if isinstance(questions, str):
         questions = [questions]
     if not isinstance(context, str):
         raise TypeError(f"context must be a string, got {type(context).__name__}")
-    prefix, suffix = ("", "")
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        prefix, suffix = chat_prompt_parts(tokenizer)
-    context_ids = tokenizer(prefix + context, return_tensors="pt", add_special_tokens=not prefix).input_ids
+    prefix, suffix = prompt_parts(tokenizer, chat_template)
+
+    def encode(text: str, first: bool) -> torch.Tensor:
+        # The template carries the special tokens; without one, the tokenizer's (BOS) start the text.
+        return tokenizer(text, return_tensors="pt", add_special_tokens=first and not prefix).input_ids
+
     eos = eos_token_ids(tokenizer, model)
     answers = []
-    # The press stays applied while answering: mask mode needs its masks during decoding (evict
-    # mode is unaffected: only prefills from an empty cache are compressed).
+    # The press stays applied while answering (mask mode and views need it only for routing;
+    # only prefills from an empty cache are compressed).
     with applied(press, model):
-        compressed = prefill(model, context_ids)
-        if on_prefill is not None:
+        compressed = None if query_aware else prefill(model, encode(prefix + context, True))
+        if compressed is not None and on_prefill is not None:
             on_prefill(compressed)
         for question in questions:
-            question_ids = tokenizer(question + suffix, return_tensors="pt", add_special_tokens=False).input_ids
-            tokens = greedy_continue(model, compressed.copy(), question_ids, max_new_tokens, eos)
+            if compressed is not None:
+                asked = encode(QUESTION_SEPARATOR + question + suffix, False)
+                tokens = greedy_continue(model, compressed.copy(), asked, max_new_tokens, eos)
+            else:
+                whole = prefill(model, encode(prefix + context + QUESTION_SEPARATOR + question + suffix, True))
+                if on_prefill is not None:
+                    on_prefill(whole)
+                first = whole.last_logits.argmax(dim=-1, keepdim=True)
+                rest = first[:, :0]
+                if max_new_tokens > 1 and int(first[0, 0]) not in eos:
+                    rest = greedy_continue(model, whole, first, max_new_tokens - 1, eos)
+                tokens = torch.cat([first, rest], dim=-1)
             answers.append(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
     return answers
 

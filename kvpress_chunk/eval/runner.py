@@ -13,8 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..generation import applied, eos_token_ids, greedy_continue, prefill
-from ..hf.models import chat_prompt_parts
+from ..generation import generate_answers
 from ..spec import make_press
 from .tasks import Case, score_answer
 
@@ -54,31 +53,18 @@ def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
     return [PressEntry(name, "kvpress", factories[name]) for name in names if name in factories]
 
 
-def kept_tokens(model, context) -> int:
-    """Real prefix tokens later forwards attend to (mask mode keeps the cache whole but masks it)."""
-    return int(context.kept_per_row()[0])
-
-
 @torch.inference_mode()
 def answer_case(model, tokenizer, case: Case, press, query_aware: bool, max_new_tokens: int) -> tuple[str, int]:
-    """``(answer, kept cache tokens)`` for one case. Query-agnostic: the context alone is
+    """``(answer, kept cache tokens)`` for one case, through the library's own generation path
+    (:func:`~kvpress_chunk.generation.generate_answers`). Query-agnostic: the context alone is
     prefilled (and compressed), then the question is fed. Query-aware: context and question are
     prefilled together, so the question sits in the observation window while compressing."""
-    prefix, suffix = chat_prompt_parts(tokenizer) if getattr(tokenizer, "chat_template", None) else ("", "\n")
-    eos = eos_token_ids(tokenizer, model)
-    encode = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
-    with applied(press, model):
-        if query_aware:
-            context = prefill(model, encode(prefix + case.context + "\n\n" + case.question + suffix))
-            kept = kept_tokens(model, context)
-            first = context.last_logits.argmax(dim=-1, keepdim=True)
-            rest = greedy_continue(model, context, first, max_new_tokens - 1, eos) if first.item() not in eos else first[:, :0]
-            tokens = torch.cat([first, rest], dim=-1)
-        else:
-            context = prefill(model, encode(prefix + case.context))
-            kept = kept_tokens(model, context)
-            tokens = greedy_continue(model, context, encode("\n\n" + case.question + suffix), max_new_tokens, eos)
-    return tokenizer.decode(tokens[0], skip_special_tokens=True).strip(), kept
+    kept: list[int] = []
+    (answer,) = generate_answers(
+        model, tokenizer, case.context, case.question, press=press, max_new_tokens=max_new_tokens,
+        query_aware=query_aware, on_prefill=lambda context: kept.append(int(context.kept_per_row()[0])),
+    )
+    return answer, kept[0]
 
 
 def run_sweep(

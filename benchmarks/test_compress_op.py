@@ -70,7 +70,7 @@ def implementation(name: str, inputs: LayerInputs):
     if name == "kvpress":
         return (lambda: kvpress_per_row(inputs)), None
     if name == "chunkkv-compiled":
-        press = kc.make_press("chunkkv", compression_ratio=RATIO)
+        press = kc.make_press("chunkkv", compression_ratio=RATIO, compile=True)
         return (lambda: press.select(inputs)[:2]), press.replace(compile=False).select(inputs)[:2]
     press = kc.make_press("chunkkv-kvpress", compression_ratio=RATIO, compile=name == "ours-compiled")
     return (lambda: press.select(inputs)[:2]), None

@@ -34,10 +34,10 @@ def press_factories():
     """``name -> (label, factory)`` where ``factory()`` returns a context-manager maker or None."""
     return {
         "none": ("no press (plain prefill)", lambda: None),
-        "chunkkv": ("chunkkv, compiled", lambda: kc.make_press("chunkkv", compression_ratio=RATIO)),
+        "chunkkv": ("chunkkv, compiled", lambda: kc.make_press("chunkkv", compression_ratio=RATIO, compile=True)),
         "chunkkv-reuse2": ("chunkkv reuse_every=2, compiled",
-                           lambda: kc.make_press("chunkkv", compression_ratio=RATIO, reuse_every=2)),
-        "chunkkv-kvpress": ("chunkkv-kvpress, compiled", lambda: kc.make_press("chunkkv-kvpress", compression_ratio=RATIO)),
+                           lambda: kc.make_press("chunkkv", compression_ratio=RATIO, reuse_every=2, compile=True)),
+        "chunkkv-kvpress": ("chunkkv-kvpress, compiled", lambda: kc.make_press("chunkkv-kvpress", compression_ratio=RATIO, compile=True)),
         "kvpress": ("kvpress ChunkKVPress(SnapKVPress, 20)",
                     lambda: kvpress.ChunkKVPress(kvpress.SnapKVPress(compression_ratio=RATIO), chunk_length=20)),
     }

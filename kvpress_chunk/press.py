@@ -49,8 +49,10 @@ class Press:
 
     Exactly one of ``compression_ratio`` (fraction of tokens removed) and ``budget`` (tokens kept
     per row) is set; see :mod:`kvpress_chunk.budget` for the exact counting rule. ``compile``
-    runs the fused score/group/select/gather op through ``torch.compile`` (set it to ``False``
-    to skip the first-call compile cost, e.g. for a single short run).
+    runs the fused score/group/select/gather op through ``torch.compile``: ``True``, ``False``,
+    or ``"auto"`` (default): compiled on accelerators, eager on CPU. Measured on a 2-core CPU
+    with SmolLM2: the compiled op shaves ~4% off a 1k-token prefill and nothing visible at 4k,
+    while its first call costs 5-25 s per process (47 s seen on a busy machine).
 
     ``apply`` names the :mod:`~kvpress_chunk.modes` strategy: ``"evict"`` gathers the kept tokens
     into a smaller cache (saves memory, fastest decoding); ``"mask"`` keeps the cache whole and
@@ -65,12 +67,14 @@ class Press:
     allocator: Allocator = field(default_factory=lambda: _default_allocator())
     compression_ratio: float | None = None
     budget: int | None = None
-    compile: bool = True
+    compile: bool | str = "auto"
     apply: str = "evict"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
         mode = get_mode(self.apply)  # raises SpecError naming the valid modes
+        if self.compile not in (True, False, "auto"):
+            raise SpecError(f"compile must be True, False or 'auto', got {self.compile!r}")
         for kind, base in PART_BASES.items():
             part = getattr(self, kind)
             if not isinstance(part, base):
@@ -138,9 +142,15 @@ class Press:
 
     # -- the per-layer op -------------------------------------------------------------------------
 
-    def compress_fn(self, budget_kind: str | None = None):
+    def compiles_on(self, device: torch.device | str) -> bool:
+        """Whether the fused op runs compiled for tensors on ``device`` (see :attr:`compile`)."""
+        if self.compile == "auto":
+            return torch.device(device).type != "cpu"
+        return bool(self.compile)
+
+    def compress_fn(self, budget_kind: str | None = None, device: torch.device | str = "cpu"):
         """The fused op for this policy, compiled or eager per :attr:`compile`."""
-        maker = compiled_compress if self.compile else eager_compress
+        maker = compiled_compress if self.compiles_on(device) else eager_compress
         return maker(self.scorer, self.grouper, self.selector, budget_kind or self.rule.kind, self.allocator.pools_heads)
 
     def layer_budget(self, valid: torch.Tensor, rank: int, layers: int) -> torch.Tensor | None:
@@ -183,7 +193,7 @@ class Press:
             capacity = length  # a pooled head may keep every token; all-padding columns are trimmed
         extra = self.scorer.prepare(inputs)
         group_extra = self.grouper.prepare(inputs)
-        kept_keys, kept_values, indices, slot_valid = self.compress_fn(kind)(
+        kept_keys, kept_values, indices, slot_valid = self.compress_fn(kind, keys.device)(
             keys, values, inputs.valid, extra, capacity, value, group_extra
         )
         selection = Selection(indices, slot_valid, length)

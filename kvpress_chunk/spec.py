@@ -89,7 +89,7 @@ def make_press(spec: Any = "chunkkv", **overrides: Any) -> Press:
             **parts,
             compression_ratio=spec.get("compression_ratio"),
             budget=spec.get("budget"),
-            compile=spec.get("compile", True),
+            compile=spec.get("compile", "auto"),
             apply=spec.get("apply", "evict"),
             name=spec.get("name", name),
         )

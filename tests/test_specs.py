@@ -163,3 +163,11 @@ def test_every_preset_describes_itself(name):
     text = press.describe()
     assert text.startswith(f"{name}: scorer=") and "compression_ratio=0.5" in text and f"apply={press.apply}" in text
     assert "budget=64" in kc.make_press("snapkv", budget=64).describe()
+
+
+def test_compile_defaults_to_auto_eager_on_cpu_compiled_on_accelerators():
+    press = kc.make_press("chunkkv", compression_ratio=0.5)
+    assert press.compile == "auto" and not press.compiles_on("cpu") and press.compiles_on("cuda")
+    assert kc.make_press("chunkkv", compression_ratio=0.5, compile=True).compiles_on("cpu")
+    with pytest.raises(SpecError, match="compile must be True, False or 'auto'"):
+        kc.make_press("chunkkv", compression_ratio=0.5, compile="yes")

@@ -17,8 +17,9 @@ from kvpress_chunk.hf.hooks import cache_of, call_argument, find_attention_layer
 from kvpress_chunk.policies import LayerInputs
 
 
+@functools.lru_cache(maxsize=1)
 def smollm2():
-    """The embedded SmolLM2-135M-Instruct (memoised by the library; skipped if not installed)."""
+    """The embedded SmolLM2-135M-Instruct, one copy for all benchmarks (skipped if not installed)."""
     from kvpress_chunk.hf.models import ModelNotInstalledError
 
     try:

@@ -32,7 +32,8 @@ def test_default_model_is_the_embedded_smollm2(smollm2):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
-    assert kc.load_default_model() is smollm2  # memoised
+    other, _ = kc.load_default_model(dtype=torch.bfloat16)  # an independent copy: no leak either way
+    assert other is not model and other.dtype == torch.bfloat16 and model.dtype == torch.float32
 
 
 def test_needle_is_found_without_compression_and_with_chunkkv(smollm2, needle):

@@ -133,7 +133,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--haystack", default="noise", choices=["noise", "prose"])
     parser.add_argument("--needle", default="number", choices=["number", "hex", "name"], help="needle value format")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--model", default=None, help="a local HF model folder (default: embedded SmolLM2)")
+    parser.add_argument("--model", default=None,
+                        help="an embedded model (smollm2-135m-instruct, gemma3-270m) or a local HF model folder "
+                             "(default: the embedded SmolLM2)")
     parser.add_argument("--compile", action="store_true",
                         help="run the fused op through torch.compile (~20 s first-call cost per preset)")
 
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", choices=task_names())
     _add_sweep_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+    from .cli_context import add_context_commands
+
+    add_context_commands(sub)
     return parser
 
 

@@ -61,6 +61,19 @@ class CompressedContext:
             return torch.full_like(self.next_positions, kept)
         return self.next_positions.clone()
 
+    def save(self, path, model: nn.Module, press: Press | None = None, **meta):
+        """Write this context to one ``.safetensors`` file (see :func:`~kvpress_chunk.saved_context.save_context`)."""
+        from .saved_context import save_context
+
+        return save_context(self, path, model, press, **meta)
+
+    @classmethod
+    def load(cls, path, model: nn.Module) -> "CompressedContext":
+        """A context saved by :meth:`save`, for ``model`` (see :func:`~kvpress_chunk.saved_context.load_context`)."""
+        from .saved_context import load_context
+
+        return load_context(path, model)
+
 
 def new_cache(model: nn.Module):
     """An empty ``DynamicCache`` for ``model`` (per-layer-type layers where the config says so)."""

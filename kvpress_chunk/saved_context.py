@@ -1,0 +1,472 @@
+"""Save a :class:`~kvpress_chunk.generation.CompressedContext` to one ``.safetensors`` file and
+load it back in another process: compress a long document once, ask about it many times.
+
+What is stored (everything decoding reads, nothing executable: tensors plus a string header)::
+
+    context.attention_mask   int [B, L]     2-D mask of the original text so far
+    context.next_positions   int64 [B]      RoPE position of each row's next token
+    context.last_logits      float [B, V]   logits after the last token
+    cache.{i}.keys           [B, H, T_i, D] layer i's cached keys (T_i < L when compressed)
+    cache.{i}.values         [B, H, T_i, D]
+    view.{i}.visible         bool [B, Hs, P_i]  LayerView of compressed layer i
+
+plus header metadata (strings; JSON where structured): ``format``, ``format_version``,
+``layers`` (type and length bookkeeping of every cache layer: ``cumulative_length`` and
+``sliding_window`` of sliding-window layers), ``views`` (``flex_block_size``, ``all_visible``),
+``model_config`` / ``model_fingerprint`` (the config keys that shape the cache),
+``weights_fingerprint`` (a sample of every parameter), ``dtype``, ``batch_size``,
+``text_length``, ``kept_tokens``, ``press`` / ``press_spec``, versions, ``created``, the
+caller's ``meta``, and ``digest``: a BLAKE2b over the header and every tensor (name, dtype,
+shape, bytes), so a truncated, bit-flipped or edited file is refused rather than decoded into
+silently wrong answers. (The digest detects corruption, it is no signature: whoever can write
+the file can recompute it. Loading is safe regardless: safetensors holds data only.)
+
+:func:`load_context` rebuilds a ``DynamicCache`` for the model with
+:func:`~kvpress_chunk.generation.new_cache` and refills each layer through the layer's own
+``lazy_initialization`` (its attributes differ between transformers versions), then restores the
+keys/values and the sliding layers' ``cumulative_length``. Decoding from the loaded context is
+token-for-token that of the original.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+FORMAT = "kvpress_chunk.compressed_context"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+#: Config keys that decide the cache's layout (a different value means a different model).
+FINGERPRINT_KEYS = (
+    "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+    "vocab_size", "layer_types", "sliding_window",
+)
+
+#: Cache layer classes this format knows how to restore (transformers 5.x names).
+FULL_LAYER, SLIDING_LAYER = "DynamicLayer", "DynamicSlidingWindowLayer"
+
+_CONTEXT_TENSORS = ("context.attention_mask", "context.next_positions", "context.last_logits")
+
+
+class SavedContextError(ValueError):
+    """A saved context cannot be written or loaded (corrupt, truncated, wrong model, unknown version...)."""
+
+
+@dataclass(frozen=True)
+class SavedContextInfo:
+    """The header of a saved context (read without loading or verifying the tensors)."""
+
+    path: Path
+    format_version: int
+    meta: dict[str, Any]
+    press: str
+    model_config: dict[str, Any]
+    dtype: str
+    batch_size: int
+    text_length: int
+    kept_tokens: list[int]
+    layers: list[dict[str, Any]]
+    versions: dict[str, str]
+    created: str
+    raw: dict[str, str] = field(repr=False)
+
+
+# -- fingerprints ------------------------------------------------------------------------------------
+
+
+def model_config_summary(model: nn.Module) -> dict[str, Any]:
+    """The config keys of :data:`FINGERPRINT_KEYS` (text config of multimodal models); absent keys are None."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    summary: dict[str, Any] = {}
+    for key in FINGERPRINT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, tuple):
+            value = list(value)
+        summary[key] = value
+    return summary
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    return _hash_json(model_config_summary(model))
+
+
+def weights_fingerprint(model: nn.Module, sample: int = 8) -> str:
+    """Hash of every parameter's name, shape and first ``sample`` values (as float32): tells two
+    models of the same architecture apart (another seed or fine-tune) in milliseconds."""
+    digest = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            digest.update(f"{name}:{tuple(parameter.shape)};".encode())
+            if parameter.device.type == "meta" or parameter.numel() == 0:
+                continue
+            values = parameter.detach().reshape(-1)[:sample].to(device="cpu", dtype=torch.float32)
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _hash_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _content_digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """BLAKE2b of the header (minus the digest itself) and of every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.blake2b(digest_size=32)
+    header = {key: value for key, value in metadata.items() if key != "digest"}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"\n{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        if tensor.numel():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+# -- save ----------------------------------------------------------------------------------------------
+
+
+def _layer_record(index: int, layer: Any) -> dict[str, Any]:
+    kind = type(layer).__name__
+    if kind not in (FULL_LAYER, SLIDING_LAYER):
+        raise SavedContextError(
+            f"cannot save cache layer {index} of type {kind}: only {FULL_LAYER} and {SLIDING_LAYER} "
+            "(a transformers DynamicCache) are supported"
+        )
+    keys = getattr(layer, "keys", None)
+    initialized = bool(getattr(layer, "is_initialized", False)) and isinstance(keys, torch.Tensor) and keys.dim() == 4
+    record: dict[str, Any] = {"type": kind, "initialized": initialized}
+    if kind == SLIDING_LAYER:
+        record["sliding_window"] = int(layer.sliding_window)
+        record["cumulative_length"] = int(layer.cumulative_length)
+        record["record_past"] = bool(getattr(layer, "record_past", False))
+    return record
+
+
+def _export(tensor: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """A CPU, contiguous tensor that owns its storage (safetensors refuses shared storage)."""
+    out = tensor.detach().to("cpu").contiguous()
+    storage = out.untyped_storage()
+    if storage.data_ptr() in seen or storage.nbytes() != out.numel() * out.element_size():
+        out = out.clone()
+        storage = out.untyped_storage()
+    seen.add(storage.data_ptr())
+    return out
+
+
+def save_context(context: Any, path: str | os.PathLike, model: nn.Module, press: Any = None, **meta: Any) -> Path:
+    """Write ``context`` (from :func:`~kvpress_chunk.generation.prefill`) to one ``.safetensors``
+    file; returns its path. ``model`` is the model that built it (its config and a sample of its
+    weights are fingerprinted, so loading into another model fails loudly); ``press`` is recorded
+    (``press.describe()``) for information. ``meta``: JSON-serialisable values kept in the header
+    (read them back with :func:`context_info`). The file is written atomically."""
+    from .generation import CompressedContext
+
+    if not isinstance(context, CompressedContext):
+        raise TypeError(f"save_context needs a CompressedContext, got {type(context).__name__}")
+    path = Path(path)
+    cache = context.cache
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not layers:
+        raise SavedContextError(
+            f"cannot save a {type(cache).__name__}: expected a transformers DynamicCache with a list of layers"
+        )
+    try:
+        meta_json = json.dumps(meta, sort_keys=True)
+    except TypeError as exc:
+        raise TypeError(f"save_context meta values must be JSON-serialisable: {exc}") from None
+
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {
+        "context.attention_mask": _export(context.attention_mask, seen),
+        "context.next_positions": _export(context.next_positions, seen),
+        "context.last_logits": _export(context.last_logits, seen),
+    }
+    records = []
+    dtype = None
+    for index, layer in enumerate(layers):
+        record = _layer_record(index, layer)
+        records.append(record)
+        if record["initialized"]:
+            tensors[f"cache.{index}.keys"] = _export(layer.keys, seen)
+            tensors[f"cache.{index}.values"] = _export(layer.values, seen)
+            dtype = dtype or layer.keys.dtype
+    views = {}
+    for index, view in sorted(context.layer_views.items()):
+        if not 0 <= index < len(layers) or not records[index]["initialized"]:
+            raise SavedContextError(f"the context has a view for layer {index}, which its cache does not hold")
+        tensors[f"view.{index}.visible"] = _export(view.visible.to(torch.bool), seen)
+        views[str(index)] = {"flex_block_size": view.flex_block_size, "all_visible": bool(view.all_visible)}
+
+    import transformers
+
+    from . import __version__
+
+    to_spec = getattr(press, "to_spec", None)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "model_config": json.dumps(model_config_summary(model), sort_keys=True),
+        "model_fingerprint": model_fingerprint(model),
+        "weights_fingerprint": weights_fingerprint(model),
+        "dtype": str(dtype or model.dtype).removeprefix("torch."),
+        "batch_size": str(context.attention_mask.shape[0]),
+        "text_length": str(context.attention_mask.shape[-1]),
+        "kept_tokens": json.dumps([int(k) for k in context.kept_per_row().tolist()]),
+        "num_layers": str(len(layers)),
+        "layers": json.dumps(records),
+        "views": json.dumps(views, sort_keys=True),
+        "press": press.describe() if press is not None else "",
+        "press_spec": json.dumps(to_spec(), sort_keys=True, default=str) if callable(to_spec) else "",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "kvpress_chunk_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "meta": meta_json,
+    }
+    metadata["digest"] = _content_digest(metadata, tensors)
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# -- load ----------------------------------------------------------------------------------------------
+
+
+def _open(path: Path):
+    """``safe_open`` handle, or a :class:`SavedContextError` saying what is wrong with the file."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise SavedContextError(f"saved context {str(path)!r} does not exist")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own (Rust) error types
+        raise SavedContextError(
+            f"{str(path)!r} is not a readable safetensors file (truncated or corrupted?): {exc}"
+        ) from None
+
+
+def _header(path: Path, handle) -> dict[str, str]:
+    metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise SavedContextError(
+            f"{str(path)!r} is a safetensors file but not a saved kvpress_chunk context (no format={FORMAT!r} "
+            "in its metadata)"
+        )
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) not in SUPPORTED_VERSIONS:
+        raise SavedContextError(
+            f"{str(path)!r} has format version {version!r}; this kvpress_chunk reads version(s) "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))} (written by kvpress_chunk "
+            f"{metadata.get('kvpress_chunk_version', '?')})"
+        )
+    return metadata
+
+
+def _field(path: Path, metadata: Mapping[str, str], key: str, kind: str = "json") -> Any:
+    if key not in metadata:
+        raise SavedContextError(f"{str(path)!r}: the header has no {key!r} entry (corrupted or not written by save_context)")
+    try:
+        return int(metadata[key]) if kind == "int" else json.loads(metadata[key]) if kind == "json" else metadata[key]
+    except ValueError:
+        raise SavedContextError(f"{str(path)!r}: the header entry {key!r} is malformed: {metadata[key][:80]!r}") from None
+
+
+def context_info(path: str | os.PathLike) -> SavedContextInfo:
+    """The header of a saved context (format checked; tensors neither read nor verified)."""
+    path = Path(path)
+    metadata = _header(path, _open(path))
+    return _info(path, metadata)
+
+
+def _info(path: Path, metadata: Mapping[str, str]) -> SavedContextInfo:
+    return SavedContextInfo(
+        path=path,
+        format_version=_field(path, metadata, "format_version", "int"),
+        meta=_field(path, metadata, "meta"),
+        press=_field(path, metadata, "press", "str"),
+        model_config=_field(path, metadata, "model_config"),
+        dtype=_field(path, metadata, "dtype", "str"),
+        batch_size=_field(path, metadata, "batch_size", "int"),
+        text_length=_field(path, metadata, "text_length", "int"),
+        kept_tokens=_field(path, metadata, "kept_tokens"),
+        layers=_field(path, metadata, "layers"),
+        versions={key.removesuffix("_version"): metadata.get(key, "?")
+                  for key in ("transformers_version", "torch_version", "kvpress_chunk_version")},
+        created=metadata.get("created", "?"),
+        raw=dict(metadata),
+    )
+
+
+def _check_model(path: Path, info: SavedContextInfo, metadata: Mapping[str, str], model: nn.Module,
+                 check_weights: bool = True) -> None:
+    current = model_config_summary(model)
+    if info.model_config != current:
+        differences = ", ".join(
+            f"{key} {info.model_config.get(key)!r} (file) vs {current.get(key)!r} (model)"
+            for key in sorted(set(info.model_config) | set(current))
+            if info.model_config.get(key) != current.get(key)
+        )
+        raise SavedContextError(f"{str(path)!r} was saved for a different model: {differences}")
+    model_dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    if model_dtype and model_dtype != info.dtype:
+        raise SavedContextError(
+            f"{str(path)!r} holds {info.dtype} keys/values but the model runs in {model_dtype}: load the model "
+            f"with dtype=torch.{info.dtype}"
+        )
+    if check_weights and metadata.get("weights_fingerprint") != weights_fingerprint(model):
+        raise SavedContextError(
+            f"{str(path)!r} was saved for a model of the same architecture ({current.get('model_type')}) but "
+            "different weights: load it with the model that compressed it"
+        )
+
+
+def _expect(path: Path, condition: bool, message: str) -> None:
+    if not condition:
+        raise SavedContextError(f"{str(path)!r}: {message}")
+
+
+def _layer_devices(model: nn.Module, count: int) -> list[torch.device]:
+    """Device of each layer's attention module (models split across devices), else the model's."""
+    from .hf.hooks import find_attention_layers
+
+    default = getattr(model, "device", torch.device("cpu"))
+    devices = [default] * count
+    try:
+        layers = find_attention_layers(model)
+    except Exception:
+        return devices
+    for index, module in layers:
+        parameter = next(module.parameters(), None)
+        if 0 <= index < count and parameter is not None and parameter.device.type != "meta":
+            devices[index] = parameter.device
+    return devices
+
+
+def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool = True) -> Any:
+    """Load a context written by :func:`save_context` for ``model`` (the model that wrote it).
+
+    Raises :class:`SavedContextError` naming the file and the problem when the file is missing,
+    truncated or corrupted, of an unknown format version, written for another model (config,
+    weights or dtype), or inconsistent (missing tensors, wrong shapes). ``check_weights=False``
+    skips the weights fingerprint (the config must still match).
+    """
+    from .generation import CompressedContext, new_cache
+    from .modes.routing import LayerView
+
+    path = Path(path)
+    handle = _open(path)
+    metadata = _header(path, handle)
+    info = _info(path, metadata)
+    views_meta = _field(path, metadata, "views")
+    num_layers = _field(path, metadata, "num_layers", "int")
+    _expect(path, isinstance(info.layers, list) and len(info.layers) == num_layers,
+            f"the header lists {len(info.layers) if isinstance(info.layers, list) else '?'} layers, expected {num_layers}")
+    _expect(path, isinstance(views_meta, dict), "the 'views' header entry is malformed")
+
+    expected = set(_CONTEXT_TENSORS)
+    for index, record in enumerate(info.layers):
+        _expect(path, isinstance(record, dict) and record.get("type") in (FULL_LAYER, SLIDING_LAYER),
+                f"layer {index} has an unknown type {record.get('type') if isinstance(record, dict) else record!r}")
+        if record.get("initialized"):
+            expected |= {f"cache.{index}.keys", f"cache.{index}.values"}
+    expected |= {f"view.{index}.visible" for index in views_meta}
+    present = set(handle.keys())
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    _expect(path, not missing, f"tensor(s) missing: {', '.join(missing)} (truncated or edited file)")
+    _expect(path, not unexpected, f"unexpected tensor(s): {', '.join(unexpected)} (edited file)")
+    try:
+        tensors = {name: handle.get_tensor(name) for name in sorted(expected)}
+    except Exception as exc:
+        raise SavedContextError(f"{str(path)!r}: cannot read the tensors (truncated or corrupted?): {exc}") from None
+    _expect(path, metadata.get("digest") == _content_digest(metadata, tensors),
+            "checksum mismatch: the file was corrupted or edited after it was written")
+
+    _check_model(path, info, metadata, model, check_weights)
+
+    # -- shapes -------------------------------------------------------------------------------------
+    mask, positions, logits = (tensors[name] for name in _CONTEXT_TENSORS)
+    _expect(path, mask.dim() == 2 and not mask.is_floating_point(), f"attention_mask must be an integer [B, L] tensor, got {mask.dtype} {tuple(mask.shape)}")
+    batch, length = mask.shape
+    _expect(path, batch == info.batch_size and length == info.text_length,
+            f"attention_mask is {tuple(mask.shape)}, the header says batch {info.batch_size}, length {info.text_length}")
+    _expect(path, positions.shape == (batch,) and positions.dtype == torch.int64,
+            f"next_positions must be int64 [{batch}], got {positions.dtype} {tuple(positions.shape)}")
+    _expect(path, logits.dim() == 2 and logits.shape[0] == batch and logits.is_floating_point(),
+            f"last_logits must be a float [{batch}, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
+    _expect(path, bool((positions >= 0).all()) and bool((positions <= length).all()),
+            f"next_positions {positions.tolist()} lie outside the text (length {length})")
+
+    cache = new_cache(model)
+    layers = getattr(cache, "layers", None)
+    _expect(path, isinstance(layers, list) and len(layers) == num_layers,
+            f"the file has {num_layers} cache layers, a fresh cache for this model has "
+            f"{len(layers) if isinstance(layers, list) else '?'}")
+    devices = _layer_devices(model, num_layers)
+    for index, (record, layer) in enumerate(zip(info.layers, layers)):
+        kind = type(layer).__name__
+        _expect(path, kind == record["type"], f"layer {index} is a {record['type']} in the file, a {kind} in this model's cache")
+        if kind == SLIDING_LAYER:
+            _expect(path, record.get("sliding_window") == layer.sliding_window,
+                    f"layer {index}: sliding window {record.get('sliding_window')} in the file, {layer.sliding_window} in the model")
+        if not record.get("initialized"):
+            continue
+        keys, values = tensors[f"cache.{index}.keys"], tensors[f"cache.{index}.values"]
+        _expect(path, keys.dim() == 4 and keys.shape[:3] == values.shape[:3] and keys.shape[0] == batch,
+                f"layer {index}: keys {tuple(keys.shape)} / values {tuple(values.shape)} are not [B={batch}, H, T, D] pairs")
+        _expect(path, str(keys.dtype).removeprefix("torch.") == info.dtype and values.dtype == keys.dtype,
+                f"layer {index}: keys/values are {keys.dtype}/{values.dtype}, the header says {info.dtype}")
+        slots = keys.shape[2]
+        if kind == SLIDING_LAYER:
+            cumulative = record.get("cumulative_length")
+            _expect(path, isinstance(cumulative, int) and slots <= cumulative <= length,
+                    f"layer {index}: cumulative_length {cumulative!r} is inconsistent with {slots} slots and text length {length}")
+        else:
+            _expect(path, slots <= length, f"layer {index}: {slots} slots for a text of {length} tokens")
+        device = devices[index]
+        keys, values = keys.to(device), values.to(device)
+        layer.lazy_initialization(keys, values)  # sets dtype/device/... as this transformers version wants
+        layer.keys, layer.values = keys, values
+        if kind == SLIDING_LAYER:
+            layer.cumulative_length = int(record["cumulative_length"])
+            if hasattr(layer, "record_past"):
+                layer.record_past = bool(record.get("record_past", False))
+
+    views = {}
+    for key, spec in views_meta.items():
+        _expect(path, key.isdigit() and int(key) < num_layers and info.layers[int(key)].get("initialized"),
+                f"a view for layer {key!r}, which the cache does not hold")
+        index = int(key)
+        visible = tensors[f"view.{index}.visible"]
+        layer_keys = layers[index].keys
+        _expect(path, visible.dtype == torch.bool and visible.dim() == 3 and visible.shape[0] == batch
+                and visible.shape[1] in (1, layer_keys.shape[1]) and visible.shape[2] <= layer_keys.shape[2],
+                f"view of layer {index}: visible {visible.dtype} {tuple(visible.shape)} does not fit keys {tuple(layer_keys.shape)}")
+        block = spec.get("flex_block_size") if isinstance(spec, dict) else "?"
+        _expect(path, block is None or (isinstance(block, int) and block > 0), f"view of layer {index}: bad flex_block_size {block!r}")
+        views[index] = LayerView(visible.to(layer_keys.device), block, bool(spec.get("all_visible", False)))
+
+    device = getattr(model, "device", torch.device("cpu"))
+    return CompressedContext(cache, positions.to(device), mask.to(device), logits.to(device), views)

@@ -1,0 +1,500 @@
+"""Saved contexts (compress once, ask many, across processes): ``save_context`` / ``load_context``
+round trips exactly, and every damaged or mismatched file is refused with a clear error.
+
+The oracle: decoding from the loaded context equals decoding from the original, token for token
+and logit for logit, over presets (both apply modes, per-head budgets), padded batches, and a
+model mixing sliding-window and full-attention layers with contexts longer than the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import kvpress_chunk as kc
+from kvpress_chunk.generation import CompressedContext, greedy_continue, prefill
+from kvpress_chunk.modes.flex import FLEX_STATUS, compiled_graph_count
+from kvpress_chunk.saved_context import (
+    FORMAT_VERSION,
+    SavedContextError,
+    _content_digest,
+    context_info,
+    load_context,
+    save_context,
+)
+from tiny_models import make_tiny_model
+
+WINDOW = 32
+PRESSES = (
+    None,
+    ("chunkkv", {}),
+    ("chunkkv", {"apply": "mask"}),
+    ("snapkv", {}),
+    ("streamingllm", {}),
+    ("chunkkv-adaptive", {"apply": "mask"}),
+)
+_MODELS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _room_for_test_shapes():
+    # Mask mode compiles flex per head layout: these tests sweep more shapes than one process meets.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's
+    # spin-waiting made each tiny linear ~100x slower (minutes instead of seconds for this file).
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny(family: str, layers: int = 4, seed: int = 0):
+    """Shared tiny models (never mutated): llama, and gemma3 (sliding window 32 / full, alternating)."""
+    key = (family, layers, seed)
+    if key not in _MODELS:
+        extra = {"sliding_window": WINDOW} if family == "gemma3" else {}
+        _MODELS[key] = make_tiny_model(family, num_layers=layers, seed=seed, **extra)
+    return _MODELS[key]
+
+
+def make_press(entry, ratio=0.75):
+    if entry is None:
+        return None
+    name, settings_ = entry
+    return kc.make_press(name, compression_ratio=ratio, compile=False, **settings_)
+
+
+def left_padded(lengths, seed=0, vocab=120):
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=generator)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def build(family="llama", press_entry=("chunkkv", {}), lengths=(70,), ratio=0.75, seed=0, layers=4):
+    model = tiny(family, layers)
+    ids, mask = left_padded(lengths, seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "no layer was compressed")
+        context = prefill(model, ids, mask, make_press(press_entry, ratio))
+    return model, context
+
+
+def decode(model, context, question, steps=5):
+    """Greedy tokens and the last-position logits of every forward, through greedy_continue itself."""
+    logits = []
+    handle = model.register_forward_hook(lambda module, args, out: logits.append(out.logits[:, -1].clone()))
+    try:
+        tokens = greedy_continue(model, context, question, steps)
+    finally:
+        handle.remove()
+    return tokens, torch.stack(logits)
+
+
+def assert_same_state(original: CompressedContext, loaded: CompressedContext):
+    assert torch.equal(original.attention_mask.cpu(), loaded.attention_mask.cpu())
+    assert torch.equal(original.next_positions.cpu(), loaded.next_positions.cpu())
+    assert torch.equal(original.last_logits.cpu(), loaded.last_logits.cpu())
+    assert len(original.cache.layers) == len(loaded.cache.layers)
+    for before, after in zip(original.cache.layers, loaded.cache.layers):
+        assert type(before) is type(after)
+        assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
+        assert getattr(before, "cumulative_length", None) == getattr(after, "cumulative_length", None)
+        assert before.get_seq_length() == after.get_seq_length()
+    assert original.layer_views.keys() == loaded.layer_views.keys()
+    for index, view in original.layer_views.items():
+        other = loaded.layer_views[index]
+        assert torch.equal(view.visible, other.visible)
+        assert (view.flex_block_size, view.all_visible) == (other.flex_block_size, other.all_visible)
+
+
+# -- round trip ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("press_entry", PRESSES, ids=lambda entry: "none" if entry is None else
+                         entry[0] + ("-mask" if entry[1] else ""))
+@settings(max_examples=6, deadline=None)
+@given(
+    family=st.sampled_from(["llama", "gemma3"]),
+    ratio=st.sampled_from([0.5, 0.75]),
+    lengths=st.lists(st.integers(WINDOW + 8, 80), min_size=1, max_size=3),
+    question_length=st.integers(1, 4),
+    fed_before_saving=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_round_trip_decodes_identically(tmp_path_factory, press_entry, family, ratio, lengths, question_length,
+                                        fed_before_saving, seed):
+    event(f"{family} batch {len(lengths)}")
+    model, context = build(family, press_entry, lengths, ratio, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if fed_before_saving:  # a context that already answered something (longer mask, grown caches)
+        greedy_continue(model, context, torch.randint(3, 120, (len(lengths), 2), generator=generator), 3)
+    path = tmp_path_factory.mktemp("ctx") / "context.safetensors"
+    save_context(context, path, model, make_press(press_entry, ratio), note="property")
+    loaded = load_context(path, model)
+    assert_same_state(context, loaded)
+
+    question = torch.randint(3, 120, (len(lengths), question_length), generator=generator)
+    expected_tokens, expected_logits = decode(model, context.copy(), question)
+    tokens, logits = decode(model, loaded, question)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("press_entry", [("chunkkv", {"apply": "mask"}), ("chunkkv-adaptive", {"apply": "mask"})],
+                         ids=["shared-heads", "per-head"])
+def test_round_trip_through_compiled_flex(tmp_path, press_entry):
+    model, context = build("gemma3", press_entry, (75, 50))
+    assert all(view.flex_block_size for view in context.layer_views.values())
+    loaded = load_context(save_context(context, tmp_path / "c.safetensors", model), model)
+    question = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    before = compiled_graph_count()
+    expected_tokens, expected_logits = decode(model, context.copy(), question, steps=4)
+    tokens, logits = decode(model, loaded, question, steps=4)
+    assert not FLEX_STATUS.broken and compiled_graph_count() >= max(before, 1)  # flex really decoded
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_methods_and_header(tmp_path):
+    model, context = build("gemma3", ("chunkkv-adaptive", {"apply": "mask"}), (80, 50))
+    press = make_press(("chunkkv-adaptive", {"apply": "mask"}))
+    path = context.save(tmp_path / "sub" / "ctx.safetensors", model, press, question_hint="what?", n=3)
+    info = context_info(path)
+    assert info.format_version == FORMAT_VERSION
+    assert info.meta == {"question_hint": "what?", "n": 3}
+    assert info.press == press.describe()
+    assert (info.batch_size, info.text_length, info.dtype) == (2, 80, "float32")
+    assert info.model_config["model_type"] == model.config.model_type
+    assert [layer["type"] for layer in info.layers] == [type(layer).__name__ for layer in context.cache.layers]
+    sliding = [layer for layer in info.layers if layer["type"] == "DynamicSlidingWindowLayer"]
+    assert sliding and all(layer["cumulative_length"] == 80 for layer in sliding)
+    loaded = CompressedContext.load(path, model)
+    assert_same_state(context, loaded)
+    assert not list(path.parent.glob("*.partial"))  # written atomically, nothing left behind
+    with safe_open(str(path), framework="pt") as handle:  # only data: the names this format documents
+        names = set(handle.keys())
+    assert {"context.attention_mask", "context.next_positions", "context.last_logits"} <= names
+    assert all(name.startswith(("context.", "cache.", "view.")) for name in names)
+
+
+def test_lost_state_is_detected_by_the_oracle(tmp_path):
+    """The round-trip oracle has teeth: a context missing its views decodes differently. (A sliding
+    layer's cumulative_length changes the masks of transformers < 5.3 only; its exact restore is
+    checked field by field in the round-trip tests.)"""
+    model, context = build("gemma3", ("chunkkv", {"apply": "mask"}), (80, 60))
+    path = save_context(context, tmp_path / "c.safetensors", model)
+    question = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    _, expected = decode(model, context.copy(), question, steps=3)
+
+    no_views = load_context(path, model)
+    no_views.layer_views = {}
+    _, logits = decode(model, no_views, question, steps=3)
+    assert not torch.allclose(logits, expected, atol=1e-4)
+
+    import transformers
+
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 3):
+        shifted = load_context(path, model)
+        for layer in shifted.cache.layers:
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length -= 20
+        _, logits = decode(model, shifted, question, steps=3)
+        assert not torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_file_size_is_the_cache(tmp_path):
+    model, context = build("llama", ("chunkkv", {}), (90,), ratio=0.5)
+    path = save_context(context, tmp_path / "c.safetensors", model)
+    cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in context.cache.layers)
+    extra = context.last_logits.nbytes + context.attention_mask.nbytes + context.next_positions.nbytes
+    extra += sum(view.visible.nbytes for view in context.layer_views.values())
+    size = path.stat().st_size
+    assert cache_bytes + extra <= size <= cache_bytes + extra + 16_384  # + header
+
+
+# -- damaged files ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model, context = build("gemma3", ("chunkkv", {}), (70, 50))
+    path = save_context(context, tmp_path_factory.mktemp("saved") / "ctx.safetensors", model,
+                        make_press(("chunkkv", {})))
+    return model, context, path, path.read_bytes()
+
+
+def header_span(data: bytes) -> tuple[int, int]:
+    (length,) = struct.unpack("<Q", data[:8])
+    return 8, 8 + length
+
+
+def rewrite(path: Path, source: Path, edit_tensors=None, edit_metadata=None, resign=False):
+    """Copy ``source`` to ``path`` with tensors / metadata edited (``resign``: recompute the digest,
+    as a buggy writer would)."""
+    with safe_open(str(source), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = dict(handle.metadata())
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_metadata:
+        edit_metadata(metadata)
+    if resign:
+        metadata["digest"] = _content_digest(metadata, tensors)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def refused(path, model, *fragments):
+    with pytest.raises(SavedContextError) as info:
+        load_context(path, model)
+    message = str(info.value)
+    assert str(path) in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 40, "header", "header+1", "half", "all-1"])
+def test_truncated_file(tmp_path, saved, keep):
+    model, _, _, data = saved
+    start, end = header_span(data)
+    cut = {"header": end, "header+1": end + 1, "half": len(data) // 2, "all-1": len(data) - 1}.get(keep, keep)
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[:cut])
+    refused(path, model)
+
+
+@settings(max_examples=15, deadline=None)
+@given(where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
+def test_flipped_header_bytes_are_never_silent(tmp_path_factory, saved, where, mask):
+    """Any byte of the header altered: refused, or (a whitespace swap, say) loaded bit-identical."""
+    model, context, _, data = saved
+    start, end = header_span(data)
+    position = start + int(where * (end - start))
+    damaged = bytearray(data)
+    damaged[position] ^= mask
+    path = tmp_path_factory.mktemp("flip") / "ctx.safetensors"
+    path.write_bytes(bytes(damaged))
+    try:
+        loaded = load_context(path, model)
+    except SavedContextError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert_same_state(context, loaded)
+
+
+@pytest.mark.parametrize("needle", [b'"data_offsets":[', b'"format_version":"', b'"press":"', b'"dtype":"F',
+                                    b'"shape":[', b'"layers":"', b'"views":"'])
+def test_flipped_byte_in_each_header_part(tmp_path, saved, needle):
+    model, _, _, data = saved
+    start, end = header_span(data)
+    position = data.index(needle, start, end) + len(needle)
+    damaged = bytearray(data)
+    damaged[position] ^= 0x01
+    path = tmp_path / "flip.safetensors"
+    path.write_bytes(bytes(damaged))
+    refused(path, model)
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5, 0.999])
+def test_flipped_data_bytes(tmp_path, saved, where):
+    model, _, _, data = saved
+    _, end = header_span(data)
+    damaged = bytearray(data)
+    damaged[end + int(where * (len(data) - end))] ^= 0x10
+    path = tmp_path / "flip.safetensors"
+    path.write_bytes(bytes(damaged))
+    refused(path, model, "checksum mismatch")
+
+
+@pytest.mark.parametrize(
+    "other, fragment",
+    [(("llama", 4, 0), "model_type"), (("gemma3", 2, 0), "num_hidden_layers"), (("gemma3", 4, 1), "different weights")],
+    ids=["other-family", "other-layer-count", "same-architecture-other-weights"],
+)
+def test_wrong_model(saved, other, fragment):
+    _, _, path, _ = saved
+    refused(path, tiny(*other), fragment)
+
+
+def test_wrong_dtype(saved):
+    _, _, path, _ = saved
+    half = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, dtype=torch.bfloat16)
+    refused(path, half, "bfloat16", "float32")
+
+
+@pytest.mark.parametrize("name", ["cache.1.keys", "view.1.visible", "context.next_positions"])
+def test_missing_tensor(tmp_path, saved, name):
+    model, _, source, _ = saved
+    path = rewrite(tmp_path / "missing.safetensors", source, edit_tensors=lambda tensors: tensors.pop(name))
+    refused(path, model, "missing", name)
+
+
+def test_unexpected_tensor(tmp_path, saved):
+    model, _, source, _ = saved
+    path = rewrite(tmp_path / "extra.safetensors", source,
+                   edit_tensors=lambda tensors: tensors.update({"cache.9.keys": torch.zeros(1)}))
+    refused(path, model, "unexpected", "cache.9.keys")
+
+
+@pytest.mark.parametrize("version", ["99", "0", "", "one"])
+def test_unknown_version(tmp_path, saved, version):
+    model, _, source, _ = saved
+    path = rewrite(tmp_path / "version.safetensors", source,
+                   edit_metadata=lambda metadata: metadata.update(format_version=version), resign=True)
+    refused(path, model, "format version", repr(version))
+
+
+def test_not_a_saved_context(tmp_path, saved):
+    model = saved[0]
+    plain = tmp_path / "weights.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    refused(plain, model, "not a saved kvpress_chunk context")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello, not a tensor file")
+    refused(text, model, "not a readable safetensors file")
+    refused(tmp_path / "absent.safetensors", model, "does not exist")
+
+
+def _shrink(name, dim):
+    def edit(tensors):
+        tensor = tensors[name]
+        tensors[name] = tensor.narrow(dim, 0, tensor.shape[dim] - 1).contiguous()
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (_shrink("cache.1.keys", 0), "layer 1"),
+        (_shrink("cache.1.values", 2), "layer 1"),
+        (_shrink("context.next_positions", 0), "next_positions"),
+        (_shrink("context.attention_mask", 1), "attention_mask"),
+        (_shrink("context.last_logits", 0), "last_logits"),
+        (lambda t: t.update({"view.1.visible": torch.ones(2, 1, 999, dtype=torch.bool)}), "view of layer 1"),
+        (lambda t: t.update({"view.1.visible": t["view.1.visible"].to(torch.uint8)}), "view of layer 1"),
+        (lambda t: t.update({"cache.0.keys": t["cache.0.keys"].to(torch.float64)}), "layer 0"),
+    ],
+    ids=["keys-batch", "values-length", "positions", "mask", "logits", "view-width", "view-dtype", "keys-dtype"],
+)
+def test_wrong_shapes_even_with_a_valid_checksum(tmp_path, saved, edit, fragment):
+    model, _, source, _ = saved
+    path = rewrite(tmp_path / "shapes.safetensors", source, edit_tensors=edit, resign=True)
+    refused(path, model, fragment)
+
+
+def test_sliding_bookkeeping_is_checked(tmp_path, saved):
+    model, _, source, _ = saved
+
+    def edit(metadata):
+        layers = json.loads(metadata["layers"])
+        layers[0]["cumulative_length"] = 5  # fewer tokens seen than the layer holds
+        metadata["layers"] = json.dumps(layers)
+
+    path = rewrite(tmp_path / "sliding.safetensors", source, edit_metadata=edit, resign=True)
+    refused(path, model, "cumulative_length")
+
+
+def test_save_refuses_what_it_cannot_restore(tmp_path):
+    model, context = build("llama", None, (40,))
+    with pytest.raises(TypeError):
+        save_context("not a context", tmp_path / "x.safetensors", model)
+    with pytest.raises(TypeError, match="JSON"):
+        save_context(context, tmp_path / "x.safetensors", model, blob=object())
+    from transformers.cache_utils import StaticLayer
+
+    context.cache.layers[0] = StaticLayer(max_cache_len=64)
+    with pytest.raises(SavedContextError, match="StaticLayer"):
+        save_context(context, tmp_path / "x.safetensors", model)
+    assert not list(tmp_path.iterdir())
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+
+
+def run_cli(argv):
+    from kvpress_chunk.cli_context import add_context_commands
+
+    parser = argparse.ArgumentParser(prog="kvpress-chunk")
+    add_context_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_errors(tmp_path, capsys, saved):
+    out = str(tmp_path / "ctx.safetensors")
+    assert run_cli(["compress", str(tmp_path / "absent.txt"), "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert run_cli(["compress", str(tmp_path / "empty.txt"), "--out", out]) == 2
+    assert "empty" in capsys.readouterr().err
+    (tmp_path / "doc.txt").write_text("some text")
+    assert run_cli(["compress", str(tmp_path / "doc.txt"), "--press", "nosuchpress", "--out", out]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["compress", str(tmp_path / "doc.txt"), "--ratio", "1.5", "--out", out])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+
+    assert run_cli(["ask", str(tmp_path / "absent.safetensors"), "why?"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    assert run_cli(["ask", str(plain), "why?"]) == 2
+    assert "not a saved kvpress_chunk context" in capsys.readouterr().err
+    model, context, _, _ = saved
+    moved = save_context(context, tmp_path / "moved.safetensors", model, model_name=str(tmp_path / "gone"))
+    assert run_cli(["ask", str(moved), "why?"]) == 2
+    assert "no longer exists" in capsys.readouterr().err
+    assert run_cli(["ask", str(moved), "why?", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_compress_then_ask_matches_generate_answers(tmp_path, capsys):
+    from kvpress_chunk.hf.models import ModelNotInstalledError, load_default_model
+
+    try:
+        model, tokenizer = load_default_model()
+    except ModelNotInstalledError as exc:
+        pytest.skip(str(exc))
+    text = ("The lighthouse keeper wrote in the log every night. " * 12) + "The secret code is 4817. " + (
+        "Waves broke on the rocks below the tower. " * 12)
+    question = "What is the secret code?"
+    document = tmp_path / "doc.txt"
+    document.write_text(text)
+    out = tmp_path / "doc.ctx.safetensors"
+    assert run_cli(["compress", str(document), "--press", "chunkkv", "--ratio", "0.5", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert run_cli(["ask", str(out), question, "--max-new-tokens", "8"]) == 0
+    answer = capsys.readouterr().out.strip()
+    expected = kc.generate_answers(model, tokenizer, text, question, press=kc.make_press(
+        "chunkkv", compression_ratio=0.5, compile=False), max_new_tokens=8)
+    assert answer == expected[0]

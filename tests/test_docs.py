@@ -5,6 +5,7 @@ for the flags and presets they name."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,27 @@ def test_policy_docs_worked_examples_run_and_compress():
     assert result.stdout.strip().splitlines()[-1].startswith("ok")
 
 
+README_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_docs import ROOT, run_blocks
+namespace = {}
+run_blocks(ROOT / "README.md", namespace)
+print("ok", len(namespace))
+"""
+
+
 @pytest.mark.slow
 def test_readme_snippets_run_as_written():
-    namespace: dict = {}
-    run_blocks(ROOT / "README.md", namespace)
-    assert namespace, "the README has Python snippets"
+    """In a fresh process, like a reader's: the snippets load the embedded model and register parts."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", README_CHECK, os.path.dirname(__file__)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("ok")
 
 
 def test_readme_shell_commands_name_real_presets_and_flags():
@@ -72,7 +89,7 @@ def test_readme_shell_commands_name_real_presets_and_flags():
 
     text = (ROOT / "README.md").read_text()
     for command in re.findall(r"^kvpress-chunk [^\n`]*", text, flags=re.MULTILINE):
-        argv = command.split()[1:]
+        argv = shlex.split(command)[1:]
         try:
             build_parser().parse_args(argv)
         except SystemExit as exc:  # argparse error: an unknown flag or choice in the README

@@ -174,6 +174,11 @@ class Press:
         Usable without hooks (benchmarks, tests, custom caches). Layers that cannot lose a token
         (window not exceeded, budget >= length) are returned as they are, without a copy.
         """
+        if self.whole_cache:
+            raise ValueError(
+                f"the {_name(self.allocator)} allocator selects over every layer at once: apply the press with "
+                "`with press(model):` (or call kvpress_chunk.whole_cache.select_globally on every layer's scores)"
+            )
         keys, values = inputs.keys, inputs.values
         batch, _, length, _ = keys.shape
         rule, window = self.rule, self.scorer.window

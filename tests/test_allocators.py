@@ -167,3 +167,11 @@ def test_to_spec_rebuilds_an_equal_press_for_every_preset(preset, ratio, budget,
     import json
 
     assert kc.make_press(json.loads(json.dumps(spec))) == press  # plain data
+
+
+def test_a_global_press_refuses_layer_by_layer_selection_instead_of_degrading():
+    press = kc.make_press("chunkkv-global", compression_ratio=0.5, compile=False)
+    keys = torch.randn(1, 2, 100, 16)
+    inputs = kc.policies.LayerInputs(None, 0, None, keys, keys, torch.ones(1, 100, dtype=torch.bool))
+    with pytest.raises(ValueError, match="selects over every layer at once"):
+        press.select(inputs)

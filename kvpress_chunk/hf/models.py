@@ -90,8 +90,12 @@ def _convert_once(target: Path, convert) -> Path:
     logging.getLogger(__name__).warning("converting the embedded GGUF model once (about a minute) into %s", target)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    with _quiet_offline():
-        convert(partial)
+    try:
+        with _quiet_offline():
+            convert(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     try:
         partial.replace(target)  # atomic: a crashed conversion never looks complete
     except OSError:  # another process got there first; its copy is as good as ours
@@ -101,6 +105,29 @@ def _convert_once(target: Path, convert) -> Path:
         if stale != target and ".partial-" not in stale.name:
             shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def _save_dense(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` for a model loaded from a GGUF file. transformers 5.24
+    leaves a GGUF "quantizer" attached even when its legacy loader (llama, gemma3) unpacked every
+    weight into plain float tensors, and ``save_pretrained`` then refuses the model ("quantized with
+    gguf and is not serializable"); 5.2 attaches none. Detach it only once every parameter is
+    checked to be an ordinary float tensor, so packed GGUF blocks are never saved as weights."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        packed = [name for name, param in model.named_parameters()
+                  if type(param) is not torch.nn.Parameter or not param.is_floating_point()]
+        if packed or getattr(quantizer, "packed_modules", None):
+            raise RuntimeError(f"the GGUF weights were left packed ({(packed or list(quantizer.packed_modules))[:3]}...); "
+                               "cannot save them as a plain safetensors model")
+        if hasattr(quantizer, "remove_quantization_config"):
+            quantizer.remove_quantization_config(model)
+        else:
+            for owner, attribute in ((model, "hf_quantizer"), (model.config, "quantization_config")):
+                if hasattr(owner, attribute):
+                    delattr(owner, attribute)
+            model.is_quantized = False
+    model.save_pretrained(folder)
 
 
 def _save_fast_tokenizer(tokenizer, folder: Path) -> None:
@@ -129,7 +156,7 @@ def _converted_folder() -> Path:
         tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
         tokenizer.add_bos_token = False
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
-        model.save_pretrained(partial)
+        _save_dense(model, partial)
         _save_fast_tokenizer(tokenizer, partial)
 
     return _convert_once(cache_root() / f"smollm2-135m-instruct-{_fingerprint(folder / name)}", convert)
@@ -215,7 +242,7 @@ def _gemma3_folder() -> Path:
             gguf = package.assemble(work / package.MODEL_NAME)
             tokenizer = gemma_tokenizer_from_gguf(gguf)
             model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
-            model.save_pretrained(partial)
+            _save_dense(model, partial)
             _save_fast_tokenizer(tokenizer, partial)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -13,7 +13,7 @@ import kvpress_chunk as kc
 from kvpress_chunk.eval.tasks import make_case
 from kvpress_chunk.generation import new_cache
 from kvpress_chunk.generation import applied
-from kvpress_chunk.hf.hooks import cache_of, call_argument, find_attention_layers
+from kvpress_chunk.hf.hooks import cache_argument, call_argument, find_attention_layers
 from kvpress_chunk.policies import LayerInputs
 
 
@@ -58,7 +58,7 @@ def capture_layer_inputs(model, ids: torch.Tensor) -> list[LayerInputs]:
     captured: list[LayerInputs] = []
 
     def hook(module, args, kwargs, output):
-        layer = cache_of(kwargs).layers[module.layer_idx]
+        layer = cache_argument(args, kwargs).layers[module.layer_idx]
         hidden = call_argument(args, kwargs, "hidden_states", 0)
         valid = torch.ones(hidden.shape[:2], dtype=torch.bool)
         captured.append(LayerInputs(module, module.layer_idx, hidden, layer.keys, layer.values, valid,
@@ -86,7 +86,7 @@ class LiveCacheProbe:
         self._handles = []
 
     def _hook(self, module, args, kwargs, output):
-        self.peak = max(self.peak, cache_bytes(cache_of(kwargs)))
+        self.peak = max(self.peak, cache_bytes(cache_argument(args, kwargs)))
 
     def __enter__(self):
         self._handles = [module.register_forward_hook(self._hook, with_kwargs=True)

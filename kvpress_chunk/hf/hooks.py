@@ -70,20 +70,20 @@ def has_cache_argument(kwargs: dict[str, Any]) -> bool:
     return any(name in kwargs for name in CACHE_ARGUMENT_NAMES)
 
 
-def cache_of(kwargs: dict[str, Any]) -> Any:
-    """The cache object handed to an attention forward (name changed across transformers)."""
-    return cache_argument((), kwargs)
+def takes_argument(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` declares a parameter ``name`` (argument names move between
+    transformers releases: ``cache`` / ``past_key_values``, ``cache_position``)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def cache_keyword(model: nn.Module) -> str:
     """The keyword under which ``model``'s forward takes the cache on this transformers version."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if takes_argument(model, "cache") else "past_key_values"
 
 
 def cache_length(cache: Any) -> int:

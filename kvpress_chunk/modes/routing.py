@@ -33,7 +33,14 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..hf.hooks import UnsupportedModelError, cache_argument, call_argument, cache_length, find_attention_layers
+from ..hf.hooks import (
+    UnsupportedModelError,
+    cache_argument,
+    cache_length,
+    call_argument,
+    find_attention_layers,
+    takes_argument,
+)
 from .block_masks import dense_prefix_mask
 from .flex import flex_decode_step
 
@@ -114,7 +121,7 @@ class CompressedAttention:
         name = register_routed_attention(current)
         self._saved_implementation = current
         model.set_attn_implementation(name)
-        self.takes_cache_position = _takes_argument(model, "cache_position")
+        self.takes_cache_position = takes_argument(model, "cache_position")
         self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
         for layer_idx, module in layers:
@@ -213,15 +220,6 @@ class CompressedAttention:
                 "after compression: pass the mask of the whole text (original prefix + every token since)"
             )
         return self.forward_mask[:, -count:].to(torch.bool)
-
-
-def _takes_argument(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from torch import nn
 from .budget import Budget
 from .compile.ops import compiled_compress, eager_compress
 from .modes import ApplyMode, get_mode, mode_names
-from .policies.allocators import Allocator
+from .policies.allocators import Allocator, UniformAllocator
 from .policies.groupers import Grouper
 from .policies.layer_inputs import LayerInputs
 from .policies.planners import Planner
@@ -64,7 +64,7 @@ class Press:
     grouper: Grouper
     selector: Selector
     planner: Planner
-    allocator: Allocator = field(default_factory=lambda: _default_allocator())
+    allocator: Allocator = field(default_factory=UniformAllocator)
     compression_ratio: float | None = None
     budget: int | None = None
     compile: bool | str = "auto"
@@ -89,7 +89,7 @@ class Press:
             )
         if self.allocator.pools_heads and getattr(self.selector, "count", "tokens") != "tokens":
             raise SpecError(f"the {_name(self.allocator)} allocator counts tokens: use a selector with count='tokens'")
-        if type(self.allocator).layer_budget is not Allocator.layer_budget and self.selector.needs_ratio:
+        if self.allocator.sets_layer_budgets and self.selector.needs_ratio:
             raise SpecError(f"the {_name(self.allocator)} allocator sets token budgets per layer: use count='tokens'")
         if ragged and not mode.holds_ragged_heads:
             holders = [name for name in mode_names() if get_mode(name).holds_ragged_heads]
@@ -156,7 +156,7 @@ class Press:
     def layer_budget(self, valid: torch.Tensor, rank: int, layers: int) -> torch.Tensor | None:
         """Per-row token budget of the ``rank``-th of ``layers`` compressed layers (``int64[B]``),
         or ``None`` when the allocator keeps the press rule unchanged (uniform)."""
-        if type(self.allocator).layer_budget is Allocator.layer_budget:
+        if not self.allocator.sets_layer_budgets:
             return None
         rule, protected = self.rule, self.selector.protected_count(self.scorer.window)
         budgets = []
@@ -247,9 +247,3 @@ def _name(part: Any) -> str:
 def part_spec(part: Any) -> dict[str, Any]:
     """``{"name": registered name, setting: value, ...}`` of a part instance."""
     return {"name": _name(part), **{f.name: getattr(part, f.name) for f in dataclasses.fields(part) if f.init}}
-
-
-def _default_allocator() -> Allocator:
-    from .policies.allocators import UniformAllocator
-
-    return UniformAllocator()

@@ -71,8 +71,6 @@ class PressSession:
         self.input_ids: torch.Tensor | None = None  # tokens of the prefill in flight
         self.selections: dict[int, Selection] = {}
         self.skipped_layers: set[int] = set()
-        self.prefill_length: int | None = None
-        self.prefill_valid: torch.Tensor | None = None
         self.valid_seen = False  # the forward in flight is a prefill this session handles
         self.warned_length = False
         self.router = None  # the model's CompressedAttention while attached
@@ -195,8 +193,6 @@ class PressSession:
             self.valid_seen = True  # a prefill from an empty cache is under way
             self.selections.clear()
             self.skipped_layers.clear()
-            self.prefill_length = hidden.shape[1]
-            self.prefill_valid = self.valid
             self.views = self.router.start_prefill(cache)
         if sliding:
             # A sliding-window layer already bounds its memory; its own length bookkeeping

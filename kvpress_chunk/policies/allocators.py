@@ -29,10 +29,16 @@ class Allocator:
     """Base class: frozen dataclasses registered with ``@register("allocator", name)``.
 
     ``whole_cache``: needs every layer's scores first (the whole-cache stage after the prefill).
-    ``pools_heads``: a layer's heads share one budget (ragged per-head counts)."""
+    ``pools_heads``: a layer's heads share one budget (ragged per-head counts).
+    ``sets_layer_budgets``: derived from whether :meth:`layer_budget` is overridden."""
 
     whole_cache: bool = False
     pools_heads: bool = False
+
+    @property
+    def sets_layer_budgets(self) -> bool:
+        """Whether layers get budgets other than the press rule's (``layer_budget`` overridden)."""
+        return type(self).layer_budget is not Allocator.layer_budget
 
     def layer_budget(self, kept: int, protected: int, length: int, rank: int, layers: int) -> int:
         """Tokens the ``rank``-th of ``layers`` compressed layers keeps, for a row of ``length``

@@ -74,7 +74,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     from . import make_press
-    from .generation import prefill, prompt_parts
+    from .generation import encode_context, prefill, prompt_parts
     from .registry import SpecError
     from .saved_context import save_context
 
@@ -102,8 +102,8 @@ def _compress(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(model_name)
     chat = not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
     prefix, suffix = prompt_parts(tokenizer, chat)
-    # Exactly generate_answers' encoding: the template already holds the special tokens.
-    input_ids = tokenizer(prefix + text, return_tensors="pt", add_special_tokens=not prefix).input_ids
+    # generate_answers' encoding, the same function.
+    input_ids = encode_context(tokenizer, text, prefix)
     context = prefill(model, input_ids, press=press)
     try:
         written = save_context(
@@ -121,7 +121,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from .generation import QUESTION_SEPARATOR, eos_token_ids, greedy_continue, prompt_parts
+    from .generation import encode_question, eos_token_ids, greedy_continue, prompt_parts
     from .hf.models import EMBEDDED_MODELS
     from .saved_context import context_info, load_context
 
@@ -137,8 +137,7 @@ def _ask(args: argparse.Namespace) -> int:
     suffix = info.meta.get("chat_suffix") if isinstance(info.meta, dict) else None
     if suffix is None:  # saved by the Python API without the CLI's metadata: generate_answers' default
         suffix = prompt_parts(tokenizer)[1]
-    # generate_answers' rule: blank line, question, the template's suffix.
-    question_ids = tokenizer(QUESTION_SEPARATOR + args.question + suffix, return_tensors="pt", add_special_tokens=False).input_ids
+    question_ids = encode_question(tokenizer, args.question, suffix)
     batch = context.attention_mask.shape[0]
     question_ids = question_ids.expand(batch, -1)
     tokens = greedy_continue(model, context, question_ids, args.max_new_tokens, eos_token_ids(tokenizer, model))

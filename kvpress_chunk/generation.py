@@ -199,6 +199,17 @@ def prompt_parts(tokenizer, chat_template: bool = True) -> tuple[str, str]:
     return "", "\n"
 
 
+def encode_context(tokenizer, text: str, prefix: str) -> torch.Tensor:
+    """``[1, T]`` ids of ``prefix + text``: the chat template's prefix carries the special tokens;
+    without a template (``prefix == ""``) the tokenizer's own (BOS) start the text."""
+    return tokenizer(prefix + text, return_tensors="pt", add_special_tokens=not prefix).input_ids
+
+
+def encode_question(tokenizer, question: str, suffix: str) -> torch.Tensor:
+    """``[1, Q]`` ids fed after a (compressed) context: blank line, question, template suffix."""
+    return tokenizer(QUESTION_SEPARATOR + question + suffix, return_tensors="pt", add_special_tokens=False).input_ids
+
+
 def generate_answers(
     model: nn.Module,
     tokenizer,
@@ -225,25 +236,20 @@ def generate_answers(
     if not isinstance(context, str):
         raise TypeError(f"context must be a string, got {type(context).__name__}")
     prefix, suffix = prompt_parts(tokenizer, chat_template)
-
-    def encode(text: str, first: bool) -> torch.Tensor:
-        # The template carries the special tokens; without one, the tokenizer's (BOS) start the text.
-        return tokenizer(text, return_tensors="pt", add_special_tokens=first and not prefix).input_ids
-
     eos = eos_token_ids(tokenizer, model)
     answers = []
     # The press stays applied while answering (mask mode and views need it only for routing;
     # only prefills from an empty cache are compressed).
     with applied(press, model):
-        compressed = None if query_aware else prefill(model, encode(prefix + context, True))
+        compressed = None if query_aware else prefill(model, encode_context(tokenizer, context, prefix))
         if compressed is not None and on_prefill is not None:
             on_prefill(compressed)
         for question in questions:
             if compressed is not None:
-                asked = encode(QUESTION_SEPARATOR + question + suffix, False)
+                asked = encode_question(tokenizer, question, suffix)
                 tokens = greedy_continue(model, compressed.copy(), asked, max_new_tokens, eos)
             else:
-                whole = prefill(model, encode(prefix + context + QUESTION_SEPARATOR + question + suffix, True))
+                whole = prefill(model, encode_context(tokenizer, context + QUESTION_SEPARATOR + question + suffix, prefix))
                 if on_prefill is not None:
                     on_prefill(whole)
                 first = whole.last_logits.argmax(dim=-1, keepdim=True)

@@ -54,6 +54,25 @@ def register(kind: str, name: str) -> Callable[[type[T]], type[T]]:
     return decorator
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def function_registrar(table: dict[str, F], kind: str) -> Callable[[str], Callable[[F], F]]:
+    """``@registrar("name")`` decorators for named functions (presets, evaluation tasks): one rule
+    for every function table, re-registering the same function is fine, another one is an error."""
+
+    def register_as(name: str) -> Callable[[F], F]:
+        def decorator(fn: F) -> F:
+            if name in table and table[name] is not fn:
+                raise SpecError(f"{kind} {name!r} is already registered")
+            table[name] = fn
+            return fn
+
+        return decorator
+
+    return register_as
+
+
 def registered(kind: str) -> dict[str, type]:
     """A copy of the ``name -> class`` table for one part kind."""
     if kind not in _PARTS:

@@ -23,6 +23,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Callable
 
+from ..registry import function_registrar
+
 NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 HAYSTACKS = ("noise", "prose")
 NEEDLE_FORMATS = ("number", "hex", "name")
@@ -207,15 +209,9 @@ _TASKS: dict[str, TaskFn] = {}
 
 def task(name: str) -> Callable[[TaskFn], TaskFn]:
     """Register an evaluation task: one function ``Draw -> TaskCase`` plus this decorator makes
-    it available to :func:`make_case`, ``kvpress-chunk eval NAME`` and the sweeps."""
-
-    def decorator(fn: TaskFn) -> TaskFn:
-        if name in _TASKS and _TASKS[name] is not fn:
-            raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = fn
-        return fn
-
-    return decorator
+    it available to :func:`make_case`, ``kvpress-chunk eval NAME`` and the sweeps. Registering
+    another function under a taken name raises ``SpecError`` (a ``ValueError``)."""
+    return function_registrar(_TASKS, "task")(name)
 
 
 def task_names() -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from ..registry import SpecError, parse_call
+from ..registry import SpecError, function_registrar, parse_call
 
 PresetFn = Callable[..., dict[str, Any]]
 _PRESETS: dict[str, PresetFn] = {}
@@ -18,14 +18,7 @@ _PRESETS: dict[str, PresetFn] = {}
 
 def preset(name: str) -> Callable[[PresetFn], PresetFn]:
     """Decorator registering a preset function under ``name``."""
-
-    def decorator(fn: PresetFn) -> PresetFn:
-        if name in _PRESETS and _PRESETS[name] is not fn:
-            raise SpecError(f"preset {name!r} is already registered")
-        _PRESETS[name] = fn
-        return fn
-
-    return decorator
+    return function_registrar(_PRESETS, "preset")(name)
 
 
 def list_presets() -> dict[str, str]:

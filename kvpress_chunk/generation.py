@@ -240,7 +240,7 @@ def generate_answers(
     answers = []
     # The press stays applied while answering (mask mode and views need it only for routing;
     # only prefills from an empty cache are compressed).
-    with applied(press, model):
+    with applied(press, model, tokenizer):
         compressed = None if query_aware else prefill(model, encode_context(tokenizer, context, prefix))
         if compressed is not None and on_prefill is not None:
             on_prefill(compressed)
@@ -261,6 +261,9 @@ def generate_answers(
     return answers
 
 
-def applied(press, model: nn.Module):
-    """``press(model)`` or a no-op context when there is no press."""
-    return contextlib.nullcontext() if press is None else press(model)
+def applied(press, model: nn.Module, tokenizer=None):
+    """``press(model)`` or a no-op context when there is no press. Our presses also get the
+    tokenizer (scorers with a context pass, KVzip, encode their prompt with it)."""
+    if press is None:
+        return contextlib.nullcontext()
+    return press(model, tokenizer=tokenizer) if isinstance(press, Press) else press(model)

@@ -112,6 +112,13 @@ class Press:
         return self.allocator.whole_cache
 
     @property
+    def deferred(self) -> bool:
+        """Whether layers are selected after the prefill's forward rather than in their hooks: the
+        global allocator needs every layer's scores, a context-pass scorer (KVzip) runs the model
+        again first. The uncompressed cache then lives until the forward ends."""
+        return self.allocator.whole_cache or self.scorer.context_pass
+
+    @property
     def rule(self) -> Budget:
         return Budget(self.compression_ratio, self.budget)
 
@@ -231,11 +238,12 @@ class Press:
     # -- the context manager ----------------------------------------------------------------------
 
     @contextmanager
-    def __call__(self, model: nn.Module) -> Iterator["PressSession"]:
+    def __call__(self, model: nn.Module, tokenizer: Any = None) -> Iterator["PressSession"]:
         """Hook ``model`` so that every prefill is compressed; the hooks go when the block exits
         (exceptions included). Yields the :class:`~.session.PressSession` (selections of the last
-        prefill)."""
-        session = PressSession(self, model)
+        prefill). ``tokenizer`` is needed only by scorers with a context pass (``kvzip``): without
+        it the one saved with the model (``config.name_or_path``) is loaded, or an error says so."""
+        session = PressSession(self, model, tokenizer)
         with session.attached():
             yield session
 

@@ -15,6 +15,7 @@ until the end of the prefill. Later forwards attend through the layers' views
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -33,9 +34,11 @@ from .hf.hooks import (
     has_cache_argument,
     padding_mask,
 )
+from .context_pass import load_tokenizer_for, run_context_pass
 from .modes.routing import compressed_attention
 from .policies.layer_inputs import LayerInputs
 from .selection import Selection
+from .registry import SpecError
 from .whole_cache import LayerScores, select_globally
 
 if TYPE_CHECKING:
@@ -63,9 +66,18 @@ class PressSession:
     * ``skipped_layers``: layers left alone (sliding-window layers).
     """
 
-    def __init__(self, press: "Press", model: nn.Module):
+    def __init__(self, press: "Press", model: nn.Module, tokenizer: Any = None):
         self.press = press
         self.model = model
+        self.tokenizer = tokenizer
+        if press.scorer.context_pass and tokenizer is None:
+            self.tokenizer = load_tokenizer_for(model)
+            if self.tokenizer is None:
+                raise SpecError(
+                    f"the {type(press.scorer).__name__} runs the model over a prompt after the prefill, so it needs "
+                    "the model's tokenizer: `with press(model, tokenizer=tokenizer):` (none was found at "
+                    f"config.name_or_path={getattr(model.config, 'name_or_path', None)!r})"
+                )
         self.layers = find_attention_layers(model)
         self.valid: torch.Tensor | None = None
         self.input_ids: torch.Tensor | None = None  # tokens of the prefill in flight
@@ -81,9 +93,10 @@ class PressSession:
             idx for idx, _ in self.layers
             if not (idx < len(layer_types) and layer_types[idx] in ("sliding_attention", "chunked_attention"))
         ]
-        # Whole-cache stage: scores and cache layers held until the prefill's forward ends.
+        # Deferred layers (whole-cache stage, context pass): held until the prefill's forward ends.
         self.pending_scores: dict[int, LayerScores] = {}
-        self.pending_layers: dict[int, tuple[Any, int]] = {}
+        self.pending_layers: dict[int, tuple[Any, int, LayerInputs]] = {}
+        self.pending_cache: Any = None
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:
@@ -140,10 +153,11 @@ class PressSession:
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:
             if self.pending_layers and output is not None:
-                self._finish_whole_cache()
+                self._finish_deferred()
         finally:
             self.pending_scores.clear()
             self.pending_layers.clear()
+            self.pending_cache = None
         if self.valid_seen and not self.selections and self.skipped_layers:
             warnings.warn(
                 f"kvpress-chunk: no layer was compressed: all {len(self.skipped_layers)} attention layers of this "
@@ -214,27 +228,62 @@ class PressSession:
             position_embeddings=kwargs.get("position_embeddings"),
             input_ids=self.input_ids.to(keys.device) if self.input_ids is not None and self.input_ids.shape[-1] == length else None,
         )
-        if self.press.whole_cache:
-            source = self.press.planner.source_layer(layer_idx)
-            if source == layer_idx or source not in self.pending_layers:
-                source = layer_idx
-                scores = self.press.score_layer(inputs)
-                self.pending_scores[layer_idx] = LayerScores(scores, valid, self.press.grouper.prepare(inputs))
-            self.pending_layers[layer_idx] = (layer, source)
+        if self.press.deferred:
+            self._defer_layer(layer_idx, layer, inputs, cache)
             return
+        self._select_and_apply(layer_idx, layer, inputs)
+
+    def _select_and_apply(self, layer_idx: int, layer: Any, inputs: LayerInputs) -> None:
+        """Planner, allocator budget, fused op, apply mode: one layer compressed now."""
         rank = self.compressible.index(layer_idx) if layer_idx in self.compressible else 0
-        budget = self.press.layer_budget(valid, rank, len(self.compressible))
+        budget = self.press.layer_budget(inputs.valid, rank, len(self.compressible))
         kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections, budget)
         self.selections[layer_idx] = selection
         self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
 
-    def _finish_whole_cache(self) -> None:
-        """After the prefill: one selection over every scored layer, then evict each layer once."""
+    def _defer_layer(self, layer_idx: int, layer: Any, inputs: LayerInputs, cache: Any) -> None:
+        """Hold a layer until the prefill ends: score it now (whole-cache stage) unless its scores
+        come from the context pass; keep what selecting it later needs (not its hidden states)."""
+        source = self.press.planner.source_layer(layer_idx)
+        if source == layer_idx or source not in self.pending_layers:
+            source = layer_idx
+            if self.press.whole_cache and not self.press.scorer.context_pass:
+                scores = self.press.score_layer(inputs)
+                self.pending_scores[layer_idx] = LayerScores(scores, inputs.valid, self.press.grouper.prepare(inputs))
+        if self.press.scorer.context_pass and self.input_ids is None:
+            raise ValueError(
+                f"the {type(self.press.scorer).__name__} reconstructs the prompt from its token ids: "
+                "call the model with input_ids, not inputs_embeds"
+            )
+        light = dataclasses.replace(inputs, hidden_states=inputs.hidden_states[:, :0])
+        self.pending_layers[layer_idx] = (layer, source, light)
+        self.pending_cache = cache
+
+    def _finish_deferred(self) -> None:
+        """After the prefill: the context pass (if the scorer has one), then either one selection
+        over every layer (whole-cache stage) or layer by layer, and each layer is evicted once."""
+        sources = {idx: item for idx, item in sorted(self.pending_layers.items()) if item[1] == idx}
+        if self.press.scorer.context_pass:
+            first = next(iter(sources.values()))[2]
+            modules = [(idx, item[2].module) for idx, item in sources.items()]
+            scores = run_context_pass(
+                self.model, self.press.scorer, self.tokenizer, self.pending_cache,
+                first.input_ids if first.input_ids is not None else self.input_ids, first.valid, modules,
+            )
+            for idx, (layer, source, inputs) in sources.items():
+                inputs = dataclasses.replace(inputs, context_scores=scores[idx])
+                self.pending_layers[idx] = (layer, source, inputs)
+                if self.press.whole_cache:
+                    self.pending_scores[idx] = LayerScores(
+                        self.press.score_layer(inputs), inputs.valid, self.press.grouper.prepare(inputs)
+                    )
+        if not self.press.whole_cache:
+            for layer_idx, (layer, _, inputs) in sorted(self.pending_layers.items()):
+                self._select_and_apply(layer_idx, layer, inputs)  # in order: reused sources come first
+            return
         chosen = select_globally(self.press, self.pending_scores)
-        for layer_idx, (layer, source) in sorted(self.pending_layers.items()):
+        for layer_idx, (layer, source, _) in sorted(self.pending_layers.items()):
             selection = chosen[source]
             kept_keys, kept_values = selection.apply(layer.keys, layer.values)
             self.selections[layer_idx] = selection
             self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
-
-

@@ -100,7 +100,8 @@ def test_chunk_size_below_one_refused(size):
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(SpecError, match=r"unknown preset 'chunky'; valid presets: adakv, chunkkv, chunkkv-adaptive, chunkkv-global, chunkkv-kvpress"):
         kc.make_press("chunky", compression_ratio=0.5)
-    with pytest.raises(SpecError, match=r"unknown scorer 'h2o'; valid scorers: knorm, random, snapkv, streamingllm"):
+    valid_scorers = ", ".join(sorted(kc.registered("scorer")))
+    with pytest.raises(SpecError, match=rf"unknown scorer 'h2o'; valid scorers: {valid_scorers}$"):
         kc.make_press({"scorer": "h2o", "compression_ratio": 0.5})
     with pytest.raises(SpecError, match=r"unknown planner 'pyramid'; valid planners: every_layer, reuse"):
         kc.make_press({"scorer": "knorm", "planner": "pyramid", "compression_ratio": 0.5})

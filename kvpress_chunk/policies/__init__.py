@@ -1,11 +1,12 @@
 """Policy parts, in data-flow order: scorers -> groupers -> selectors -> planners; and presets."""
 
-from . import allocators, groupers, planners, presets, scorers, selectors  # noqa: F401  (registers the parts)
+from . import allocators, groupers, kvzip, planners, presets, scorers, selectors  # noqa: F401  (registers the parts)
 from .allocators import AdaptiveAllocator, Allocator, GlobalAllocator, PyramidAllocator, UniformAllocator
 from .groupers import ChunkGrouper, Grouper, TokenGrouper
 from .layer_inputs import LayerInputs
 from .planners import EveryLayer, Planner, ReuseEvery
 from .presets import list_presets, preset
+from .kvzip import KVzipScorer
 from .scorers import KnormScorer, RandomScorer, RecencyScorer, Scorer, SnapKVScorer
 from .selectors import HeadAdaptiveSelector, Selector, TopKSelector
 

@@ -16,7 +16,9 @@ class LayerInputs:
     ``valid[B, T]`` is ``False`` on left padding; ``position_embeddings`` is the ``(cos, sin)``
     pair the model used (``None`` for models without RoPE); ``input_ids[B, T]`` are the prefill's
     tokens (``None`` when the model was called with ``inputs_embeds``), for groupers that cut at
-    text boundaries.
+    text boundaries; ``context_scores[B, Hkv, T]`` are what a scorer's extra pass over the model
+    measured after the prefill (KVzip's reconstruction, :mod:`kvpress_chunk.context_pass`),
+    ``None`` for scorers without one.
     """
 
     module: nn.Module
@@ -27,3 +29,4 @@ class LayerInputs:
     valid: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     input_ids: torch.Tensor | None = None
+    context_scores: torch.Tensor | None = None

@@ -181,3 +181,39 @@ def chunkkv_sentence(max_size: int = 32, window: int = 32, kernel: int = 5, redu
         "selector": {"name": "topk", "keep_window": True},
         "planner": "every_layer",
     }
+
+
+def _allocated(selector: dict[str, Any], allocator: str) -> dict[str, Any]:
+    """A spec fragment: the allocator, and per-head selection when it pools heads' budgets."""
+    from ..registry import build_part
+
+    pools = build_part("allocator", allocator).pools_heads
+    return {"selector": {**selector, "per_head": True} if pools else selector, "allocator": allocator}
+
+
+@preset("kvzip")
+def kvzip(chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global") -> dict[str, Any]:
+    """KVzip (arXiv 2505.23416): keep what the model attends to while reconstructing the context.
+
+    One extra pass after the prefill (the repeat prompt + the context, teacher-forced); token
+    scores per KV head; by default one top-k over every layer and head (``allocator='global'``).
+    ``plus=True`` is KVzip+ normalisation. Needs the tokenizer: ``with press(model, tokenizer=tok)``.
+    """
+    return {
+        "scorer": {"name": "kvzip", "chunk_size": chunk_size, "sinks": sinks, "plus_normalization": plus},
+        "grouper": "token",
+        **_allocated({"name": "topk", "per_head": True, "sinks": sinks, "keep_window": False}, allocator),
+    }
+
+
+@preset("chunkkv-kvzip")
+def chunkkv_kvzip(
+    chunk_size: int = 10, sinks: int = 4, plus: bool = False, allocator: str = "uniform", reduce: str = "sum",
+    per_head: bool = False, pass_chunk_size: int = 2048,
+) -> dict[str, Any]:
+    """ChunkKV chunks ranked by KVzip reconstruction scores (no other library combines them)."""
+    return {
+        "scorer": {"name": "kvzip", "chunk_size": pass_chunk_size, "sinks": sinks, "plus_normalization": plus},
+        "grouper": {"name": "chunk", "size": chunk_size, "reduce": reduce},
+        **_allocated({"name": "topk", "per_head": per_head, "sinks": sinks, "keep_window": False}, allocator),
+    }

@@ -30,6 +30,11 @@ class Scorer:
     #: Trailing tokens the scorer observes (its observation window); 0 if it has none. Selectors
     #: may protect them, and contexts not longer than it are passed through uncompressed.
     window: int = 0
+    #: Whether the scorer needs an extra forward pass of the model after the prefill (KVzip's
+    #: context reconstruction). Such a scorer implements ``pass_chunks`` and ``pass_scores``
+    #: (see :class:`~kvpress_chunk.policies.kvzip.KVzipScorer`); the session then scores every
+    #: layer after the prefill, so the uncompressed cache lives until the pass ends.
+    context_pass: bool = False
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         """Eager, module-aware preparation. Returns the extra tensors :meth:`score` needs."""
@@ -46,19 +51,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def window_queries(inputs: LayerInputs, window: int) -> torch.Tensor:
-    """Post-RoPE, pre-scaled queries of the last ``window`` tokens: ``[B, Hq, window, D]``.
+def head_dim_of(module) -> int:
+    config = module.config
+    return getattr(module, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def attention_scaling(module) -> float:
+    """The softmax scaling the module applies to ``q . k`` (Gemma's differs from 1/sqrt(d))."""
+    return getattr(module, "scaling", None) or 1.0 / math.sqrt(head_dim_of(module))
+
+
+def query_states(module, hidden: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries ``[B, Hq, n, D]`` of ``hidden[B, n, hidden]``, re-projected.
 
     HF attention modules do not expose their queries, so (like kvpress) we re-project the layer's
     input hidden states. Handles Llama-like ``q_proj``, fused ``qkv_proj`` (Phi-3) and the query
-    norm of Qwen3 / Gemma3. The attention scaling is folded into the queries here so that the
-    compiled scorer does not specialise on a Python float.
+    norm of Qwen3 / Gemma3.
     """
-    module, hidden = inputs.module, inputs.hidden_states[:, -window:]
     batch, length, _ = hidden.shape
-    config = module.config
-    head_dim = getattr(module, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    num_heads = config.num_attention_heads
+    head_dim, num_heads = head_dim_of(module), module.config.num_attention_heads
     if hasattr(module, "q_proj"):
         queries = module.q_proj(hidden)
     elif hasattr(module, "qkv_proj"):
@@ -70,12 +81,30 @@ def window_queries(inputs: LayerInputs, window: int) -> torch.Tensor:
     queries = queries.view(batch, length, num_heads, head_dim).transpose(1, 2)
     if hasattr(module, "q_norm"):
         queries = module.q_norm(queries)
-    if inputs.position_embeddings is not None:
-        cos, sin = inputs.position_embeddings
-        cos, sin = cos[:, -window:].unsqueeze(1), sin[:, -window:].unsqueeze(1)
+    return queries
+
+
+def rotated_queries(module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """Post-RoPE queries of ``hidden``, with the attention scaling folded in: ``[B, Hq, n, D]``.
+
+    ``position_embeddings`` is the ``(cos, sin)`` pair of exactly these ``n`` tokens (``None``
+    for models without RoPE). Folding the scaling into the queries keeps the compiled scorers
+    from specialising on a Python float.
+    """
+    queries = query_states(module, hidden)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         queries = queries * cos + rotate_half(queries) * sin
-    scaling = getattr(module, "scaling", None) or 1.0 / math.sqrt(head_dim)
-    return queries * scaling
+    return queries * attention_scaling(module)
+
+
+def window_queries(inputs: LayerInputs, window: int) -> torch.Tensor:
+    """Post-RoPE, pre-scaled queries of the last ``window`` tokens: ``[B, Hq, window, D]``."""
+    rope = inputs.position_embeddings
+    if rope is not None:
+        rope = (rope[0][:, -window:], rope[1][:, -window:])
+    return rotated_queries(inputs.module, inputs.hidden_states[:, -window:], rope)
 
 
 def observation_window_attention(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

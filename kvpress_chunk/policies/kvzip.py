@@ -1,0 +1,235 @@
+"""KVzip (arXiv 2505.23416): score the cache by how much the model needs it to *reconstruct* the
+context, so the score does not depend on any question (query-agnostic by construction).
+
+After the prefill the model reads, with the full cache as its past, a repeat prompt followed by
+the context itself, teacher-forced (nothing is generated)::
+
+    [context ... ] | "Repeat the previous context exactly." <assistant turn> context chunk
+
+A token's score is the largest attention it receives from any reconstruction query, per layer
+and KV head, maxed over the query heads of its GQA group. Long contexts are reconstructed in
+chunks of at most ``chunk_size`` tokens; chunk ``c > 0`` is prompted with "Repeat the part ...
+starting with" and the last 8 tokens of chunk ``c - 1``. As in the paper (and kvpress), each
+chunk's queries are scored over the attention sinks, the chunk's own span of the context and the
+reconstruction tokens themselves: the softmax the score is read from is over that subset.
+
+Where this differs from kvpress' ``KVzipPress``: a left-padded batch is scored row by row
+correctly (each row reconstructs its own tokens, with its own positions), the scores feed any
+grouper, selector and allocator of this library (chunked KVzip, per-head or shared), and the
+reconstruction runs through the base model (no LM head).
+
+Cost: one extra forward over about as many tokens as the context (the paper: 2-3x a plain
+prefill in all), and the uncompressed cache is alive until it ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from ..registry import register
+from .groupers import positions_from_row_start
+from .layer_inputs import LayerInputs
+from .scorers import Scorer, rotated_queries
+
+FIRST_PROMPT = "\n\nRepeat the previous context exactly."
+NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
+OVERLAP_TOKENS = 8  # tokens of the previous chunk that start the next chunk's prompt
+QUERY_BLOCK = 256  # reconstruction queries scored at once (bounds the [.., q, T] fp32 transient)
+
+
+class PassChunk(NamedTuple):
+    """One batch of reconstruction input, right-padded: ``input_ids[B, n]``, ``valid[B, n]``
+    (``False`` on padding), ``positions[B, n]`` (RoPE positions continuing each row's text) and
+    the span ``[start[B], end[B])`` of the prefill's (padded) axis that this chunk reconstructs."""
+
+    input_ids: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+@register("scorer", "kvzip")
+@dataclass(frozen=True)
+class KVzipScorer(Scorer):
+    """KVzip context-reconstruction scores (arXiv 2505.23416); needs one extra pass after prefill.
+
+    ``chunk_size``: context tokens reconstructed per pass (<= 2048 in the paper); ``sinks``:
+    first tokens always in the scored attention subset (keep them with the selector's ``sinks``);
+    ``plus_normalization``: KVzip+ (divide each query's attention by the norm of its hidden
+    state, multiply each key's by the norm of ``W_O v``, what it writes to the residual stream).
+    """
+
+    chunk_size: int = 2048
+    sinks: int = 4
+    plus_normalization: bool = False
+
+    context_pass = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= OVERLAP_TOKENS:
+            raise ValueError(f"chunk_size must be > {OVERLAP_TOKENS}, got {self.chunk_size}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+
+    # -- the extra pass ---------------------------------------------------------------------------
+
+    def pass_chunks(self, tokenizer: Any, input_ids: torch.Tensor, valid: torch.Tensor) -> list[PassChunk]:
+        """The reconstruction inputs for a prefill of ``input_ids[B, T]`` (``valid[B, T]``)."""
+        from ..generation import prompt_parts
+
+        _, suffix = prompt_parts(tokenizer)
+        device = input_ids.device
+
+        def encode(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+        first, following, suffix_ids = encode(FIRST_PROMPT), encode(NEXT_PROMPT), encode(suffix)
+        length = input_ids.shape[-1]
+        rows = [input_ids[b][valid[b]].tolist() for b in range(input_ids.shape[0])]
+        n_chunks = max(1, max(-(-len(row) // self.chunk_size) for row in rows))
+        chunks = []
+        for c in range(n_chunks):
+            lo = c * self.chunk_size
+            sequences, starts, ends = [], [], []
+            for row in rows:
+                part = row[lo : lo + self.chunk_size]
+                prompt = first if c == 0 else following + row[max(0, lo - OVERLAP_TOKENS) : lo]
+                sequences.append(prompt + suffix_ids + part if part else [])
+                pad = length - len(row)
+                starts.append(pad + lo)
+                ends.append(pad + lo + len(part))
+            width = max(len(seq) for seq in sequences)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            seq_valid = torch.zeros(len(rows), width, dtype=torch.bool)
+            for b, seq in enumerate(sequences):
+                ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                seq_valid[b, : len(seq)] = True
+            lengths = torch.tensor([len(row) for row in rows])
+            positions = lengths[:, None] + torch.arange(width)[None, :]
+            chunks.append(
+                PassChunk(
+                    ids.to(device), seq_valid.to(device), positions.to(device),
+                    torch.tensor(starts, device=device), torch.tensor(ends, device=device),
+                )
+            )
+        return chunks
+
+    def pass_scores(
+        self,
+        module: torch.nn.Module,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        context_valid: torch.Tensor,
+        chunk: PassChunk,
+    ) -> torch.Tensor:
+        """This chunk's scores ``float32[B, Hkv, T]`` for one layer (0 outside its span).
+
+        ``hidden[B, n, H]``: the reconstruction tokens' input to the attention; ``keys`` /
+        ``values`` ``[B, Hkv, T + n, D]``: the layer's cache after the pass wrote them;
+        ``context_valid[B, T]``: the prefill's padding mask."""
+        length = context_valid.shape[-1]
+        queries = rotated_queries(module, hidden, position_embeddings).float()
+        return reconstruction_attention_max(
+            queries, keys.float(), context_valid, chunk.valid, chunk.start, chunk.end, self.sinks,
+            hidden_norm=hidden.float().norm(dim=-1) if self.plus_normalization else None,
+            value_out_norm=value_output_norm(module, values[:, :, :length]) if self.plus_normalization else None,
+        )
+
+    # -- the fused op's view ----------------------------------------------------------------------
+
+    def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        if inputs.context_scores is None:
+            raise RuntimeError(
+                "the kvzip scorer scores after the prefill's reconstruction pass: apply it with "
+                "`with press(model, tokenizer=...)` (Press.select alone cannot run the pass)"
+            )
+        return {"scores": inputs.context_scores}
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.float()
+
+
+def reconstruction_attention_max(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    context_valid: torch.Tensor,
+    query_valid: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    sinks: int,
+    hidden_norm: torch.Tensor | None = None,
+    value_out_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Max attention each context key gets from the reconstruction queries: ``[B, Hkv, T]``.
+
+    ``queries[B, Hq, n, D]`` (post-RoPE, scaled), ``keys[B, Hkv, T + n, D]``. Each query's softmax
+    runs over its row's sinks (the first ``sinks`` real tokens, when they precede the span), its
+    span ``[start, end)`` and the reconstruction tokens up to itself; padding queries contribute
+    nothing. Only those keys are gathered (``sinks + span + n`` per row, not ``T + n``), and
+    queries are processed in blocks, so the fp32 transient is ``[B, Hkv, G, QUERY_BLOCK, K]``.
+    ``value_out_norm[B, Hkv, G, T]`` (KVzip+) weighs the context keys' columns.
+    """
+    batch, kv_heads, total, head_dim = keys.shape
+    q_heads, n = queries.shape[1], queries.shape[2]
+    groups, length = q_heads // kv_heads, context_valid.shape[-1]
+    device = keys.device
+    first_real = length - context_valid.sum(dim=-1)  # [B] (left padding)
+    span = int((end - start).max())
+    sink_idx = first_real[:, None] + torch.arange(sinks, device=device)[None, :]
+    sink_ok = (sink_idx < start[:, None]) & (sink_idx < length)
+    span_idx = start[:, None] + torch.arange(span, device=device)[None, :]
+    span_ok = span_idx < end[:, None]
+    context_idx = torch.cat([sink_idx, span_idx], dim=-1).clamp(max=length - 1)  # [B, C]
+    context_ok = torch.cat([sink_ok, span_ok], dim=-1)
+    width = context_idx.shape[-1]
+    gathered = torch.cat(
+        [
+            keys[:, :, :length].gather(2, context_idx[:, None, :, None].expand(batch, kv_heads, width, head_dim)),
+            keys[:, :, length:],
+        ],
+        dim=2,
+    ).float()  # [B, Hkv, C + n, D]
+    # max_i softmax_i(j) = exp(max_i (logit_ij - lse_i)): one logsumexp and one max over the
+    # [.., q, C + n] block instead of materialising the probabilities (KVzip+'s 1/||h_i|| row
+    # weight folds into lse_i; its per-column ||W_O v_j|| weight is applied after the max).
+    best = keys.new_full((batch, kv_heads, groups, width), float("-inf"), dtype=torch.float32)
+    grouped = queries.float().reshape(batch, kv_heads, groups, n, head_dim)
+    appended_pos = torch.arange(n, device=device)
+    for lo in range(0, n, QUERY_BLOCK):
+        hi = min(n, lo + QUERY_BLOCK)
+        logits = torch.matmul(grouped[:, :, :, lo:hi], gathered.transpose(-1, -2)[:, :, None])  # [B, Hkv, G, q, C + n]
+        causal = appended_pos[None, :] <= torch.arange(lo, hi, device=device)[:, None]  # [q, n]
+        allowed = torch.cat(
+            [context_ok[:, None, :].expand(batch, hi - lo, width), causal[None] & query_valid[:, None, :]], dim=-1
+        )  # [B, q, C + n]
+        logits.masked_fill_(~allowed[:, None, None], torch.finfo(torch.float32).min)
+        offset = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, Hkv, G, q, 1]
+        if hidden_norm is not None:
+            offset = offset + hidden_norm[:, None, None, lo:hi, None].clamp(min=1e-6).log()
+        offset = offset.masked_fill(~query_valid[:, None, None, lo:hi, None], float("inf"))
+        block_best = logits[..., :width].sub_(offset).amax(dim=3)  # [B, Hkv, G, C]
+        best = torch.maximum(best, block_best)
+    probs = best.exp()
+    if value_out_norm is not None:
+        probs = probs * value_out_norm.gather(3, context_idx[:, None, None, :].expand(batch, kv_heads, groups, width))
+    best = probs.amax(dim=2) * context_ok[:, None, :].to(probs.dtype)
+    scores = best.new_zeros(batch, kv_heads, length)
+    scores.scatter_reduce_(2, context_idx[:, None, :].expand(batch, kv_heads, width), best, reduce="amax")
+    return scores * context_valid[:, None, :].to(scores.dtype)
+
+
+def value_output_norm(module: torch.nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """``||W_O v||`` per query head: what each value writes into the residual stream,
+    ``[B, Hkv, G, T]`` (KVzip+)."""
+    batch, kv_heads, length, head_dim = values.shape
+    weight = module.o_proj.weight.float()  # [hidden, Hq * D]
+    groups = weight.shape[1] // (kv_heads * head_dim)
+    weight = weight.view(-1, kv_heads, groups, head_dim)
+    out = torch.einsum("jhgi,bhti->bhgtj", weight, values.float())
+    return out.norm(dim=-1)

@@ -1,0 +1,178 @@
+"""KVzip (context reconstruction): the scoring op against a plain reference, the reconstruction
+inputs, the session's extra pass (cache restored, padded batches row-exact) and the presets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpress_chunk import make_press
+from kvpress_chunk.generation import generate_answers, greedy_continue, new_cache, prefill
+from kvpress_chunk.policies.kvzip import (
+    FIRST_PROMPT,
+    NEXT_PROMPT,
+    OVERLAP_TOKENS,
+    KVzipScorer,
+    reconstruction_attention_max,
+)
+from kvpress_chunk.registry import SpecError
+from tiny_models import make_tiny_model
+
+
+class ByteTokenizer:
+    """A real (if trivial) tokenizer for the tiny models: one id per byte, modulo their vocab."""
+
+    chat_template = None
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [b % self.vocab for b in text.encode()]
+
+        class Encoded:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+
+        return Encoded()
+
+
+def reference_scores(queries, keys, context_valid, query_valid, start, end, sinks, hidden_norm=None, out_norm=None):
+    """Row by row, query by query: softmax over the allowed keys, max per (kv head, key)."""
+    batch, kv_heads, total, _ = keys.shape
+    q_heads, n = queries.shape[1], queries.shape[2]
+    groups, length = q_heads // kv_heads, context_valid.shape[-1]
+    scores = torch.zeros(batch, kv_heads, length, dtype=torch.float64)
+    for b in range(batch):
+        real = [j for j in range(length) if context_valid[b, j]]
+        sink_set = [j for j in real[:sinks] if j < int(start[b])]
+        span = list(range(int(start[b]), int(end[b])))
+        for i in range(n):
+            if not query_valid[b, i]:
+                continue
+            allowed = sink_set + span + [length + k for k in range(i + 1) if query_valid[b, k]]
+            for h in range(q_heads):
+                kv = h // groups
+                logits = torch.stack([queries[b, h, i].double() @ keys[b, kv, j].double() for j in allowed])
+                probs = torch.softmax(logits, dim=0)
+                if hidden_norm is not None:
+                    probs = probs / hidden_norm[b, i].double()
+                for p, j in zip(probs, allowed):
+                    if j < length:
+                        weight = 1.0 if out_norm is None else float(out_norm[b, kv, h % groups, j])
+                        scores[b, kv, j] = max(float(scores[b, kv, j]), float(p) * weight)
+    return scores
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), groups=st.integers(1, 2), length=st.integers(4, 24),
+    n=st.integers(1, 12), sinks=st.integers(0, 4), plus=st.booleans(), seed=st.integers(0, 10_000),
+)
+def test_scoring_op_matches_the_plain_reference(batch, kv_heads, groups, length, n, sinks, plus, seed):
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = 4
+    queries = torch.randn(batch, kv_heads * groups, n, head_dim, generator=gen)
+    keys = torch.randn(batch, kv_heads, length + n, head_dim, generator=gen)
+    pads = torch.randint(0, length // 2 + 1, (batch,), generator=gen)
+    context_valid = torch.arange(length)[None, :] >= pads[:, None]
+    query_lengths = torch.randint(0, n + 1, (batch,), generator=gen)
+    query_valid = torch.arange(n)[None, :] < query_lengths[:, None]
+    start = pads + torch.randint(0, 3, (batch,), generator=gen)
+    end = torch.minimum(start + torch.randint(0, length, (batch,), generator=gen), torch.tensor(length))
+    start = torch.minimum(start, end)
+    hidden_norm = torch.rand(batch, n, generator=gen) + 0.5 if plus else None
+    out_norm = torch.rand(batch, kv_heads, groups, length, generator=gen) + 0.5 if plus else None
+    got = reconstruction_attention_max(queries, keys, context_valid, query_valid, start, end, sinks, hidden_norm, out_norm)
+    want = reference_scores(queries, keys, context_valid, query_valid, start, end, sinks, hidden_norm, out_norm)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_reconstruction_inputs_of_a_padded_row_equal_the_row_alone():
+    tokenizer = ByteTokenizer()
+    scorer = KVzipScorer(chunk_size=16)
+    long_row, short_row = list(range(1, 41)), list(range(50, 70))
+    ids = torch.tensor([long_row, [0] * 20 + short_row])
+    valid = ids != 0
+    batch_chunks = scorer.pass_chunks(tokenizer, ids, valid)
+    assert len(batch_chunks) == 3  # ceil(40 / 16)
+    for row, tokens in enumerate((long_row, short_row)):
+        alone = scorer.pass_chunks(tokenizer, torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.bool))
+        pad = 40 - len(tokens)
+        for c, chunk in enumerate(batch_chunks):
+            real = chunk.valid[row]
+            if c >= len(alone):
+                assert not real.any() and chunk.start[row] == chunk.end[row]
+                continue
+            assert chunk.input_ids[row][real].tolist() == alone[c].input_ids[0].tolist()
+            assert chunk.positions[row][real].tolist() == alone[c].positions[0].tolist()
+            assert (int(chunk.start[row]) - pad, int(chunk.end[row]) - pad) == (int(alone[c].start[0]), int(alone[c].end[0]))
+    first, second = batch_chunks[0], batch_chunks[1]
+    prompt = [b % 128 for b in (FIRST_PROMPT + "\n").encode()]
+    assert first.input_ids[0, : len(prompt)].tolist() == prompt
+    assert first.input_ids[0, len(prompt) :].tolist() == long_row[:16]
+    follow = [b % 128 for b in NEXT_PROMPT.encode()] + long_row[16 - OVERLAP_TOKENS : 16] + [10]
+    assert second.input_ids[0, : len(follow)].tolist() == follow
+    assert first.positions[0, 0] == 40  # continues after the prefill
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_context_pass_restores_the_cache_and_keeps_original_tokens(family):
+    model = make_tiny_model(family, num_layers=4)
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(1))
+    plain = prefill(model, ids)
+    press = make_press("kvzip", compression_ratio=0.5, chunk_size=24)
+    with press(model, tokenizer=ByteTokenizer()) as session:
+        compressed = prefill(model, ids)
+    assert session.selections, "nothing was compressed"
+    for idx, layer in enumerate(compressed.cache.layers):
+        full = plain.cache.layers[idx]
+        if idx in session.skipped_layers:  # sliding layers: exactly as without a press
+            torch.testing.assert_close(layer.keys, full.keys)
+            continue
+        selection = session.selections[idx]
+        kept, _ = selection.apply(full.keys, full.values)
+        torch.testing.assert_close(layer.keys, kept)
+    kept_total = sum(int(s.slot_valid.sum()) for i, s in session.selections.items())
+    heads = model.config.num_key_value_heads
+    assert kept_total == len(session.selections) * heads * 30  # global allocator: exact total budget
+
+
+@pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("chunkkv-kvzip", "evict"), ("chunkkv-kvzip", "mask")])
+def test_padded_batch_rows_answer_as_alone(preset, apply):
+    model = make_tiny_model("llama", num_layers=3)
+    tokenizer = ByteTokenizer()
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(1, 128, (50,), generator=gen), torch.randint(1, 128, (34,), generator=gen)]
+    batch = torch.zeros(2, 50, dtype=torch.long)
+    mask = torch.zeros(2, 50, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, 50 - len(row):] = row
+        mask[i, 50 - len(row):] = 1
+    press = make_press(preset, compression_ratio=0.6, pass_chunk_size=20) if preset == "chunkkv-kvzip" else \
+        make_press(preset, compression_ratio=0.6, chunk_size=20, allocator="adaptive")
+    press = press.replace(apply=apply)
+    question = torch.randint(1, 128, (2, 3), generator=gen)
+    with press(model, tokenizer=tokenizer):
+        together = greedy_continue(model, prefill(model, batch, mask), question, 6)
+        for i, row in enumerate(rows):
+            alone = greedy_continue(model, prefill(model, row[None]), question[i : i + 1], 6)
+            assert together[i].tolist() == alone[0].tolist()
+
+
+def test_missing_tokenizer_is_a_clear_error():
+    model = make_tiny_model("llama", num_layers=2)
+    with pytest.raises(SpecError, match="tokenizer"):
+        with make_press("kvzip", compression_ratio=0.5)(model):
+            pass
+
+
+def test_kvzip_spec_round_trip_and_validation():
+    press = make_press("chunkkv-kvzip(chunk_size=8, allocator='global', plus=True)", compression_ratio=0.75)
+    assert make_press(press.to_spec()) == press
+    assert press.selector.per_head and press.deferred
+    with pytest.raises((SpecError, ValueError)):
+        make_press("kvzip(chunk_size=4)", compression_ratio=0.5)

@@ -1,6 +1,6 @@
 """Policy parts, in data-flow order: scorers -> groupers -> selectors -> planners; and presets."""
 
-from . import allocators, groupers, kvzip, planners, presets, scorers, selectors  # noqa: F401  (registers the parts)
+from . import allocators, expected_attention, groupers, kvzip, planners, presets, scorers, selectors  # noqa: F401  (registers the parts)
 from .allocators import AdaptiveAllocator, Allocator, GlobalAllocator, PyramidAllocator, UniformAllocator
 from .groupers import ChunkGrouper, Grouper, TokenGrouper
 from .layer_inputs import LayerInputs

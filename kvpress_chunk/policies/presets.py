@@ -183,6 +183,11 @@ def chunkkv_sentence(max_size: int = 32, window: int = 32, kernel: int = 5, redu
     }
 
 
+def _tokens_or_chunks(chunk_size: int) -> Any:
+    """The grouper spec: single tokens for ``chunk_size == 1``, else ChunkKV chunks (summed scores)."""
+    return "token" if chunk_size == 1 else {"name": "chunk", "size": chunk_size, "reduce": "sum"}
+
+
 def _allocated(selector: dict[str, Any], allocator: str) -> dict[str, Any]:
     """A spec fragment: the allocator, and per-head selection when it pools heads' budgets."""
     from ..registry import build_part
@@ -216,4 +221,50 @@ def chunkkv_kvzip(
         "scorer": {"name": "kvzip", "chunk_size": pass_chunk_size, "sinks": sinks, "plus_normalization": plus},
         "grouper": {"name": "chunk", "size": chunk_size, "reduce": reduce},
         **_allocated({"name": "topk", "per_head": per_head, "sinks": sinks, "keep_window": False}, allocator),
+    }
+
+
+@preset("expected-attention")
+def expected_attention(future: int = 512, sinks: int = 4, allocator: str = "adaptive", chunk_size: int = 1) -> dict[str, Any]:
+    """Expected attention (arXiv 2510.00636): future queries as a Gaussian; no pass, no question.
+
+    Head-adaptive budgets by default (``allocator='adaptive'``, AdaKV-style: kvpress reports +5
+    RULER points from them); ``chunk_size > 1`` ranks ChunkKV chunks of the same scores.
+    """
+    return {
+        "scorer": {"name": "expected-attention", "future": future, "sinks": sinks},
+        "grouper": _tokens_or_chunks(chunk_size),
+        **_allocated({"name": "topk", "per_head": True, "sinks": sinks, "keep_window": False}, allocator),
+    }
+
+
+@preset("chunkkv-expected")
+def chunkkv_expected(chunk_size: int = 10, future: int = 512, sinks: int = 4, allocator: str = "uniform") -> dict[str, Any]:
+    """ChunkKV chunks of expected-attention scores, one selection shared by a layer's heads."""
+    return {
+        "scorer": {"name": "expected-attention", "future": future, "sinks": sinks},
+        "grouper": {"name": "chunk", "size": chunk_size, "reduce": "sum"},
+        **_allocated({"name": "topk", "per_head": False, "sinks": sinks, "keep_window": False}, allocator),
+    }
+
+
+@preset("keydiff")
+def keydiff(per_head: bool = True, chunk_size: int = 1) -> dict[str, Any]:
+    """KeyDiff (arXiv 2504.15364): keep the keys least like their head's mean key; query-free."""
+    return {"scorer": "keydiff", "grouper": _tokens_or_chunks(chunk_size), "selector": {"name": "topk", "per_head": per_head}}
+
+
+@preset("tova")
+def tova(chunk_size: int = 1) -> dict[str, Any]:
+    """TOVA (arXiv 2401.06104): the last token's attention, averaged over heads; one selection."""
+    return {"scorer": "tova", "grouper": _tokens_or_chunks(chunk_size), "selector": {"name": "topk", "keep_window": True}}
+
+
+@preset("observed")
+def observed(queries: int = 256, per_head: bool = True, chunk_size: int = 1) -> dict[str, Any]:
+    """H2O-style observed attention (arXiv 2306.14048) of the last `queries` prefill queries."""
+    return {
+        "scorer": {"name": "observed", "queries": queries},
+        "grouper": _tokens_or_chunks(chunk_size),
+        "selector": {"name": "topk", "per_head": per_head, "sinks": 4},
     }

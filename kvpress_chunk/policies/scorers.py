@@ -220,3 +220,75 @@ class RandomScorer(Scorer):
 
     def score(self, keys: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise
+
+
+@register("scorer", "keydiff")
+@dataclass(frozen=True)
+class KeyDiffScorer(Scorer):
+    """KeyDiff (arXiv 2504.15364): keys unlike the rest are kept; score = minus the cosine of each
+    key with the mean of the (real) normalised keys of its head. Query-free and cheap."""
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(keys.float(), dim=-1)
+        weight = valid[:, None, :, None].to(unit.dtype)
+        anchor = (unit * weight).sum(dim=2, keepdim=True) / weight.sum(dim=2, keepdim=True).clamp(min=1)
+        return -(unit * F.normalize(anchor, dim=-1)).sum(dim=-1)
+
+
+@register("scorer", "tova")
+@dataclass(frozen=True)
+class TOVAScorer(Scorer):
+    """TOVA (arXiv 2401.06104): the last token's attention, averaged over every query head (one
+    score for all KV heads, as the paper's single head-agnostic policy). The last token is the
+    observation window (``window = 1``): a selector with ``keep_window`` keeps it."""
+
+    window: int = 1
+
+    def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        return {"queries": window_queries(inputs, 1)}
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        batch, kv_heads, length, _ = keys.shape
+        probs = observation_window_attention(queries, keys, valid)[..., 0, :]  # [B, Hkv, G, T]
+        shared = probs.mean(dim=(1, 2))  # [B, T]
+        return shared[:, None, :].expand(batch, kv_heads, length).contiguous()
+
+
+@register("scorer", "observed")
+@dataclass(frozen=True)
+class ObservedAttentionScorer(Scorer):
+    """H2O-style observed attention (arXiv 2306.14048): attention accumulated over the last
+    ``queries`` prefill queries (0: every query), divided by how many of them could see the token
+    (so early tokens are not favoured for being old), averaged over each KV head's query group.
+
+    Unlike SnapKV there is no pooling and the queries are not protected (``window`` = 0): the
+    score is what the prefill itself attended to. Every query costs ``T`` dot products per head,
+    so ``queries=0`` is quadratic in the prompt; the default observes the last 256.
+    """
+
+    queries: int = 256
+
+    def __post_init__(self) -> None:
+        if self.queries < 0:
+            raise ValueError(f"queries must be >= 0 (0: every prefill query), got {self.queries}")
+
+    def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        length = inputs.keys.shape[-2]
+        count = length if self.queries == 0 else min(self.queries, length)
+        return {"observers": window_queries(inputs, count)}
+
+    def score(self, keys: torch.Tensor, valid: torch.Tensor, observers: torch.Tensor) -> torch.Tensor:
+        batch, kv_heads, length, _ = keys.shape
+        count = observers.shape[2]
+        total = keys.new_zeros(batch, kv_heads, length, dtype=torch.float32)
+        block = 256
+        for lo in range(0, count, block):  # blocks bound the [B, Hkv, G, q, T] transient
+            hi = min(count, lo + block)
+            end = length - count + hi
+            probs = observation_window_attention(observers[:, :, lo:hi], keys[:, :, :end], valid[:, :end])
+            query_valid = valid[:, end - (hi - lo) : end].to(probs.dtype)
+            total[..., :end] += (probs * query_valid[:, None, None, :, None]).sum(dim=3).mean(dim=2)
+        # Observers of token j: the real queries at positions >= j (a reverse cumulative count).
+        observing = valid.to(torch.float32) * (torch.arange(length, device=keys.device) >= length - count)
+        seen = observing.flip(-1).cumsum(dim=-1).flip(-1)
+        return total / seen[:, None, :].clamp(min=1)

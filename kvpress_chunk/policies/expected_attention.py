@@ -1,0 +1,133 @@
+"""Expected attention (arXiv 2510.00636): score keys by the attention that *future* queries are
+expected to pay them, with no extra pass and no question.
+
+Future queries are modelled as a Gaussian: the mean and covariance of the context's pre-RoPE
+queries (the first ``sinks`` tokens excluded: they are outliers), rotated by the RoPE matrix
+averaged over the next ``future`` positions. For ``q ~ N(mu, Sigma)`` and scaling ``s``,
+``E[exp(s q.k)] = exp(s k.mu + s^2 k^T Sigma k / 2)``; the score is that expectation normalised
+over the context (a softmax), averaged over the query heads of each KV head, times ``||v||``
+(what the key would contribute).
+
+The future rotation is extrapolated from the last two prefill positions' ``(cos, sin)``: RoPE
+rotates each frequency by ``position x theta``, so two consecutive positions give ``theta`` and
+the phase, whatever the model's RoPE scaling (no need to find its rotary module). Rows of a
+left-padded batch use their own positions and statistics (padding is excluded), so a row gets
+its solo scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import register
+from .groupers import positions_from_row_start
+from .layer_inputs import LayerInputs
+from .scorers import Scorer, attention_scaling, query_states
+
+
+def averaged_future_rope(cos: torch.Tensor, sin: torch.Tensor, future: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(cos, sin)`` ``[B, D]`` over the ``future`` positions after the last one of ``cos/sin[B, T, D]``."""
+    last_c, last_s = cos[:, -1].double(), sin[:, -1].double()
+    if cos.shape[1] >= 2:
+        prev_c, prev_s = cos[:, -2].double(), sin[:, -2].double()
+        step = torch.atan2(last_s * prev_c - last_c * prev_s, last_c * prev_c + last_s * prev_s)
+    else:
+        step = torch.zeros_like(last_c)
+    amplitude = torch.sqrt(last_c**2 + last_s**2)
+    phase = torch.atan2(last_s, last_c)
+    offsets = torch.arange(1, future + 1, device=cos.device, dtype=torch.float64)
+    angles = phase[..., None] + step[..., None] * offsets  # [B, D, future]
+    mean_cos = (amplitude[..., None] * torch.cos(angles)).mean(dim=-1)
+    mean_sin = (amplitude[..., None] * torch.sin(angles)).mean(dim=-1)
+    return mean_cos.to(cos.dtype), mean_sin.to(sin.dtype)
+
+
+def rope_matrix(mean_cos: torch.Tensor, mean_sin: torch.Tensor) -> torch.Tensor:
+    """``R[B, D, D]`` with ``R x = x * cos + rotate_half(x) * sin`` (the averaged rotation)."""
+    batch, dim = mean_cos.shape
+    half = dim // 2
+    swap = torch.zeros(dim, dim, dtype=mean_cos.dtype, device=mean_cos.device)  # rotate_half as a matrix
+    swap[:half, half:] = -torch.eye(half, dtype=mean_cos.dtype, device=mean_cos.device)
+    swap[half:, :half] = torch.eye(half, dtype=mean_cos.dtype, device=mean_cos.device)
+    return torch.diag_embed(mean_cos) + mean_sin[:, :, None] * swap[None]
+
+
+@register("scorer", "expected-attention")
+@dataclass(frozen=True)
+class ExpectedAttentionScorer(Scorer):
+    """Expected attention of future queries (arXiv 2510.00636); no extra pass.
+
+    ``future``: positions the RoPE rotation is averaged over; ``sinks``: first tokens left out of
+    the query statistics; ``covariance`` / ``value_norm``: the second-order term and the ``||v||``
+    factor (both on in the paper); ``epsilon`` is added before the ``||v||`` factor.
+    """
+
+    future: int = 512
+    sinks: int = 4
+    covariance: bool = True
+    value_norm: bool = True
+    epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.future < 1:
+            raise ValueError(f"future must be >= 1, got {self.future}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+
+    def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        module = inputs.module
+        queries = query_states(module, inputs.hidden_states).float()  # [B, Hq, T, D], pre-RoPE
+        counted = (inputs.valid & (positions_from_row_start(inputs.valid) >= self.sinks)).float()  # [B, T]
+        counted = torch.where(counted.sum(dim=-1, keepdim=True) > 0, counted, inputs.valid.float())
+        weights = (counted / counted.sum(dim=-1, keepdim=True).clamp(min=1))[:, None, :, None]  # [B, 1, T, 1]
+        mean = (queries * weights).sum(dim=2)  # [B, Hq, D]
+        centered = (queries - mean[:, :, None]) * weights.sqrt()
+        cov = centered.transpose(-1, -2) @ centered  # [B, Hq, D, D]
+        if inputs.position_embeddings is not None:
+            cos, sin = inputs.position_embeddings
+            rotation = rope_matrix(*averaged_future_rope(cos.float(), sin.float(), self.future))[:, None]  # [B, 1, D, D]
+            mean = (rotation @ mean[..., None])[..., 0]
+            cov = rotation @ cov @ rotation.transpose(-1, -2)
+        scale = attention_scaling(module)
+        return {
+            "mean": mean * scale,
+            "cov": cov * scale**2,
+            "value_norms": torch.linalg.vector_norm(inputs.values.float(), dim=-1),
+        }
+
+    def score(
+        self, keys: torch.Tensor, valid: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, value_norms: torch.Tensor
+    ) -> torch.Tensor:
+        return expected_attention_scores(
+            keys, valid, mean, cov, value_norms, self.covariance, self.value_norm, self.epsilon
+        )
+
+
+def expected_attention_scores(
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    value_norms: torch.Tensor,
+    covariance: bool = True,
+    value_norm: bool = True,
+    epsilon: float = 0.0,
+) -> torch.Tensor:
+    """``float32[B, Hkv, T]``: softmax over the context of ``k.mu + k^T Sigma k / 2`` (``mean`` /
+    ``cov`` pre-scaled, per query head), averaged over each KV head's query group, times ``||v||``."""
+    batch, kv_heads, length, dim = keys.shape
+    groups = mean.shape[1] // kv_heads
+    k = keys.float()
+    mu = mean.view(batch, kv_heads, groups, dim)
+    logits = torch.einsum("bhtd,bhgd->bhgt", k, mu)
+    if covariance:
+        sigma = cov.view(batch, kv_heads, groups, dim, dim)
+        quadratic = (torch.matmul(k[:, :, None], sigma) * k[:, :, None]).sum(dim=-1)  # [B, Hkv, G, T]
+        logits = logits + 0.5 * quadratic
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    scores = torch.softmax(logits, dim=-1).mean(dim=2)
+    if value_norm:
+        scores = (scores + epsilon) * value_norms
+    return scores * valid[:, None, :].to(scores.dtype)

@@ -98,7 +98,8 @@ def test_chunk_size_below_one_refused(size):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(SpecError, match=r"unknown preset 'chunky'; valid presets: adakv, chunkkv, chunkkv-adaptive, chunkkv-global, chunkkv-kvpress"):
+    valid_presets = ", ".join(sorted(kc.list_presets()))
+    with pytest.raises(SpecError, match=rf"unknown preset 'chunky'; valid presets: {valid_presets}$"):
         kc.make_press("chunky", compression_ratio=0.5)
     valid_scorers = ", ".join(sorted(kc.registered("scorer")))
     with pytest.raises(SpecError, match=rf"unknown scorer 'h2o'; valid scorers: {valid_scorers}$"):

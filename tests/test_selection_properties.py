@@ -202,3 +202,66 @@ def test_head_adaptive_budgets_really_differ_across_heads():
     selection = run_selector(scores, torch.ones(1, 40, dtype=torch.bool), TokenGrouper(), HeadAdaptiveSelector(), Budget(compression_ratio=0.5), 0)
     counts = selection.slot_valid[0].sum(dim=-1).tolist()
     assert sum(counts) == 40 and counts[0] > counts[1]
+
+
+def entropy_gated_oracle(row: list[float], chunk: int, keep_spiky: int, budget: int, recent: int) -> set[int]:
+    """The entropy gate as the obvious loop (one unpadded row, one head, no sinks)."""
+    import math
+
+    length = len(row)
+    protected = set(range(length - recent, length))
+    members: dict[int, list[int]] = {}
+    for t in range(length):
+        if t not in protected:
+            members.setdefault(t // chunk, []).append(t)
+    total = {g: sum(row[t] for t in m) for g, m in members.items()}
+    mean = {g: total[g] / len(m) for g, m in members.items()}
+
+    def entropy(g):
+        m = members[g]
+        if len(m) < 2:
+            return 0.0
+        low = min(0.0, min(row[t] for t in m))
+        shifted = [row[t] - low for t in m]
+        s = sum(shifted) + 1e-8
+        return min(1.0, max(0.0, -sum(p * math.log(p) for p in (x / s for x in shifted) if p > 0) / math.log(len(m))))
+
+    ent = {g: entropy(g) for g in members}
+    lower_median = lambda values: sorted(values)[(len(values) - 1) // 2]  # noqa: E731 (torch.nanmedian's rule)
+    mean_median, entropy_median = lower_median(list(mean.values())), lower_median(list(ent.values()))
+    spiky = {g for g in members if mean[g] >= mean_median and ent[g] < entropy_median}
+    ranked = sorted(members, key=lambda g: (-total[g], g))
+    order = []
+    for g in ranked:
+        tokens = members[g]
+        order += sorted(tokens, key=lambda t: (-row[t], t))[:keep_spiky] if g in spiky else tokens
+    demoted = [t for g in spiky for t in sorted(members[g], key=lambda t: (-row[t], t))[keep_spiky:]]
+    order += sorted(demoted, key=lambda t: (-row[t], t))
+    room = max(budget, len(protected)) - len(protected)
+    return protected | set(order[:room])
+
+
+@given(
+    st.integers(1, 3), st.integers(12, 90), st.integers(2, 8), st.integers(1, 4), st.integers(0, 8),
+    st.sampled_from([0.5, 0.75, 0.9]), st.integers(0, 2**16),
+)
+def test_entropy_gated_selection_matches_oracle_with_an_exact_budget(batch, length, chunk, keep_spiky, window, ratio, seed):
+    from kvpress_chunk.policies.selectors import EntropyGatedSelector
+
+    selector = EntropyGatedSelector(spiky_keep=keep_spiky)
+    budget = Budget(compression_ratio=ratio)
+    pads = [0] + [(seed >> row) % (length // 3) for row in range(1, batch)]
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, 1, length, generator=generator) ** 4  # skewed: some chunks are spiky
+    valid = torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]
+    selection = run_selector(scores, valid, ChunkGrouper(size=chunk), selector, budget, window)
+    for row in range(batch):
+        pad, real = pads[row], length - pads[row]
+        kept = selection.indices[row, 0][selection.slot_valid[row, 0]]
+        local = {int(t) - pad for t in kept}
+        if real <= window:
+            assert local == set(range(real))
+            continue
+        want = entropy_gated_oracle(scores[row, 0, pad:].tolist(), chunk, keep_spiky, budget.kept(real), window)
+        assert local == want
+        assert len(local) == max(budget.kept(real), min(window, real))  # exactly the budget

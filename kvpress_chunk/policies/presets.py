@@ -268,3 +268,13 @@ def observed(queries: int = 256, per_head: bool = True, chunk_size: int = 1) -> 
         "grouper": _tokens_or_chunks(chunk_size),
         "selector": {"name": "topk", "per_head": per_head, "sinks": 4},
     }
+
+
+@preset("chunkkv-entropy")
+def chunkkv_entropy(chunk_size: int = 10, spiky_keep: int = 4, window: int = 32, kernel: int = 5) -> dict[str, Any]:
+    """ChunkKV with an entropy gate: spiky important chunks keep their top tokens, freeing budget."""
+    return {
+        "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
+        "grouper": {"name": "chunk", "size": chunk_size, "reduce": "sum"},
+        "selector": {"name": "entropy-gated", "spiky_keep": spiky_keep, "keep_window": True},
+    }

@@ -126,12 +126,14 @@ def select_topk(
     capacity: int,
     reduce: str,
     fill: str,
+    spiky_keep: int = 0,
 ) -> SelectionTensors:
     """Pure, compile-friendly group top-k (see module docstring for the rule).
 
     ``scores[B, H, T]`` (H = 1 for a selection shared by all heads), ``group_ids[B, T]``,
     ``valid``/``protected`` ``[B, T]``. Exactly one of ``n_keep[B]`` (tokens per row, protected
     included) and ``n_groups_keep[B]`` (groups per row, on top of protected tokens) is given.
+    ``spiky_keep > 0`` gates groups by entropy (:func:`spiky_group_order`; ``fill="exact"`` only).
     """
     batch, heads, length = scores.shape
     candidates = valid & ~protected
@@ -152,6 +154,10 @@ def select_topk(
     positions = torch.arange(length, device=scores.device)
     token_rank = rank.gather(-1, group_ids.unsqueeze(1).expand(batch, heads, length))
     key = token_rank * length + positions
+    if spiky_keep:
+        within, demoted, score_rank = spiky_group_order(scores, group_ids, num_groups, candidates, sizes, spiky_keep)
+        key = torch.where(within >= 0, token_rank * length + within, key)
+        key = torch.where(demoted, (num_groups + 1) * length + score_rank, key)
     key = torch.where(protected.unsqueeze(1), positions - length, key)
     key = torch.where(valid.unsqueeze(1), key, (num_groups + 2) * length + positions)
     first = torch.topk(-key, capacity, dim=-1, sorted=True).indices  # best first
@@ -159,6 +165,60 @@ def select_topk(
     kept = slot < total.unsqueeze(-1)
     indices = torch.where(kept, first, -1).sort(dim=-1).values
     return SelectionTensors(indices, indices >= 0)
+
+
+def spiky_group_order(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    candidates: torch.Tensor,
+    sizes: torch.Tensor,
+    spiky_keep: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy gate (kvpress' EntropyGatedChunkKV rule, vectorised and per row): a group whose
+    mean score is at least the median group's and whose normalised score entropy is below the
+    median is *spiky* (its importance sits in a few tokens). Its best ``spiky_keep`` tokens keep the
+    group's rank, ordered by score; its other tokens are demoted behind every ordinary token, so
+    the budget they would have taken admits further groups (the total stays exact).
+
+    Returns ``within[B, H, T]`` (score rank inside a spiky group for its kept tokens, else -1),
+    ``demoted[B, H, T]`` and ``score_rank[B, H, T]`` (global score rank, orders demoted tokens).
+    """
+    batch, heads, length = scores.shape
+    ids = group_ids.unsqueeze(1).expand(batch, heads, length)
+    weight = candidates.unsqueeze(1).to(scores.dtype)
+    masked = torch.where(candidates.unsqueeze(1), scores, float("inf"))
+    low = scores.new_full((batch, heads, num_groups + 1), float("inf")).scatter_reduce(-1, ids, masked, reduce="amin")
+    shifted = (scores - low.gather(-1, ids).clamp(max=0)) * weight  # non-negative inside each group
+    totals = scores.new_zeros(batch, heads, num_groups + 1).scatter_add_(-1, ids, shifted)
+    prob = shifted / (totals.gather(-1, ids) + 1e-8)
+    plogp = torch.where(prob > 0, prob * prob.clamp(min=1e-30).log(), 0.0)
+    entropy = -scores.new_zeros(batch, heads, num_groups + 1).scatter_add_(-1, ids, plogp)
+    counts = sizes.expand(batch, heads, -1)
+    entropy = torch.where(counts > 1, entropy / counts.clamp(min=2).log(), 0.0).clamp(0, 1)
+    means = scores.new_zeros(batch, heads, num_groups + 1).scatter_add_(-1, ids, scores * weight) / counts.clamp(min=1)
+    real = counts > 0
+    real[..., -1] = False  # the padding bucket
+    nan = torch.full_like(means, float("nan"))
+    mean_median = torch.where(real, means, nan).nanmedian(dim=-1, keepdim=True).values
+    entropy_median = torch.where(real, entropy, nan).nanmedian(dim=-1, keepdim=True).values
+    spiky = real & (means >= mean_median) & (entropy < entropy_median)  # [B, H, G+1]
+    # Score rank of each candidate inside its group: sort by score, then (stably) by group.
+    by_score = torch.argsort(torch.where(candidates.unsqueeze(1), scores, float("-inf")), dim=-1, descending=True, stable=True)
+    by_group = torch.argsort(ids.gather(-1, by_score), dim=-1, stable=True)
+    order = by_score.gather(-1, by_group)  # tokens grouped, best first inside each group
+    group_sizes = torch.zeros(batch, heads, num_groups + 1, dtype=torch.int64, device=scores.device).scatter_add_(
+        -1, ids, torch.ones_like(ids)
+    )
+    first_slot = torch.cumsum(group_sizes, dim=-1) - group_sizes  # [B, H, G+1]
+    slot = torch.arange(length, device=scores.device).expand(batch, heads, length)
+    rank_sorted = slot - first_slot.gather(-1, ids.gather(-1, order))
+    rank_in_group = torch.empty_like(rank_sorted).scatter_(-1, order, rank_sorted)
+    in_spiky = spiky.gather(-1, ids) & candidates.unsqueeze(1)
+    demoted = in_spiky & (rank_in_group >= spiky_keep)
+    within = torch.where(in_spiky & ~demoted, rank_in_group, -1)
+    score_rank = torch.empty_like(by_score).scatter_(-1, by_score, slot)
+    return within, demoted, score_rank
 
 
 @register("selector", "topk")
@@ -264,6 +324,35 @@ def select_pooled(
     positions = torch.arange(length, device=scores.device)
     indices = torch.where(table, positions, -1).sort(dim=-1).values
     return SelectionTensors(indices, indices >= 0)
+
+
+@register("selector", "entropy-gated")
+@dataclass(frozen=True)
+class EntropyGatedSelector(TopKSelector):
+    """Top-k of groups with an entropy gate (kvpress' EntropyGatedChunkKV, per row and head):
+    an important group whose score sits in a few tokens keeps only its best ``spiky_keep``
+    tokens, and the budget freed admits more groups. Exact total budget (``fill='exact'``)."""
+
+    spiky_keep: int = 4
+
+    def __post_init__(self) -> None:
+        TopKSelector.__post_init__(self)
+        if self.spiky_keep < 1:
+            raise ValueError(f"spiky_keep must be >= 1, got {self.spiky_keep}")
+        if self.fill != "exact" or self.count != "tokens":
+            raise ValueError("the entropy-gated selector needs fill='exact' and count='tokens'")
+
+    def select(self, request: SelectionRequest) -> SelectionTensors:
+        scores, group_ids, num_groups, valid, window, keep, reduce, capacity, pool_heads = request
+        if pool_heads:
+            raise ValueError("the entropy-gated selector does not pool heads' budgets (use the uniform allocator)")
+        protected = self.protected(valid, window)
+        if not self.per_head:
+            scores = scores.sum(dim=1, keepdim=True)
+        return select_topk(
+            scores, group_ids, num_groups, valid, protected, keep(valid.sum(dim=-1)), None, capacity, reduce, "exact",
+            spiky_keep=self.spiky_keep,
+        )
 
 
 @register("selector", "adaptive")

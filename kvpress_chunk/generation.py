@@ -91,9 +91,11 @@ def prefill(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     press: Press | None = None,
+    tokenizer=None,
 ) -> CompressedContext:
     """Run the prompt through ``model`` (left-padded batch allowed), compressing with ``press``
-    (or with the press already applied by an enclosing ``with press(model):``)."""
+    (or with the press already applied by an enclosing ``with press(model):``). ``tokenizer``
+    is handed to presses whose scorer runs a context pass (``kvzip``)."""
     input_ids = input_ids.to(model.device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -108,7 +110,7 @@ def prefill(
         "use_cache": True,
         "logits_to_keep": 1,
     }
-    with applied(press, model):
+    with applied(press, model, tokenizer):
         out = model(**kwargs)
         router = router_of(model)
         views = router.views_of(cache) if router is not None else {}
@@ -137,22 +139,10 @@ def greedy_continue(
     mask = context.attention_mask
     positions = context.next_positions.to(device)
     step_ids = input_ids
-    cache_kw = cache_keyword(model)
     routing = compressed_attention(model) if context.layer_views else contextlib.nullcontext()
     with routing as router, (router.using(context.cache, context.layer_views) if router else contextlib.nullcontext()):
         for _ in range(max_new_tokens):
-            length = step_ids.shape[1]
-            mask = torch.cat([mask, torch.ones(batch, length, dtype=mask.dtype, device=device)], dim=-1)
-            position_ids = positions[:, None] + torch.arange(length, device=device)
-            out = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache_kw: context.cache},
-            )
-            positions = positions + length
+            out, mask, positions = forward_after(model, context.cache, mask, positions, step_ids, logits_to_keep=1)
             next_token = out.logits[:, -1].argmax(dim=-1)
             if eos.numel():
                 next_token = torch.where(finished, generated[-1] if generated else next_token, next_token)
@@ -165,6 +155,39 @@ def greedy_continue(
     if not generated:
         return torch.empty(batch, 0, dtype=torch.long, device=device)
     return torch.stack(generated, dim=1)
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: nn.Module, context: CompressedContext, input_ids: torch.Tensor) -> torch.Tensor:
+    """Feed ``input_ids[B, Q]`` after the context in one forward; ``float32[B, Q, V]``: the
+    next-token logits after each of them. With ``context.last_logits`` in front, they are the
+    model's predictions of ``input_ids`` themselves (what the fidelity eval scores). Mutates
+    ``context`` like :func:`greedy_continue`."""
+    device = model.device
+    input_ids = input_ids.to(device)
+    routing = compressed_attention(model) if context.layer_views else contextlib.nullcontext()
+    with routing as router, (router.using(context.cache, context.layer_views) if router else contextlib.nullcontext()):
+        out, context.attention_mask, context.next_positions = forward_after(
+            model, context.cache, context.attention_mask, context.next_positions.to(device), input_ids, logits_to_keep=0
+        )
+    return out.logits.float()
+
+
+def forward_after(model: nn.Module, cache, mask: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, logits_to_keep: int):
+    """One forward of ``ids[B, Q]`` after what ``cache`` holds: the 2-D mask grows by ``Q`` real
+    tokens and RoPE positions continue from ``positions[B]`` (original coordinates). Returns
+    ``(output, mask, positions)`` after the step."""
+    batch, length = ids.shape
+    mask = torch.cat([mask, torch.ones(batch, length, dtype=mask.dtype, device=ids.device)], dim=-1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions[:, None] + torch.arange(length, device=ids.device),
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **{cache_keyword(model): cache},
+    )
+    return out, mask, positions + length
 
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")

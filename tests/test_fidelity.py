@@ -1,0 +1,89 @@
+"""The fidelity eval: windows, teacher-forced continuation logits, and the figures' meaning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpress_chunk as kc
+from kvpress_chunk.eval.fidelity import compare, continuation_logprobs, format_fidelity_table, make_windows, run_fidelity
+from kvpress_chunk.eval.runner import our_entries
+from kvpress_chunk.generation import prefill, teacher_forced_logits
+from tiny_models import make_tiny_model
+
+
+class ByteTokenizer:
+    """A real (if trivial) tokenizer for the tiny models: one id per byte, modulo their vocab."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [b % 128 for b in text.encode()]
+
+        class Encoded:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+
+        return Encoded()
+
+
+def test_windows_are_seeded_sized_and_distinct():
+    tokenizer = ByteTokenizer()
+    first = make_windows(tokenizer, 300, 20, count=3, seed=1)
+    again = make_windows(tokenizer, 300, 20, count=3, seed=1)
+    assert [w.context_ids.tolist() for w in first] == [w.context_ids.tolist() for w in again]
+    assert all(w.context_ids.shape == (1, 300) and w.continuation_ids.shape == (1, 20) for w in first)
+    assert len({tuple(w.context_ids[0, :50].tolist()) for w in first}) == 3
+    with pytest.raises(ValueError, match="continuation_tokens"):
+        make_windows(tokenizer, 300, 0)
+
+
+@pytest.mark.parametrize("press", [None, "chunkkv"])
+def test_teacher_forced_logits_equal_one_forward_over_the_whole_text(press):
+    model = make_tiny_model("llama", num_layers=2)
+    ids = torch.randint(1, 128, (1, 90), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = model(ids).logits.float()
+    press = None if press is None else kc.make_press(press, compression_ratio=0.0)  # keeps everything
+    context = prefill(model, ids[:, :70], press=press)
+    later = teacher_forced_logits(model, context, ids[:, 70:])
+    torch.testing.assert_close(later, whole[:, 70:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(context.last_logits.float(), whole[:, 69], atol=1e-4, rtol=1e-4)
+    assert int(context.next_positions[0]) == 90 and context.attention_mask.shape[-1] == 90
+
+
+def test_a_press_that_keeps_everything_is_perfect_and_a_strong_one_is_not():
+    model = make_tiny_model("qwen3", num_layers=2)
+    tokenizer = ByteTokenizer()
+    windows = make_windows(tokenizer, 200, 16, count=2)
+    results = run_fidelity(model, tokenizer, windows, our_entries(["chunkkv"]), [0.0, 0.9], progress=False)
+    assert len(results) == 2 + 2 * 2
+    by = {(r["press"], r["compression_ratio"], r["window"]): r for r in results}
+    for window in range(2):
+        keep_all = by[("chunkkv", 0.0, window)]
+        assert keep_all["delta_nll"] == 0 and keep_all["kl"] == 0 and keep_all["top1"] == 1
+        assert keep_all["kept_tokens"] == 200
+        strong = by[("chunkkv", 0.9, window)]
+        assert strong["kl"] > 0 and strong["kept_tokens"] == 32  # the 32-token window is always kept
+    table = format_fidelity_table(results)
+    assert table.splitlines()[2].startswith("| - | full | 0% | 2 |")
+
+
+def test_compare_figures_on_known_distributions():
+    full = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]), dim=-1)
+    other = torch.log_softmax(torch.tensor([[0.0, 2.0, 0.0], [0.0, 3.0, 0.0]]), dim=-1)
+    targets = torch.tensor([0, 1])
+    figures = compare(full, other, targets)
+    assert figures["top1"] == 0.5
+    expected_nll = float(-(other[0, 0] + other[1, 1]) / 2)
+    assert figures["nll"] == pytest.approx(expected_nll, abs=1e-4)
+    assert figures["delta_nll"] == pytest.approx(expected_nll - float(-(full[0, 0] + full[1, 1]) / 2), abs=1e-4)
+    kl_first = float((full[0].exp() * (full[0] - other[0])).sum())
+    assert figures["kl"] == pytest.approx(kl_first / 2, abs=1e-4)
+
+
+def test_continuation_logprobs_report_the_kept_tokens():
+    model = make_tiny_model("llama", num_layers=2)
+    (window,) = make_windows(ByteTokenizer(), 100, 8, count=1)
+    logprobs, kept = continuation_logprobs(model, ByteTokenizer(), window, kc.make_press("knorm", compression_ratio=0.5))
+    assert logprobs.shape == (8, 128) and kept == 50
+    torch.testing.assert_close(logprobs.exp().sum(dim=-1), torch.ones(8))

@@ -60,10 +60,13 @@ class KVzipScorer(Scorer):
     ``chunk_size``: context tokens reconstructed per pass (<= 2048 in the paper); ``sinks``:
     first tokens always in the scored attention subset (keep them with the selector's ``sinks``);
     ``plus_normalization``: KVzip+ (divide each query's attention by the norm of its hidden
-    state, multiply each key's by the norm of ``W_O v``, what it writes to the residual stream).
+    state, multiply each key's by the norm of ``W_O v``, what it writes to the residual stream);
+    ``window``: trailing tokens a selector with ``keep_window`` always keeps (reconstruction
+    scores say nothing about what the *next* token needs: recency does).
     """
 
     chunk_size: int = 2048
+    window: int = 0
     sinks: int = 4
     plus_normalization: bool = False
 
@@ -72,8 +75,8 @@ class KVzipScorer(Scorer):
     def __post_init__(self) -> None:
         if self.chunk_size <= OVERLAP_TOKENS:
             raise ValueError(f"chunk_size must be > {OVERLAP_TOKENS}, got {self.chunk_size}")
-        if self.sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if self.sinks < 0 or self.window < 0:
+            raise ValueError(f"sinks and window must be >= 0, got {self.sinks} and {self.window}")
 
     # -- the extra pass ---------------------------------------------------------------------------
 

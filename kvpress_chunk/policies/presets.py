@@ -197,30 +197,35 @@ def _allocated(selector: dict[str, Any], allocator: str) -> dict[str, Any]:
 
 
 @preset("kvzip")
-def kvzip(chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global") -> dict[str, Any]:
+def kvzip(
+    chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global", recent: int = 0
+) -> dict[str, Any]:
     """KVzip (arXiv 2505.23416): keep what the model attends to while reconstructing the context.
 
     One extra pass after the prefill (the repeat prompt + the context, teacher-forced); token
     scores per KV head; by default one top-k over every layer and head (``allocator='global'``).
-    ``plus=True`` is KVzip+ normalisation. Needs the tokenizer: ``with press(model, tokenizer=tok)``.
+    ``plus=True`` is KVzip+ normalisation; ``recent`` last tokens always kept. Needs the
+    tokenizer: ``with press(model, tokenizer=tok)``.
     """
     return {
-        "scorer": {"name": "kvzip", "chunk_size": chunk_size, "sinks": sinks, "plus_normalization": plus},
+        "scorer": {"name": "kvzip", "chunk_size": chunk_size, "sinks": sinks, "plus_normalization": plus, "window": recent},
         "grouper": "token",
-        **_allocated({"name": "topk", "per_head": True, "sinks": sinks, "keep_window": False}, allocator),
+        **_allocated({"name": "topk", "per_head": True, "sinks": sinks, "keep_window": recent > 0}, allocator),
     }
 
 
 @preset("chunkkv-kvzip")
 def chunkkv_kvzip(
     chunk_size: int = 10, sinks: int = 4, plus: bool = False, allocator: str = "uniform", reduce: str = "sum",
-    per_head: bool = False, pass_chunk_size: int = 2048,
+    per_head: bool = False, pass_chunk_size: int = 2048, recent: int = 0,
 ) -> dict[str, Any]:
     """ChunkKV chunks ranked by KVzip reconstruction scores (no other library combines them)."""
     return {
-        "scorer": {"name": "kvzip", "chunk_size": pass_chunk_size, "sinks": sinks, "plus_normalization": plus},
+        "scorer": {
+            "name": "kvzip", "chunk_size": pass_chunk_size, "sinks": sinks, "plus_normalization": plus, "window": recent,
+        },
         "grouper": {"name": "chunk", "size": chunk_size, "reduce": reduce},
-        **_allocated({"name": "topk", "per_head": per_head, "sinks": sinks, "keep_window": False}, allocator),
+        **_allocated({"name": "topk", "per_head": per_head, "sinks": sinks, "keep_window": recent > 0}, allocator),
     }
 
 

@@ -171,6 +171,40 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
+    from .eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
+    from .eval.report import plot_heatmaps
+
+    settings = {"presses": args.presses or DEFAULTS["presses"], "ratios": args.ratios or DEFAULTS["ratios"],
+                "lengths": args.lengths or [2000], "depths": args.depths or [0.1, 0.3, 0.5, 0.7, 0.9]}
+    store = Path(args.store)
+    if args.render_only:
+        records = load_store(store)
+        if not records:
+            print(f"error: {store} holds no runs", file=sys.stderr)
+            return 2
+    else:
+        loaded = _entries_and_model(args, settings)
+        if isinstance(loaded, int):
+            return loaded
+        entries, model, tokenizer = loaded
+        print(f"leaderboard: {len(entries)} presses x {len(settings['ratios'])} ratios x tasks {','.join(args.tasks)}; "
+              f"store {store} (rerun to continue)")
+        records = run_leaderboard(model, tokenizer, entries, settings["ratios"], args.tasks, store, settings["lengths"],
+                                  settings["depths"], tuple(args.formats), args.windows or 4, args.seed)
+    text = leaderboard_markdown(records, title=args.title)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(text)
+    print(f"table: {out}")
+    needles = [r for r in records if r["task"] == "niah"]
+    if needles and plot_heatmaps(needles, out.with_suffix(".png"), title="niah (prose): score by depth and length"):
+        print(f"heatmap: {out.with_suffix('.png')}")
+    return 0
+
+
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presses", type=_names, help=f"comma-separated presets (default {','.join(DEFAULTS['presses'])})")
     parser.add_argument("--ratios", type=_floats, help="compression ratios, fraction removed (default 0.5,0.75,0.9)")
@@ -208,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=int, help="fidelity: prose windows per context length (default 4)")
     evaluate.add_argument("--continuation", type=int, default=64, help="fidelity: continuation tokens scored (default 64)")
     evaluate.set_defaults(func=cmd_eval)
+    board = sub.add_parser("leaderboard", help="presses x ratios x tasks (needles + fidelity), resumable, to markdown")
+    _add_sweep_arguments(board)
+    board.add_argument("--tasks", type=_names, default=["niah", "multikey", "fidelity"],
+                       help="comma-separated: needle tasks and/or fidelity (default niah,multikey,fidelity)")
+    board.add_argument("--formats", type=_names, default=["number", "hex", "name"], help="needle formats (default all)")
+    board.add_argument("--windows", type=int, help="fidelity windows per length (default 4)")
+    board.add_argument("--store", default="out/leaderboard.jsonl", help="JSON-lines store of finished runs (resumable)")
+    board.add_argument("--render-only", action="store_true", help="only render the table from the store")
+    board.add_argument("--title", default="Leaderboard (embedded SmolLM2-135M, query-agnostic)")
+    board.set_defaults(func=cmd_leaderboard)
+    board.set_defaults(out="out/leaderboard.md")
     from .cli_context import add_context_commands
 
     add_context_commands(sub)

@@ -87,3 +87,19 @@ def test_continuation_logprobs_report_the_kept_tokens():
     logprobs, kept = continuation_logprobs(model, ByteTokenizer(), window, kc.make_press("knorm", compression_ratio=0.5))
     assert logprobs.shape == (8, 128) and kept == 50
     torch.testing.assert_close(logprobs.exp().sum(dim=-1), torch.ones(8))
+
+
+def test_leaderboard_store_resumes_and_renders(tmp_path):
+    from kvpress_chunk.eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
+
+    model = make_tiny_model("llama", num_layers=2)
+    tokenizer = ByteTokenizer()
+    store = tmp_path / "board.jsonl"
+    args = dict(ratios=[0.5], tasks=["fidelity"], store=store, lengths=[120], depths=[0.5], windows=1, progress=False)
+    first = run_leaderboard(model, tokenizer, our_entries(["knorm"]), **args)
+    assert [(r["press"], r["compression_ratio"]) for r in first] == [("full", 0.0), ("knorm", 0.5)]
+    again = run_leaderboard(model, tokenizer, our_entries(["knorm", "keydiff"]), **args)  # only keydiff runs
+    assert len(again) == 3 and len(load_store(store)) == 3
+    assert [r["press"] for r in again].count("knorm") == 1
+    table = leaderboard_markdown(again)
+    assert "## 50% removed" in table and "| kvpress-chunk | keydiff |" in table and "fidelity KL" in table

@@ -1,0 +1,159 @@
+"""The leaderboard: every press x ratio x task on the same cases, ours and kvpress', one table.
+
+Tasks: the needle tasks (``niah``, ``multikey``, ...) on the prose haystack, scored as a share of
+the full cache's score on the same cases, and ``fidelity`` (ΔNLL and KL of a held-out
+continuation, :mod:`.fidelity`). Query-agnostic: the question is never seen while compressing.
+
+Runs are slow on a CPU, so every finished run is appended to a JSON-lines *store* at once and a
+rerun skips what the store holds: a long run can be interrupted and continued, and more presses
+or ratios can be added later, without losing anything. The markdown table and the heatmap are
+rendered from the store alone (:func:`leaderboard_markdown`), never typed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .fidelity import compare, continuation_logprobs, make_windows
+from .runner import PressEntry, answer_case
+from .tasks import NEEDLE_FORMATS, make_case, score_answer
+
+
+def load_store(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _key(record: dict[str, Any]) -> tuple:
+    return (record["task"], record["case"], record["library"], record["press"], float(record["compression_ratio"]))
+
+
+def run_leaderboard(
+    model,
+    tokenizer,
+    entries: Iterable[PressEntry],
+    ratios: list[float],
+    tasks: list[str],
+    store: Path,
+    lengths: list[int],
+    depths: list[float],
+    formats: tuple[str, ...] = NEEDLE_FORMATS,
+    windows: int = 4,
+    seed: int = 0,
+    max_new_tokens: int = 24,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run what ``store`` lacks (full cache first, then every entry x ratio) and return the store."""
+    from tqdm import tqdm
+
+    entries = list(entries)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    done = {_key(r) for r in load_store(store)}
+    jobs = []
+    for task in tasks:
+        if task == "fidelity":
+            cases = [(f"L{length}-w{w.index}", w) for length in lengths for w in make_windows(tokenizer, length, 64, windows, seed)]
+        else:
+            cases = [
+                (f"L{length}-d{depth}-{fmt}", make_case(tokenizer, task, length, depth, "prose", fmt, seed))
+                for length in lengths for depth in depths for fmt in formats
+            ]
+        for name, case in cases:
+            for entry, ratio in [(None, 0.0)] + [(e, r) for e in entries for r in ratios]:
+                library, label = ("-", "full") if entry is None else (entry.library, entry.label)
+                if (task, name, library, label, float(ratio)) not in done:
+                    jobs.append((task, name, case, entry, ratio, library, label))
+    references: dict[str, Any] = {}
+    bar = tqdm(jobs, desc="leaderboard", unit="run", file=sys.stderr, disable=not progress)
+    with store.open("a", encoding="utf-8") as out:
+        for task, name, case, entry, ratio, library, label in bar:
+            bar.set_postfix_str(f"{task} {label} r={ratio}", refresh=False)
+            press = None if entry is None else entry.build(ratio)
+            start = time.perf_counter()
+            if task == "fidelity":
+                logprobs, kept = continuation_logprobs(model, tokenizer, case, press)
+                if name not in references:
+                    references[name] = logprobs if entry is None else continuation_logprobs(model, tokenizer, case)[0]
+                figures = compare(references[name], logprobs, case.continuation_ids[0].to(logprobs.device))
+            else:
+                answer, kept = answer_case(model, tokenizer, case, press, False, max_new_tokens)
+                figures = {"score": score_answer(answer, case.answers), "answer": answer, "depth": case.depth,
+                           "target_tokens": case.target_tokens, "needle_format": case.needle_format}
+            record = {
+                "task": task, "case": name, "library": library, "press": label, "compression_ratio": float(ratio),
+                "kept_tokens": kept, **figures, "seconds": round(time.perf_counter() - start, 3),
+            }
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+    return load_store(store)
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
+    """``(library, press, ratio) -> {task: figure, ...}``: needle tasks as % of the full cache's
+    mean score on the same cases; fidelity as mean ΔNLL and KL; plus mean seconds per run."""
+    full = {}
+    for r in records:
+        if r["press"] == "full" and r["task"] != "fidelity":
+            full.setdefault(r["task"], []).append(r["score"])
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for r in records:
+        if r["press"] == "full":
+            continue
+        cell = cells.setdefault((r["library"], r["press"], r["compression_ratio"]), {})
+        if r["task"] == "fidelity":
+            cell.setdefault("fidelity ΔNLL", []).append(r["delta_nll"])
+            cell.setdefault("fidelity KL", []).append(r["kl"])
+        else:
+            cell.setdefault(r["task"], []).append(r["score"])
+        cell.setdefault("s/run", []).append(r["seconds"])
+    summary = {}
+    for key, figures in cells.items():
+        row = {}
+        for name, values in figures.items():
+            mean = sum(values) / len(values)
+            if name in full:
+                base = sum(full[name]) / len(full[name])
+                row[name] = 100 * mean / base if base else float("nan")
+            else:
+                row[name] = mean
+        summary[key] = row
+    return summary
+
+
+def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
+    """One table per ratio, best first (by the mean share of the full cache's needle scores)."""
+    summary = summarise(records)
+    columns = sorted({name for row in summary.values() for name in row if name != "s/run"},
+                     key=lambda n: (n.startswith("fidelity"), n))
+    full = {}
+    for r in records:
+        if r["press"] == "full" and r["task"] != "fidelity":
+            full.setdefault(r["task"], []).append(r["score"])
+    lines = [f"# {title}" if title else "# Leaderboard", ""]
+    lines.append("Full cache (absolute score): " + ", ".join(
+        f"{task} {100 * sum(v) / len(v):.0f}% of {len(v)} cases" for task, v in sorted(full.items())))
+    lines.append("Needle columns: % of the full cache's score on the same cases (higher is better). "
+                 "Fidelity: ΔNLL and KL to the full cache, nats/token (lower is better).")
+    for ratio in sorted({key[2] for key in summary}):
+        rows = [(key, row) for key, row in summary.items() if key[2] == ratio]
+        needle = [c for c in columns if not c.startswith("fidelity")]
+
+        def rank(item):
+            row = item[1]
+            scores = [row[c] for c in needle if c in row]
+            return -(sum(scores) / len(scores)) if scores else 0.0, row.get("fidelity KL", 0.0)
+
+        lines += ["", f"## {ratio:.0%} removed", "", "| library | press | " + " | ".join(columns) + " | s/run |",
+                  "| --- | --- | " + " | ".join("---" for _ in columns) + " | --- |"]
+        for (library, press, _), row in sorted(rows, key=rank):
+            cells = []
+            for c in columns:
+                value = row.get(c)
+                cells.append("-" if value is None else (f"{value:.3f}" if c.startswith("fidelity") else f"{value:.0f}%"))
+            lines.append(f"| {library} | {press} | " + " | ".join(cells) + f" | {row['s/run']:.1f} |")
+    return "\n".join(lines) + "\n"

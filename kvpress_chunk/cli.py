@@ -175,10 +175,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
     from .eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
     from .eval.report import plot_heatmaps
+    from .eval.tasks import task_names
 
     settings = {"presses": args.presses or DEFAULTS["presses"], "ratios": args.ratios or DEFAULTS["ratios"],
                 "lengths": args.lengths or [2000], "depths": args.depths or [0.1, 0.3, 0.5, 0.7, 0.9]}
     store = Path(args.store)
+    unknown = [t for t in args.tasks if t not in (*task_names(), "fidelity")]
+    if unknown:
+        print(f"error: unknown task(s) {', '.join(unknown)}; known: {', '.join((*task_names(), 'fidelity'))}",
+              file=sys.stderr)
+        return 2
     if args.render_only:
         records = load_store(store)
         if not records:

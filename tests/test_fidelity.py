@@ -103,3 +103,69 @@ def test_leaderboard_store_resumes_and_renders(tmp_path):
     assert [r["press"] for r in again].count("knorm") == 1
     table = leaderboard_markdown(again)
     assert "## 50% removed" in table and "| kvpress-chunk | keydiff |" in table and "fidelity KL" in table
+
+
+def test_kvpress_presses_run_on_the_same_windows():
+    pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
+    from kvpress_chunk.eval.runner import kvpress_entries
+
+    model = make_tiny_model("llama", num_layers=2)
+    tokenizer = ByteTokenizer()
+    windows = make_windows(tokenizer, 160, 8, count=1)
+    entries = our_entries(["knorm"]) + kvpress_entries(["knorm", "streamingllm"])
+    results = run_fidelity(model, tokenizer, windows, entries, [0.0, 0.75], progress=False)
+    by = {(r["library"], r["press"], r["compression_ratio"]): r for r in results}
+    for library, press in [("kvpress", "knorm"), ("kvpress", "streamingllm"), ("kvpress-chunk", "knorm")]:
+        assert by[(library, press, 0.0)]["kl"] == pytest.approx(0, abs=1e-4)
+        assert by[(library, press, 0.75)]["kl"] > 0 and by[(library, press, 0.75)]["kept_tokens"] == 40
+    # kvpress' KnormPress and ours keep the same tokens: the same predictions.
+    assert by[("kvpress", "knorm", 0.75)]["kl"] == pytest.approx(by[("kvpress-chunk", "knorm", 0.75)]["kl"], abs=1e-4)
+
+
+def test_kvpress_entries_cover_the_named_presets():
+    pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
+    from kvpress_chunk.eval.runner import kvpress_entries
+
+    names = ["chunkkv", "snapkv", "streamingllm", "knorm", "kvzip", "expected-attention", "keydiff", "tova",
+             "adakv", "pyramidkv", "observed", "chunkkv-sentence"]
+    entries = kvpress_entries(names)
+    assert [e.label for e in entries] == names[:-2]  # observed and our combinations have no kvpress twin
+    for entry in entries:
+        press = entry.build(0.5)
+        assert callable(press) and entry.library == "kvpress"
+
+
+def test_cli_refuses_bad_fidelity_and_leaderboard_input_before_loading_the_model(tmp_path, capsys):
+    from kvpress_chunk import cli
+
+    assert cli.main(["eval", "fidelity", "--ratios", "1.5"]) == 2
+    assert "ratios must be in [0, 1)" in capsys.readouterr().err
+    assert cli.main(["eval", "fidelity", "--presses", "chunky"]) == 2
+    assert "unknown preset 'chunky'" in capsys.readouterr().err
+    assert cli.main(["leaderboard", "--tasks", "niah,fidelty", "--store", str(tmp_path / "s.jsonl")]) == 2
+    assert "unknown task(s) fidelty" in capsys.readouterr().err
+    assert cli.main(["leaderboard", "--render-only", "--store", str(tmp_path / "none.jsonl")]) == 2
+    assert "holds no runs" in capsys.readouterr().err
+
+
+def test_leaderboard_render_only_rewrites_the_table_from_the_store(tmp_path, capsys):
+    import json
+
+    from kvpress_chunk import cli
+
+    store = tmp_path / "board.jsonl"
+    rows = [
+        {"task": "niah", "case": "c", "library": "-", "press": "full", "compression_ratio": 0.0, "kept_tokens": 9,
+         "score": 1.0, "seconds": 1.0, "depth": 0.5, "target_tokens": 9, "needle_format": "number", "answer": "7"},
+        {"task": "niah", "case": "c", "library": "kvpress-chunk", "press": "chunkkv", "compression_ratio": 0.5,
+         "kept_tokens": 4, "score": 0.5, "seconds": 2.0, "depth": 0.5, "target_tokens": 9, "needle_format": "number",
+         "answer": "7"},
+        {"task": "fidelity", "case": "w", "library": "kvpress-chunk", "press": "chunkkv", "compression_ratio": 0.5,
+         "kept_tokens": 4, "nll": 2.0, "delta_nll": 0.25, "kl": 0.125, "top1": 0.9, "seconds": 1.0},
+    ]
+    store.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "board.md"
+    assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(out), "--title", "T"]) == 0
+    text = out.read_text()
+    assert text.startswith("# T") and "niah 100% of 1 cases" in text
+    assert "| kvpress-chunk | chunkkv | 50% | 0.125 | 0.250 | 1.5 |" in text

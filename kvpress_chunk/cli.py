@@ -186,7 +186,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.render_only:
-        records = load_store(store)
+        try:
+            records = load_store(store)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if not records:
             print(f"error: {store} holds no runs", file=sys.stderr)
             return 2
@@ -197,8 +201,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         entries, model, tokenizer = loaded
         print(f"leaderboard: {len(entries)} presses x {len(settings['ratios'])} ratios x tasks {','.join(args.tasks)}; "
               f"store {store} (rerun to continue)")
-        records = run_leaderboard(model, tokenizer, entries, settings["ratios"], args.tasks, store, settings["lengths"],
-                                  settings["depths"], tuple(args.formats), args.windows or 4, args.seed)
+        try:
+            records = run_leaderboard(model, tokenizer, entries, settings["ratios"], args.tasks, store,
+                                      settings["lengths"], settings["depths"], tuple(args.formats), args.windows or 4,
+                                      args.seed)
+        except ValueError as exc:  # a corrupt store, a window longer than the prose, a bad needle case
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     text = leaderboard_markdown(records, title=args.title)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

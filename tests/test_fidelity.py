@@ -169,3 +169,27 @@ def test_leaderboard_render_only_rewrites_the_table_from_the_store(tmp_path, cap
     text = out.read_text()
     assert text.startswith("# T") and "niah 100% of 1 cases" in text
     assert "| kvpress-chunk | chunkkv | 50% | 0.125 | 0.250 | 1.5 |" in text
+
+
+def test_leaderboard_store_survives_an_interrupted_write_and_refuses_corruption(tmp_path, capsys):
+    import json
+
+    from kvpress_chunk import cli
+    from kvpress_chunk.eval.leaderboard import load_store, run_leaderboard
+
+    model = make_tiny_model("llama", num_layers=2)
+    tokenizer = ByteTokenizer()
+    store = tmp_path / "board.jsonl"
+    args = dict(ratios=[0.5], tasks=["fidelity"], store=store, lengths=[120], depths=[0.5], windows=1, progress=False)
+    run_leaderboard(model, tokenizer, our_entries(["knorm"]), **args)
+    whole = store.read_text()
+    store.write_text(whole + whole.splitlines()[-1][:20])  # killed while writing a third record
+    assert len(load_store(store)) == 2
+    again = run_leaderboard(model, tokenizer, our_entries(["knorm", "keydiff"]), **args)
+    assert [r["press"] for r in again] == ["full", "knorm", "keydiff"]
+    assert all(json.loads(line) for line in store.read_text().splitlines())  # appended on a clean line
+    seeded = run_leaderboard(model, tokenizer, our_entries(["knorm"]), **{**args, "seed": 1})  # new cases
+    assert len(seeded) == 5 and seeded[-1]["case"].endswith("-s1")
+    store.write_text("not json\n" + store.read_text())
+    assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(tmp_path / "b.md")]) == 2
+    assert "line 1 is not a JSON record" in capsys.readouterr().err

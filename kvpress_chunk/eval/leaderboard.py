@@ -23,10 +23,24 @@ from .runner import PressEntry, answer_case
 from .tasks import NEEDLE_FORMATS, make_case, score_answer
 
 
-def load_store(path: Path) -> list[dict[str, Any]]:
+def load_store(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The records of a store. A last line cut short (a run killed while writing it) is dropped,
+    and with ``repair`` removed from the file, so that appending continues on a clean line; a bad
+    line anywhere else is an error naming it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not a JSON record; fix or delete it") from None
+            print(f"warning: {path}: dropping a truncated last line (an interrupted run)", file=sys.stderr)
+            if repair:
+                path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return records
 
 
 def _key(record: dict[str, Any]) -> tuple:
@@ -53,14 +67,15 @@ def run_leaderboard(
 
     entries = list(entries)
     store.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(r) for r in load_store(store)}
+    done = {_key(r) for r in load_store(store, repair=True)}
+    tag = f"-s{seed}" if seed else ""  # seed 0 keeps the names of earlier stores
     jobs = []
     for task in tasks:
         if task == "fidelity":
-            cases = [(f"L{length}-w{w.index}", w) for length in lengths for w in make_windows(tokenizer, length, 64, windows, seed)]
+            cases = [(f"L{length}-w{w.index}{tag}", w) for length in lengths for w in make_windows(tokenizer, length, 64, windows, seed)]
         else:
             cases = [
-                (f"L{length}-d{depth}-{fmt}", make_case(tokenizer, task, length, depth, "prose", fmt, seed))
+                (f"L{length}-d{depth}-{fmt}{tag}", make_case(tokenizer, task, length, depth, "prose", fmt, seed))
                 for length in lengths for depth in depths for fmt in formats
             ]
         for name, case in cases:

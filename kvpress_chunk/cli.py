@@ -136,7 +136,7 @@ def _entries_and_model(args: argparse.Namespace, settings: dict):
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """``kvpress-chunk eval fidelity``: NLL / KL / top-1 of a held-out continuation per press and ratio."""
     from .eval.fidelity import format_fidelity_table, make_windows, run_fidelity
-    from .eval.report import write_json
+    from .eval.report import PLOT_HINT, plot_fidelity, write_json
 
     settings = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
     loaded = _entries_and_model(args, settings)
@@ -168,6 +168,10 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     path = Path(args.out) / "fidelity.json"
     write_json(path, meta, results)
     print(f"results: {path}")
+    if plot_fidelity(results, path.with_suffix(".png"), title="fidelity vs compression ratio (query-agnostic)"):
+        print(f"plot: {path.with_suffix('.png')}")
+    else:
+        print(PLOT_HINT)
     return 0
 
 

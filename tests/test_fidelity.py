@@ -193,3 +193,14 @@ def test_leaderboard_store_survives_an_interrupted_write_and_refuses_corruption(
     store.write_text("not json\n" + store.read_text())
     assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(tmp_path / "b.md")]) == 2
     assert "line 1 is not a JSON record" in capsys.readouterr().err
+
+
+def test_fidelity_plot_draws_a_line_per_press(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need the 'plot' extra (matplotlib)")
+    from kvpress_chunk.eval.report import plot_fidelity
+
+    rows = [{"library": "-", "press": "full", "compression_ratio": 0.0, "kl": 0.0, "delta_nll": 0.0}]
+    rows += [{"library": lib, "press": "knorm", "compression_ratio": r, "kl": r, "delta_nll": r / 2}
+             for lib in ("kvpress-chunk", "kvpress") for r in (0.5, 0.9)]
+    assert plot_fidelity(rows, tmp_path / "f.png", title="t")
+    assert (tmp_path / "f.png").stat().st_size > 1000

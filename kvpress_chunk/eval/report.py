@@ -98,3 +98,42 @@ def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_fidelity(results: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Fidelity against the compression ratio: mean KL to the full cache and mean ΔNLL, one line
+    per (library, press), the full cache at ratio 0 as the shared origin. Records are those of
+    :func:`~kvpress_chunk.eval.fidelity.run_fidelity`. Returns False (and draws nothing) without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lines: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r["press"] != "full":
+            lines[(r["library"], r["press"])][r["compression_ratio"]].append((r["kl"], r["delta_nll"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for (library, press), points in sorted(lines.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ratios = [0.0] + sorted(points)
+        kl = [0.0] + [sum(p[0] for p in points[x]) / len(points[x]) for x in ratios[1:]]
+        dnll = [0.0] + [sum(p[1] for p in points[x]) / len(points[x]) for x in ratios[1:]]
+        style = "--" if library == "kvpress" else "-"
+        label = press if library == "kvpress-chunk" else f"{press} ({library})"
+        axes[0][0].plot(ratios, kl, style, marker="o", label=label)
+        axes[0][1].plot(ratios, dnll, style, marker="o", label=label)
+    for ax, name in zip(axes[0], ["KL to the full cache (nats/token)", "ΔNLL vs full cache (nats/token)"]):
+        ax.set_xlabel("compression ratio (fraction removed)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -108,9 +108,11 @@ def next_logits(model, ids, press, steps):
     return outs, cache
 
 
+@pytest.mark.parametrize("kernel", ["flex", "gather"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
 @pytest.mark.parametrize("preset", ["chunkkv", "snapkv"])
-def test_mask_mode_gives_the_logits_of_evict_mode(family, preset):
+def test_mask_mode_gives_the_logits_of_evict_mode(family, preset, kernel, monkeypatch):
+    monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", kernel)
     model = make_tiny_model(family)
     ids = torch.randint(3, 120, (1, 230), generator=torch.Generator().manual_seed(1))
     steps = [torch.tensor([[5, 17, 42]]), torch.tensor([[9]]), torch.tensor([[11]])]
@@ -125,7 +127,8 @@ def test_mask_mode_gives_the_logits_of_evict_mode(family, preset):
 
 
 HUNDRED_STEPS = """
-import json, sys, torch, warnings
+import json, os, sys, torch, warnings
+os.environ["KVPRESS_CHUNK_MASK_DECODE"] = "flex"  # the CPU default gathers instead (modes/gathered.py)
 sys.path.insert(0, sys.argv[1])
 torch._dynamo.config.fail_on_recompile_limit_hit = True
 warnings.simplefilter("error", RuntimeWarning)  # a fallback to dense SDPA must fail this check
@@ -311,3 +314,48 @@ def test_prefix_blocks_never_skip_a_visible_block():
         for h in range(4):
             full[h, mask.full_kv_indices[0, h, 0, : mask.full_kv_num_blocks[0, h, 0]].long()] = 1
         assert bool(full[:2, 0].all()) and not bool(full[:, 4].any()) and not bool(full[:, n - 1].any())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 3]),
+    per_head=st.booleans(),
+    prefix=st.integers(5, 150),
+    new_tokens=st.integers(1, 20),
+    keep=st.floats(0.05, 0.95),
+    seed=st.integers(0, 1000),
+)
+def test_gathered_decode_matches_dense_sdpa(batch, kv_heads, groups, per_head, prefix, new_tokens, keep, seed):
+    """The CPU decode path of mask mode (modes/gathered.py): kept slots listed once per prefix,
+    gathered per step; ragged rows and heads (different kept counts) padded and masked."""
+    from kvpress_chunk.modes.gathered import PrefixSlots
+
+    generator = torch.Generator().manual_seed(seed)
+    query_heads = kv_heads * groups
+    kept = torch.rand(batch, kv_heads if per_head else 1, prefix, generator=generator) < keep
+    kept[..., 0] = True
+    slots = PrefixSlots(kept)
+    for kv_length in (prefix + 1, prefix + new_tokens):
+        query = torch.randn(batch, query_heads, 1, 16, generator=generator)
+        key = torch.randn(batch, kv_heads, kv_length, 16, generator=generator)
+        value = torch.randn(batch, kv_heads, kv_length, 16, generator=generator)
+        want_mask = dense_oracle(kept, query_heads, 1, kv_length)
+        want = F.scaled_dot_product_attention(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=want_mask, scale=0.25
+        )
+        torch.testing.assert_close(slots.attend(query, key, value, 0.25), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_choice(monkeypatch):
+    from kvpress_chunk.modes.gathered import decode_kernel
+
+    monkeypatch.delenv("KVPRESS_CHUNK_MASK_DECODE", raising=False)
+    assert decode_kernel(torch.device("cpu")) == "gather"
+    assert decode_kernel(torch.device("meta")) == "flex"  # accelerators: flex skips blocks in its kernel
+    monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", "flex")
+    assert decode_kernel(torch.device("cpu")) == "flex"
+    monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", "dense")
+    with pytest.raises(ValueError, match="flex, gather"):
+        decode_kernel(torch.device("cpu"))

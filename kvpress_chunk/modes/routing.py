@@ -43,6 +43,7 @@ from ..hf.hooks import (
 )
 from .block_masks import PrefixBlocks, dense_prefix_mask
 from .flex import flex_decode_step
+from .gathered import PrefixSlots, decode_kernel
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -61,7 +62,7 @@ class LayerView:
     flex_block_size: int | None = None
     all_visible: bool = False
     # Block tables for flex decoding, built on first use and kept for the view's lifetime (the
-    # selection does not change while decoding): query heads -> PrefixBlocks.
+    # selection does not change while decoding): query heads -> PrefixBlocks, "slots" -> PrefixSlots.
     _blocks: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -80,6 +81,13 @@ class LayerView:
         if blocks is None:
             blocks = self._blocks[query_heads] = PrefixBlocks(self.visible, query_heads, self.flex_block_size)
         return blocks
+
+    def prefix_slots(self) -> PrefixSlots:
+        """The kept prefix slots as index lists (mask mode's gathered decoding), built once per view."""
+        slots = self._blocks.get("slots")
+        if slots is None:
+            slots = self._blocks["slots"] = PrefixSlots(self.visible)
+        return slots
 
     def kept_per_row(self) -> torch.Tensor:
         """Prefix tokens each row attends to (mean over heads for per-head views)."""
@@ -276,7 +284,10 @@ def _make_routed_attention(implementation: str):
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         if view.flex_block_size is not None and q_length == 1 and appended is None and kwargs.get("softcap") is None:
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            out = flex_decode_step(query, key, value, view.prefix_blocks(query.shape[1]), scale)
+            if decode_kernel(query.device) == "gather":
+                out = view.prefix_slots().attend(query, key, value, scale)
+            else:
+                out = flex_decode_step(query, key, value, view.prefix_blocks(query.shape[1]), scale)
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
         allowed = dense_prefix_mask(view.visible, query.shape[1], q_length, key.shape[2], appended)

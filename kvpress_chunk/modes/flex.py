@@ -74,6 +74,9 @@ _COMPILED_FLEX: dict[tuple, object] = {}
 def _compiled_flex_for(geometry: tuple):
     fn = _COMPILED_FLEX.get(geometry)
     if fn is None:
+        from ..compile.cache import prepare_inductor
+
+        prepare_inductor()
         name = f"kvpress_chunk_flex_{len(_COMPILED_FLEX)}"
         own = types.FunctionType(_flex.__code__.replace(co_name=name), _flex.__globals__, name)
         fn = torch.compile(own, dynamic=True, fullgraph=True)

@@ -10,15 +10,15 @@ dynamo's bytecode tracing (~half) and, in every new process, inductor's probe of
 vector instruction sets: it builds a test library per candidate ISA and ``dlopen``\\ s each in a
 child Python (~1.1 s of subprocesses on that machine).
 
-:func:`prepare_inductor` (called before our first ``torch.compile`` in a process) removes the
-probe once it is known to agree with the CPU flags: the first process probes as usual; if every
-ISA the CPU advertises passed, it records that in the inductor cache directory (keyed by the
-torch version, the C++ compiler, the Python executable and the CPU flags) and sets
-``torch._inductor.config.cpp.vec_isa_ok = True`` (trust the flags); later processes with the
-same key set it without probing. The flag is set in the first process too, so that all
-processes compile with the same inductor configuration and share cached graphs. A user who set
-``vec_isa_ok`` (or ``TORCHINDUCTOR_VEC_ISA_OK``) keeps their choice; deleting the cache
-directory deletes the record.
+:func:`prepare_inductor` (called before our first ``torch.compile`` in a process) memoises
+that probe: each successful ``VecISA.check_build`` (one ISA's flags, one test program) is
+recorded in the inductor cache directory, keyed by the torch version, the C++ compiler, the
+Python executable and the CPU flags, and later processes read the record instead of building
+and loading the test library again. Failed checks are not recorded (they run again). Inductor's
+configuration is untouched, so cached graphs are shared with code that does not use this
+library, and deleting the cache directory deletes the records. It wraps a private inductor
+method (``torch._inductor.cpu_vec_isa.VecISA.check_build``, torch 2.13); if that is missing, the
+probe simply runs as usual.
 
 To move a warm cache to another machine of the same kind (CI, containers), use torch's
 portable "mega-cache": ``artifacts, _ = torch.compiler.save_cache_artifacts()`` after the
@@ -51,39 +51,40 @@ def _vec_isa_key() -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def _memo_path(key: str) -> Path:
+def _memo_dir() -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    return Path(cache_dir()) / "kvpress_chunk" / f"vec-isa-flags-ok-{key}"
+    return Path(cache_dir()) / "kvpress_chunk"
 
 
-def _flagged_isas() -> list[str]:
-    from torch._inductor.cpu_vec_isa import supported_vec_isa_list, x86_isa_checker
+def memoise_vec_isa_checks() -> bool:
+    """Record successful vector-ISA build checks so later processes skip them (module docstring).
+    Returns whether the memo is in place."""
+    from torch._inductor import cpu_vec_isa
 
-    flags = x86_isa_checker()
-    return [str(isa) for isa in supported_vec_isa_list if all(flag in flags for flag in str(isa).split())]
-
-
-def trust_probed_vec_isa() -> bool:
-    """Skip inductor's per-process vector-ISA probe where an earlier probe agreed with the CPU
-    flags (see the module docstring). Returns whether ``vec_isa_ok`` is now ``True`` by us."""
-    from torch._inductor import config
-    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
-
-    if config.cpp.vec_isa_ok is not None:
-        return False  # the user's choice
+    original = getattr(getattr(cpu_vec_isa, "VecISA", None), "check_build", None)
+    if original is None:
+        return False
+    if getattr(original, "kvpress_chunk_memo", False):
+        return True
     key = _vec_isa_key()
     if key is None:
         return False
-    memo = _memo_path(key)
-    if not memo.exists():
-        probed = [str(isa) for isa in valid_vec_isa_list()]  # the usual probe, once
-        if probed != _flagged_isas():
-            return False  # the toolchain cannot build what the CPU advertises: keep probing
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(" ".join(probed) + "\n")
-    config.cpp.vec_isa_ok = True
-    valid_vec_isa_list.cache_clear()
+
+    def check_build(self, code: str) -> bool:
+        parts = (key, type(self).__name__, str(self), getattr(self, "_arch_flags", ""), code)
+        record = _memo_dir() / f"vec-isa-ok-{hashlib.sha256(repr(parts).encode()).hexdigest()[:32]}"
+        if record.exists():
+            return True
+        ok = original(self, code)
+        if ok:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(f"{parts[1]} {parts[2]} {parts[3]}\n")
+        return ok
+
+    check_build.kvpress_chunk_memo = True  # type: ignore[attr-defined]
+    check_build.__wrapped__ = original  # type: ignore[attr-defined]
+    cpu_vec_isa.VecISA.check_build = check_build
     return True
 
 
@@ -96,6 +97,6 @@ def prepare_inductor() -> None:
             return
         _PREPARED = True
         try:
-            trust_probed_vec_isa()
+            memoise_vec_isa_checks()
         except Exception:  # pragma: no cover - defensive: the probe then simply runs
             pass

@@ -9,7 +9,10 @@ Every benchmark puts itself in a ``group`` and says in ``extra_info`` how to rea
 * ``tokens``: tokens produced per round (decode), to show tokens per second;
 * ``facts``: a dict of extra figures to print as they are (memory, kept tokens, ...);
 * ``share_of``: another group's name: the time is also shown as a share of that group's baseline
-  (the compression work of all layers as a percentage of a plain prefill).
+  (the compression work of all layers as a percentage of a plain prefill);
+* ``floor``: the label of another case of the same group that bounds this one from below (the
+  bare window-attention matmul + softmax of a compression op): the time is also shown as a
+  multiple of that case's, "x the floor".
 
 The same function renders the terminal summary and the table in ``docs/benchmarks.md``, so the
 two can never disagree on what a ratio means.
@@ -85,6 +88,9 @@ def rows(records: Iterable[Record]) -> list[tuple[str, list[tuple[str, str, str,
             other = baselines.get(record.extra.get("share_of", ""))
             if other is not None:
                 facts[f"= {record.median / other.median * 100:.1f}% of"] = _label(other)
+            floor = next((r for r in members if _label(r) == record.extra.get("floor")), None)
+            if floor is not None:
+                facts["vs floor"] = f"{record.median / floor.median:.2f}x"
             if record.extra.get("tokens"):
                 facts = {"tokens/s": f"{record.extra['tokens'] / record.median:.1f}", **facts}
             fact_text = ", ".join(f"{k} {v}" for k, v in facts.items())

@@ -14,22 +14,49 @@ that row alone.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_chunk as kc
-from kvpress_chunk.policies import LayerInputs
+from kvpress_chunk.policies import LayerInputs, SnapKVScorer
+from kvpress_chunk.policies.scorers import window_queries
+from kvpress_chunk.policies.window_attention import snapkv_scores, window_attention_floor
 
 kvpress = pytest.importorskip("kvpress")
 
 RATIO, CHUNK = 0.75, 20
+FLOOR_64 = "floor: window attention matmul + softmax, window 64"
+FLOOR_32 = "floor: window attention matmul + softmax, window 32"
 IMPLEMENTATIONS = {
     "kvpress": "kvpress ChunkKVPress(SnapKVPress), a call per row",
+    "floor-64": FLOOR_64,
+    "floor-32": FLOOR_32,
     "ours-eager": "chunkkv-kvpress, eager",
     "ours-compiled": "chunkkv-kvpress, compiled",
+    "ours-fused-compiled": "chunkkv-kvpress, compiled, fused window attention",
     "chunkkv-compiled": "chunkkv (paper: window 32, chunks of 10, exact budget), compiled",
+    "chunkkv-fused-compiled": "chunkkv (paper), compiled, fused window attention",
 }
+#: which floor each case is read against (same window of queries)
+FLOORS = {"ours-eager": FLOOR_64, "ours-compiled": FLOOR_64, "ours-fused-compiled": FLOOR_64,
+          "chunkkv-compiled": FLOOR_32, "chunkkv-fused-compiled": FLOOR_32}
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedSnapKV(SnapKVScorer):
+    """``SnapKVScorer`` scoring with ``policies/window_attention.snapkv_scores`` (same scores up to
+    float rounding; selections checked below)."""
+
+    def score(self, keys, valid, queries):
+        return snapkv_scores(queries, keys, valid, self.kernel, self.window_scores)
+
+
+def fused(press):
+    fields = {f.name: getattr(press.scorer, f.name) for f in dataclasses.fields(press.scorer)}
+    return press.replace(scorer=FusedSnapKV(**fields))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +96,16 @@ def implementation(name: str, inputs: LayerInputs):
     """``(fn, oracle)``: the function to time and the result it must reproduce first."""
     if name == "kvpress":
         return (lambda: kvpress_per_row(inputs)), None
+    if name.startswith("floor"):
+        queries = window_queries(inputs, int(name.split("-")[1]))
+        return (lambda: window_attention_floor(queries, inputs.keys)), None
+    if name == "chunkkv-fused-compiled":
+        press = fused(kc.make_press("chunkkv", compression_ratio=RATIO, compile=True))
+        # must keep what the unfused eager twin keeps
+        return (lambda: press.select(inputs)[:2]), kc.make_press("chunkkv", compression_ratio=RATIO, compile=False).select(inputs)[:2]
+    if name == "ours-fused-compiled":
+        press = fused(kc.make_press("chunkkv-kvpress", compression_ratio=RATIO, compile=True))
+        return (lambda: press.select(inputs)[:2]), None
     if name == "chunkkv-compiled":
         press = kc.make_press("chunkkv", compression_ratio=RATIO, compile=True)
         return (lambda: press.select(inputs)[:2]), press.replace(compile=False).select(inputs)[:2]
@@ -90,9 +127,14 @@ def test_chunkkv_layer_op(benchmark, attention_layer, length, batch, impl):
         want = kvpress_per_row(inputs)
         fn, oracle = implementation(impl, inputs)
         got = fn()  # also pays the compile cost before timing
-        expected = oracle if oracle is not None else want
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        facts = {}
+        if not impl.startswith("floor"):
+            expected = oracle if oracle is not None else want
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            facts["kept"] = int(got[0].shape[-2])
         benchmark.group = f"compression op per layer, {length} tokens, batch {batch}, 75% removed"
         benchmark.extra_info.update(label=IMPLEMENTATIONS[impl], baseline=impl == "kvpress", reading="speedup",
-                                    facts={"kept": int(got[0].shape[-2])})
+                                    facts=facts)
+        if impl in FLOORS:
+            benchmark.extra_info["floor"] = FLOORS[impl]
         benchmark(fn)

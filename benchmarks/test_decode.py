@@ -1,6 +1,8 @@
 """Decoding speed on the embedded SmolLM2 after a 4k / 8k-token prefill: full cache vs caches
 compressed by ChunkKV at 50 / 75 / 90%, evicted (a smaller cache) or masked (the whole cache,
-attended through FlexAttention block masks).
+attended through the selection: on CPU by gathering the visible slots per step, see
+``kvpress_chunk/modes/gathered.py``; ``mask-flex`` forces the FlexAttention block-mask kernel,
+the default on accelerators, to show what it costs here).
 
 Each round decodes ``STEPS`` tokens (a fixed token sequence, so every round does the same work)
 with explicit positions continuing from the original length, then crops the cache back to its
@@ -13,6 +15,7 @@ and mask mode gives the evict mode's logits for the same press (to 1e-4).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -23,12 +26,12 @@ from kvpress_chunk.hf.hooks import cache_keyword
 from workloads import new_cache, prompt_ids, smollm2
 
 STEPS = 8
-SMOKE = {(4096, "full", 0.0), (4096, "evict", 0.75), (4096, "mask", 0.75)}
+SMOKE = {(4096, "full", 0.0), (4096, "evict", 0.75), (4096, "mask", 0.75), (4096, "mask-flex", 0.75)}
 CASES = [
     pytest.param(length, mode, ratio, marks=[pytest.mark.smoke] if (length, mode, ratio) in SMOKE else [],
                  id=f"{length}-{mode}" + (f"-{ratio}" if mode != "full" else ""))
     for length in (4096, 8000)  # SmolLM2 has 8192 positions: 8000 leaves room for decoding
-    for mode, ratio in [("full", 0.0)] + [(m, r) for m in ("evict", "mask") for r in (0.5, 0.75, 0.9)]
+    for mode, ratio in [("full", 0.0)] + [(m, r) for m in ("evict", "mask") for r in (0.5, 0.75, 0.9)] + [("mask-flex", 0.75)]
 ]
 _EVICT_LOGITS: dict[tuple[int, float], torch.Tensor] = {}
 
@@ -36,7 +39,8 @@ _EVICT_LOGITS: dict[tuple[int, float], torch.Tensor] = {}
 def prepare(model, length: int, mode: str, ratio: float):
     """Prefill under the press (still applied when this returns: mask mode needs it to decode);
     returns ``(decode_round, kept, exit_stack)``."""
-    press = None if mode == "full" else kc.make_press("chunkkv", compression_ratio=ratio, apply=mode)
+    apply = mode.split("-")[0]
+    press = None if mode == "full" else kc.make_press("chunkkv", compression_ratio=ratio, apply=apply)
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode())
     stack.enter_context(applied(press, model))
@@ -67,19 +71,25 @@ def evict_logits(model, length, ratio):
 
 
 @pytest.mark.parametrize("length,mode,ratio", CASES)
-def test_decode(benchmark, length, mode, ratio):
+def test_decode(benchmark, length, mode, ratio, monkeypatch):
+    from kvpress_chunk.modes.gathered import decode_kernel
+
+    if mode == "mask-flex":
+        monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", "flex")
     model, _ = smollm2()
-    reference = evict_logits(model, length, ratio) if mode == "mask" else None  # before the mask press is applied
+    reference = evict_logits(model, length, ratio) if mode.startswith("mask") else None  # before the mask press is applied
     decode_round, kept, stack = prepare(model, length, mode, ratio)
     with stack:
         logits = decode_round()  # check, and warm-up (compiles flex in mask mode)
         if mode == "evict":
             assert kept == int(length * (1 - ratio))
             _EVICT_LOGITS[(length, ratio)] = logits
-        elif mode == "mask":
+        elif mode.startswith("mask"):
             assert kept == length  # the cache stays whole
             torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
         label = "full cache" if mode == "full" else f"{mode}, {ratio:.0%} removed"
+        if mode.startswith("mask"):
+            label = f"mask ({decode_kernel(model.device)}), {ratio:.0%} removed"
         benchmark.group = f"decode, SmolLM2, {length}-token context, {STEPS} tokens per round"
         benchmark.extra_info.update(label=label, baseline=mode == "full", reading="throughput", tokens=STEPS,
                                     facts={"cached tokens": kept})

@@ -108,9 +108,11 @@ def next_logits(model, ids, press, steps):
     return outs, cache
 
 
+@pytest.mark.parametrize("kernel", ["flex", "gather"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
 @pytest.mark.parametrize("preset", ["chunkkv", "snapkv"])
-def test_mask_mode_gives_the_logits_of_evict_mode(family, preset):
+def test_mask_mode_gives_the_logits_of_evict_mode(family, preset, kernel, monkeypatch):
+    monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", kernel)
     model = make_tiny_model(family)
     ids = torch.randint(3, 120, (1, 230), generator=torch.Generator().manual_seed(1))
     steps = [torch.tensor([[5, 17, 42]]), torch.tensor([[9]]), torch.tensor([[11]])]
@@ -125,7 +127,8 @@ def test_mask_mode_gives_the_logits_of_evict_mode(family, preset):
 
 
 HUNDRED_STEPS = """
-import json, sys, torch, warnings
+import json, os, sys, torch, warnings
+os.environ["KVPRESS_CHUNK_MASK_DECODE"] = "flex"  # the CPU default gathers instead (modes/gathered.py)
 sys.path.insert(0, sys.argv[1])
 torch._dynamo.config.fail_on_recompile_limit_hit = True
 warnings.simplefilter("error", RuntimeWarning)  # a fallback to dense SDPA must fail this check
@@ -247,3 +250,112 @@ def test_padded_batch_in_mask_mode_matches_evict_mode():
             context = prefill(model, ids, mask)
             outputs[mode] = greedy_continue(model, context, question, max_new_tokens=6)
     assert torch.equal(outputs["mask"], outputs["evict"])
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 3]),
+    per_head=st.booleans(),
+    prefix=st.integers(20, 150),
+    new_tokens=st.integers(1, 40),
+    keep=st.floats(0.05, 0.9),
+    seed=st.integers(0, 1000),
+)
+def test_prefix_blocks_decode_batched_rows_like_dense_sdpa(batch, kv_heads, groups, per_head, prefix, new_tokens, keep, seed):
+    """The decode path: block tables built once per prefix and extended as the cache grows, batch
+    rows folded into heads, one flex call; against SDPA with the dense mask, at every length."""
+    from kvpress_chunk.modes.block_masks import PrefixBlocks
+    from kvpress_chunk.modes.flex import flex_decode_step
+
+    generator = torch.Generator().manual_seed(seed)
+    query_heads = kv_heads * groups
+    kept = torch.rand(batch, kv_heads if per_head else 1, prefix, generator=generator) < keep
+    kept[..., 0] = True
+    blocks = PrefixBlocks(kept, query_heads, KV_BLOCK_SIZE)
+    for kv_length in sorted({prefix + 1, prefix + new_tokens, prefix + 16, prefix + 17}):
+        query = torch.randn(batch, query_heads, 1, 16, generator=generator)
+        key = torch.randn(batch, kv_heads, kv_length, 16, generator=generator)
+        value = torch.randn(batch, kv_heads, kv_length, 16, generator=generator)
+        want_mask = dense_oracle(kept, query_heads, 1, kv_length)
+        # the folded BlockMask's mask_mod states the intended mask, row by row
+        from torch.nn.attention.flex_attention import create_mask
+
+        block_mask = blocks.block_mask(kv_length)
+        folded = create_mask(block_mask.mask_mod, 1, batch * query_heads, 1, kv_length)
+        assert torch.equal(folded.view(batch, query_heads, 1, kv_length), want_mask)
+        got = flex_decode_step(query, key, value, blocks, 0.25)
+        assert got is not None and not FLEX_STATUS.broken
+        want = F.scaled_dot_product_attention(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=want_mask, scale=0.25
+        )
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_blocks_never_skip_a_visible_block():
+    from kvpress_chunk.modes.block_masks import PrefixBlocks
+
+    kept = torch.zeros(2, 1, 70, dtype=torch.bool)
+    kept[0, 0, :16] = True  # row 0: first block full, the rest skipped
+    kept[1, 0, 20:25] = True  # row 1: block 1 partial
+    blocks = PrefixBlocks(kept, 2, 16)
+    for kv_length in (71, 80, 81, 100, 129):
+        mask = blocks.block_mask(kv_length)
+        dense = mask.to_dense()[0, :, 0]  # [B*Hq, n blocks]: listed anywhere (full or partial)
+        n = -(-kv_length // 16)
+        assert dense.shape[-1] == n
+        want = torch.zeros(4, n, dtype=torch.bool)
+        want[:2, 0] = True
+        want[2:, 1] = True
+        want[:, 4:] = True  # block 4 straddles the prefix end (64..79); all later blocks hold new tokens
+        assert torch.equal(dense.bool(), want), kv_length
+        full = torch.zeros(4, n, dtype=torch.int32)
+        for h in range(4):
+            full[h, mask.full_kv_indices[0, h, 0, : mask.full_kv_num_blocks[0, h, 0]].long()] = 1
+        assert bool(full[:2, 0].all()) and not bool(full[:, 4].any()) and not bool(full[:, n - 1].any())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 3]),
+    per_head=st.booleans(),
+    prefix=st.integers(5, 150),
+    new_tokens=st.integers(1, 20),
+    keep=st.floats(0.05, 0.95),
+    seed=st.integers(0, 1000),
+)
+def test_gathered_decode_matches_dense_sdpa(batch, kv_heads, groups, per_head, prefix, new_tokens, keep, seed):
+    """The CPU decode path of mask mode (modes/gathered.py): kept slots listed once per prefix,
+    gathered per step; ragged rows and heads (different kept counts) padded and masked."""
+    from kvpress_chunk.modes.gathered import PrefixSlots
+
+    generator = torch.Generator().manual_seed(seed)
+    query_heads = kv_heads * groups
+    kept = torch.rand(batch, kv_heads if per_head else 1, prefix, generator=generator) < keep
+    kept[..., 0] = True
+    slots = PrefixSlots(kept)
+    for kv_length in (prefix + 1, prefix + new_tokens):
+        query = torch.randn(batch, query_heads, 1, 16, generator=generator)
+        key = torch.randn(batch, kv_heads, kv_length, 16, generator=generator)
+        value = torch.randn(batch, kv_heads, kv_length, 16, generator=generator)
+        want_mask = dense_oracle(kept, query_heads, 1, kv_length)
+        want = F.scaled_dot_product_attention(
+            query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=want_mask, scale=0.25
+        )
+        torch.testing.assert_close(slots.attend(query, key, value, 0.25), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_kernel_choice(monkeypatch):
+    from kvpress_chunk.modes.gathered import decode_kernel
+
+    monkeypatch.delenv("KVPRESS_CHUNK_MASK_DECODE", raising=False)
+    assert decode_kernel(torch.device("cpu")) == "gather"
+    assert decode_kernel(torch.device("meta")) == "flex"  # accelerators: flex skips blocks in its kernel
+    monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", "flex")
+    assert decode_kernel(torch.device("cpu")) == "flex"
+    monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", "dense")
+    with pytest.raises(ValueError, match="flex, gather"):
+        decode_kernel(torch.device("cpu"))

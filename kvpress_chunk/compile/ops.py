@@ -24,6 +24,7 @@ from ..policies.groupers import Grouper
 from ..policies.scorers import Scorer
 from ..policies.selectors import SelectionRequest, Selector
 from ..selection import gather_kv
+from .cache import prepare_inductor
 
 CompressFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -88,6 +89,7 @@ def compiled_compress(
 
     The budget's *value* is not part of the key: ratios 0.5 and 0.9 share graphs."""
     key = (scorer, grouper, selector, budget_kind, pool_heads)
+    prepare_inductor()
     with _LOCK:
         fn = _COMPILED.get(key)
         if fn is None:

@@ -114,3 +114,72 @@ def selection_block_mask(kept: torch.Tensor, query_heads: int, kv_length: int, b
         seq_lengths=(1, kv_length),
         compute_q_blocks=False,
     )
+
+
+class PrefixBlocks:
+    """The block tables of one compressed prefix, built once and extended as decoding grows the
+    cache: a new KV block appears only every ``block_size`` tokens, so the per-step work is one
+    cached lookup and a :class:`BlockMask` constructor call (no tensor work).
+
+    Batch rows are folded into the head axis (``[1, B * Hq, ...]``; :func:`fold_rows` does the
+    same to queries, keys and values, a free view of a contiguous cache), so one flex call
+    serves the whole batch with a batch dimension of 1: the CPU flex kernel of torch 2.13 emits
+    invalid C++ for a symbolic batch dimension, not for more heads. GQA still maps query head
+    ``b * Hq + i`` to KV head ``b * Hkv + i // G`` of the folded keys.
+
+    Block layout for ``kv_length > T`` keys (``n`` blocks): prefix blocks as the kept table says
+    (all kept: full; some: partial; none: skipped); the block straddling the prefix end and the
+    last block: partial (the ``mask_mod`` decides, and the kernel bounds the ragged tail);
+    blocks between them: full. It depends on ``n`` only, so it is cached per ``n``.
+    """
+
+    def __init__(self, kept: torch.Tensor, query_heads: int, block_size: int):
+        if block_size % KV_BLOCK_MULTIPLE:
+            raise ValueError(
+                f"KV block size must be a multiple of {KV_BLOCK_MULTIPLE}, got {block_size}: compiled CPU flex "
+                "attention (torch 2.13) returns wrong results for other sizes"
+            )
+        batch, _, prefix = kept.shape
+        table = allowed_prefix(kept.to(torch.bool), query_heads)
+        self.rows, self.query_heads, self.prefix, self.block_size = batch, query_heads, prefix, block_size
+        self.table = table.reshape(1, batch * query_heads, prefix).contiguous()
+        self.mask_mod = generate_compressed_prefix_mask(self.table)
+        whole = prefix // block_size
+        counts = self.table[..., : whole * block_size].reshape(1, batch * query_heads, whole, block_size).sum(dim=-1)
+        self._prefix_full = counts == block_size  # [1, B*Hq, whole prefix blocks]
+        self._prefix_partial = (counts > 0) & ~self._prefix_full
+        self._lists: tuple[int, tuple[torch.Tensor, ...]] | None = None
+
+    def _block_lists_for(self, n_blocks: int) -> tuple[torch.Tensor, ...]:
+        if self._lists is not None and self._lists[0] == n_blocks:
+            return self._lists[1]
+        whole = self._prefix_full.shape[-1]
+        heads = self.table.shape[1]
+        device = self.table.device
+        full = torch.zeros(1, heads, n_blocks, dtype=torch.bool, device=device)
+        partial = torch.zeros(1, heads, n_blocks, dtype=torch.bool, device=device)
+        full[..., :whole] = self._prefix_full
+        partial[..., :whole] = self._prefix_partial
+        full[..., whole:] = True  # blocks holding tokens added after compression ...
+        full[..., whole] = False  # ... except the one straddling the prefix end (or holding its first new tokens)
+        full[..., n_blocks - 1] = False  # ... and the last, ragged one: both computed with the mask_mod
+        partial[..., whole] = True
+        partial[..., n_blocks - 1] = True
+        lists = (*_block_lists(partial, 1), *_block_lists(full, 1))
+        self._lists = (n_blocks, lists)
+        return lists
+
+    def block_mask(self, kv_length: int) -> BlockMask:
+        """The folded BlockMask (``[1, B * Hq]``) for one decoding query over ``kv_length > T`` keys."""
+        if kv_length <= self.prefix:
+            raise ValueError(f"a decoding query needs keys past the prefix ({kv_length} <= {self.prefix})")
+        kv_num, kv_idx, full_num, full_idx = self._block_lists_for(-(-kv_length // self.block_size))
+        return BlockMask(
+            (1, kv_length), kv_num, kv_idx, full_num, full_idx, None, None, None, None,
+            BLOCK_SIZE=(Q_BLOCK_SIZE, self.block_size), mask_mod=self.mask_mod,
+        )
+
+
+def fold_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[1, B * H, L, D]`` (a view when the rows are contiguous)."""
+    return tensor.reshape(1, tensor.shape[0] * tensor.shape[1], *tensor.shape[2:])

@@ -20,7 +20,7 @@ import torch
 import torch._dynamo.eval_frame as eval_frame
 from torch.nn.attention.flex_attention import flex_attention
 
-from .block_masks import selection_block_mask
+from .block_masks import PrefixBlocks, fold_rows
 
 
 class FlexFallbackError(RuntimeError):
@@ -74,6 +74,9 @@ _COMPILED_FLEX: dict[tuple, object] = {}
 def _compiled_flex_for(geometry: tuple):
     fn = _COMPILED_FLEX.get(geometry)
     if fn is None:
+        from ..compile.cache import prepare_inductor
+
+        prepare_inductor()
         name = f"kvpress_chunk_flex_{len(_COMPILED_FLEX)}"
         own = types.FunctionType(_flex.__code__.replace(co_name=name), _flex.__globals__, name)
         fn = torch.compile(own, dynamic=True, fullgraph=True)
@@ -114,22 +117,22 @@ def is_compile_failure(exc: Exception) -> bool:
     return isinstance(exc, (InductorError, BackendCompilerFailed)) and not isinstance(exc, FlexFallbackError)
 
 
-def flex_decode_step(query, key, value, visible: torch.Tensor, block_size: int, scale: float) -> torch.Tensor | None:
+def flex_decode_step(query, key, value, blocks: PrefixBlocks, scale: float) -> torch.Tensor | None:
     """One decoding query per row through the prefix's BlockMask: ``[B, Hq, 1, D]``, or ``None``
     when flex is unavailable on this machine (the caller then uses the dense mask).
 
-    One flex call per batch row: with a batch dimension > 1, torch 2.13's CPU flex template emits
-    invalid C++ under dynamic shapes (seen for every batch size >= 2 we tried)."""
+    One flex call for the whole batch: rows are folded into the head axis (see
+    :class:`~.block_masks.PrefixBlocks`), because torch 2.13's CPU flex template emits invalid C++
+    for a batch dimension > 1 under dynamic shapes (seen for every batch size >= 2 we tried)."""
     if FLEX_STATUS.broken:
         return None
+    batch, heads = query.shape[:2]
     try:
-        rows = []
-        for row in range(query.shape[0]):
-            block_mask = selection_block_mask(visible[row : row + 1], query.shape[1], key.shape[2], block_size)
-            rows.append(flex_attend(query[row : row + 1], key[row : row + 1], value[row : row + 1], block_mask, scale))
-        return torch.cat(rows, dim=0)
+        block_mask = blocks.block_mask(key.shape[2])
+        out = flex_attend(fold_rows(query), fold_rows(key), fold_rows(value), block_mask, scale)
     except Exception as exc:  # inductor's C++ build or codegen failed for this shape
         if not is_compile_failure(exc):
             raise
         FLEX_STATUS.mark_broken(exc)
         return None
+    return out.view(batch, heads, *out.shape[2:])

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -41,8 +41,9 @@ from ..hf.hooks import (
     find_attention_layers,
     takes_argument,
 )
-from .block_masks import dense_prefix_mask
+from .block_masks import PrefixBlocks, dense_prefix_mask
 from .flex import flex_decode_step
+from .gathered import PrefixSlots, decode_kernel
 
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -60,6 +61,9 @@ class LayerView:
     visible: torch.Tensor
     flex_block_size: int | None = None
     all_visible: bool = False
+    # Block tables for flex decoding, built on first use and kept for the view's lifetime (the
+    # selection does not change while decoding): query heads -> PrefixBlocks, "slots" -> PrefixSlots.
+    _blocks: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, visible: torch.Tensor, flex_block_size: int | None = None) -> "LayerView":
@@ -70,6 +74,20 @@ class LayerView:
     @property
     def prefix_length(self) -> int:
         return self.visible.shape[-1]
+
+    def prefix_blocks(self, query_heads: int) -> PrefixBlocks:
+        """The flex block tables of this prefix (mask mode), built once per view."""
+        blocks = self._blocks.get(query_heads)
+        if blocks is None:
+            blocks = self._blocks[query_heads] = PrefixBlocks(self.visible, query_heads, self.flex_block_size)
+        return blocks
+
+    def prefix_slots(self) -> PrefixSlots:
+        """The kept prefix slots as index lists (mask mode's gathered decoding), built once per view."""
+        slots = self._blocks.get("slots")
+        if slots is None:
+            slots = self._blocks["slots"] = PrefixSlots(self.visible)
+        return slots
 
     def kept_per_row(self) -> torch.Tensor:
         """Prefix tokens each row attends to (mean over heads for per-head views)."""
@@ -266,7 +284,10 @@ def _make_routed_attention(implementation: str):
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         if view.flex_block_size is not None and q_length == 1 and appended is None and kwargs.get("softcap") is None:
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            out = flex_decode_step(query, key, value, view.visible, view.flex_block_size, scale)
+            if decode_kernel(query.device) == "gather":
+                out = view.prefix_slots().attend(query, key, value, scale)
+            else:
+                out = flex_decode_step(query, key, value, view.prefix_blocks(query.shape[1]), scale)
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
         allowed = dense_prefix_mask(view.visible, query.shape[1], q_length, key.shape[2], appended)

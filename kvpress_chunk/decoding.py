@@ -5,20 +5,24 @@ spec) makes the press keep compressing after the prefill. At a decode forward, p
 
 * ``count`` = real tokens in the cache (or, with ``protect_prompt=True``, real *generated* tokens:
   the prompt as compressed at prefill is then never touched again);
-* the cache is compressed back to ``M`` tokens when ``count > M`` and either ``N`` tokens were
-  generated since the last compression or ``count >= M + N``. So after the first decode step
+* the row is compressed back to ``M`` tokens when ``count > M`` and either ``N`` tokens were
+  generated since its last compression or ``count >= M + N``. Each row decides alone (rows
+  that do not compress at a step keep every token), so a row of a left-padded batch is
+  compressed exactly as it would be alone. So after the first decode step
   a row never holds more than ``M + N`` tokens (``prompt + M + N`` with ``protect_prompt``).
 
 Compression runs in the attention hook of each layer, right after the layer's attention of that
 step (as at prefill), with the press's own parts: scorer (its observation window = the hidden
 states of the most recent ``window`` tokens, recorded at each forward), grouper (chunks are cut
 over the compressed region, so a kept chunk stays contiguous), selector with ``budget=M``,
-allocator (per-layer budgets) and planner (layer reuse within the same compression pass).
+allocator (per-layer budgets, capped at ``M``) and planner (layer reuse within the same compression pass).
 Rows are independent: each row keeps its own ``M`` best tokens; padding stays hidden.
+
+``max_cache`` must be at least the tokens the policy always keeps (observation window + sinks).
 
 Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``): evict mode only
 (``apply="mask"`` would keep every token anyway, so decoding compression has nothing to free
-there; not implemented), shared selections only (no ``per_head`` / head-adaptive selectors), no
+there; not implemented), equal token counts per head (no head-adaptive selectors / allocators), no
 ``count='groups'`` selector (the budget is in tokens). ``global`` allocators run as uniform for
 the decoding passes (a whole-cache pass per step would hold every layer's scores).
 """
@@ -85,10 +89,16 @@ def check_press(press: "Press") -> None:
             f"decoding compression needs apply='evict' (apply={press.apply!r} keeps every token in memory, "
             "and decoding-time masking is not implemented)"
         )
-    if press.selector.per_head or press.selector.ragged_heads or press.allocator.pools_heads:
-        raise SpecError("decoding compression needs one selection shared by all heads (no per_head / head-adaptive parts)")
+    if press.selector.ragged_heads or press.allocator.pools_heads:
+        raise SpecError("decoding compression needs equal token counts per head (no head-adaptive selectors/allocators)")
     if press.selector.needs_ratio:
         raise SpecError("decoding compression evicts to a token budget: use a selector with count='tokens'")
+    protected = press.selector.protected_count(press.scorer.window)
+    if press.decoding.max_cache < protected:
+        raise SpecError(
+            f"decoding max_cache={press.decoding.max_cache} is below the {protected} tokens this policy always keeps "
+            "(observation window + sinks): raise max_cache or shrink the window"
+        )
 
 
 def decode_press(press: "Press") -> "Press":
@@ -114,8 +124,9 @@ class DecodingCompressor:
         self.hidden: dict[int, torch.Tensor] = {}  # layer -> hidden states of the last tokens
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.prompt_width: dict[int, int] = {}  # layer -> prompt slots (protect_prompt)
-        self.since = 0  # tokens generated since the last compression
-        self.firing = False  # this forward compresses
+        self.since: Any = 0  # int64[B]: tokens generated per row since its last compression
+        self.fire: Any = None  # bool[B]: rows compressing in the forward in flight
+        self.firing = False  # some row compresses in this forward
         self.earlier: dict[int, Selection] = {}  # selections of the pass in flight (layer reuse)
         self.compressions = 0  # passes run (for tests and reports)
         self.max_seen = 0  # largest per-row token count after any decode forward (for tests)
@@ -163,16 +174,20 @@ class DecodingCompressor:
         start = self.prompt_width.get(layer_idx, 0) if self.policy.protect_prompt else 0
         start = min(start, valid.shape[-1])
         if layer_idx == session.compressible[0]:
-            self.since += hidden.shape[1]
-            count = int(valid[:, start:].sum(dim=-1).max())
+            # Rows decide alone (a row compresses exactly when it would in a batch of one).
+            count = valid[:, start:].sum(dim=-1)
+            if not isinstance(self.since, torch.Tensor) or self.since.shape != count.shape:
+                self.since = torch.zeros_like(count)
+            self.since = self.since + hidden.shape[1]
             m, n = self.policy.max_cache, self.policy.every
-            self.firing = count > m and (self.since >= n or count >= m + n)
+            self.fire = (count > m) & ((self.since >= n) | (count >= m + n))
+            self.firing = bool(self.fire.any())
             self.earlier = {}
         if not self.firing:
             self.max_seen = max(self.max_seen, int(valid.sum(dim=-1).max()))
             return
         if layer_idx == session.compressible[-1]:
-            self.since = 0
+            self.since = torch.where(self.fire, torch.zeros_like(self.since), self.since)
             self.compressions += 1
         self._compress(layer_idx, module, layer, views, valid, start)
         self.max_seen = max(self.max_seen, int(views[layer_idx].visible[:, 0].sum(dim=-1).max()))
@@ -182,8 +197,8 @@ class DecodingCompressor:
         valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         prefix = 0
         if view is not None:
-            if view.visible.shape[1] != 1:
-                raise SpecError("decoding compression needs shared (not per-head) layer views")
+            # Per-head views keep equal counts per head (head-adaptive parts are refused), so their
+            # padding slots agree across heads: head 0 says which slots are real.
             prefix = view.prefix_length
             valid[:, :prefix] = view.visible[:, 0].to(device)
         appended = self.session.router.appended_valid(length - prefix) if length > prefix else None
@@ -211,12 +226,19 @@ class DecodingCompressor:
             )
             compressible = self.session.compressible
             budget = inner.layer_budget(sub_valid, compressible.index(layer_idx), len(compressible))
+            cap = self.policy.max_cache
+            # Per-layer budgets (pyramid...) are capped at M so that no layer exceeds the bound.
+            budget = torch.full_like(self.fire, cap, dtype=torch.int64) if budget is None else budget.clamp(max=cap)
+            # Rows that do not compress at this step keep every token.
+            budget = torch.where(self.fire.to(budget.device), budget, sub_valid.sum(dim=-1).to(budget.dtype))
             kept_keys, kept_values, selection = inner.select(inputs, budget)
         self.earlier[layer_idx] = selection
         if start:
             kept_keys = torch.cat([keys[..., :start, :], kept_keys], dim=-2)
             kept_values = torch.cat([values[..., :start, :], kept_values], dim=-2)
-            visible = torch.cat([valid[:, None, :start], selection.slot_valid.to(valid.device)], dim=-1)
+            kept = selection.slot_valid.to(valid.device)
+            heads = max(kept.shape[1], 1)
+            visible = torch.cat([valid[:, None, :start].expand(-1, heads, -1), kept.expand(-1, heads, -1)], dim=-1)
         else:
             visible = selection.slot_valid
         layer.keys, layer.values = kept_keys.contiguous(), kept_values.contiguous()

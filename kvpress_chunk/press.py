@@ -26,6 +26,7 @@ from torch import nn
 
 from .budget import Budget
 from .compile.ops import compiled_compress, eager_compress
+from .decoding import Decoding, check_press as check_decoding
 from .modes import ApplyMode, get_mode, mode_names
 from .policies.allocators import Allocator, UniformAllocator
 from .policies.groupers import Grouper
@@ -40,7 +41,7 @@ from .session import PressSession
 PART_BASES: dict[str, type] = {
     "scorer": Scorer, "grouper": Grouper, "selector": Selector, "allocator": Allocator, "planner": Planner,
 }
-PRESS_KEYS = ("compression_ratio", "budget", "compile", "apply")
+PRESS_KEYS = ("compression_ratio", "budget", "compile", "apply", "decoding")
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ class Press:
     compile: bool | str = "auto"
     apply: str = "evict"
     name: str = field(default="custom", compare=False)
+    decoding: Any = None  # decoding-time compression (issue 12): a .decoding.Decoding, or None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "decoding", Decoding.parse(self.decoding))  # decoding: dict -> Decoding
         mode = get_mode(self.apply)  # raises SpecError naming the valid modes
         if self.compile not in (True, False, "auto"):
             raise SpecError(f"compile must be True, False or 'auto', got {self.compile!r}")
@@ -100,6 +103,7 @@ class Press:
             )
         if self.selector.needs_ratio and self.budget is not None:
             raise SpecError("a selector with count='groups' needs compression_ratio, not budget")
+        check_decoding(self)  # decoding-time compression limits
 
     @property
     def mode(self) -> ApplyMode:
@@ -124,7 +128,8 @@ class Press:
 
     def describe(self) -> str:
         parts = ", ".join(f"{kind}={describe_part(getattr(self, kind))}" for kind in PART_KINDS)
-        return f"{self.name}: {parts}, {self.rule.describe()}, apply={self.apply}"
+        decoding = f", {self.decoding.describe()}" if self.decoding is not None else ""  # decoding
+        return f"{self.name}: {parts}, {self.rule.describe()}, apply={self.apply}{decoding}"
 
     def to_spec(self) -> dict[str, Any]:
         """A plain dict (JSON/TOML-able) from which :func:`~kvpress_chunk.make_press` rebuilds an
@@ -135,6 +140,8 @@ class Press:
         else:
             spec["budget"] = self.budget
         spec.update(compile=self.compile, apply=self.apply, name=self.name)
+        if self.decoding is not None:  # decoding
+            spec["decoding"] = self.decoding.to_spec()
         return spec
 
     def replace(self, **changes: Any) -> "Press":

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 
+from .decoding import DecodingCompressor
 from .hf.hooks import (
     CACHE_ARGUMENT_NAMES,
     CacheNotFoundError,
@@ -97,6 +98,8 @@ class PressSession:
         self.pending_scores: dict[int, LayerScores] = {}
         self.pending_layers: dict[int, tuple[Any, int, LayerInputs]] = {}
         self.pending_cache: Any = None
+        # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
+        self.decoder = DecodingCompressor(self) if press.decoding is not None else None
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:
@@ -171,6 +174,8 @@ class PressSession:
     def _make_attention_hook(self, layer_idx: int, is_first: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self._compress_layer(layer_idx, module, args, kwargs, is_first)
+            if self.decoder is not None:  # decoding-time compression
+                self.decoder.after_layer(layer_idx, module, args, kwargs)
 
         return hook
 

@@ -92,6 +92,7 @@ def make_press(spec: Any = "chunkkv", **overrides: Any) -> Press:
             compile=spec.get("compile", "auto"),
             apply=spec.get("apply", "evict"),
             name=spec.get("name", name),
+            decoding=spec.get("decoding"),
         )
     except ValueError as exc:
         raise SpecError(str(exc)) from None

@@ -1,0 +1,250 @@
+"""Decoding-time compression: keep the cache bounded while generating (issue 12).
+
+``make_press(spec, decoding={"every": N, "max_cache": M})`` (or ``decoding = {...}`` in a TOML
+spec) makes the press keep compressing after the prefill. At a decode forward, per row:
+
+* ``count`` = real tokens in the cache (or, with ``protect_prompt=True``, real *generated* tokens:
+  the prompt as compressed at prefill is then never touched again);
+* the row is compressed back to ``M`` tokens when ``count > M`` and either ``N`` tokens were
+  generated since its last compression or ``count >= M + N``. Each row decides alone (rows
+  that do not compress at a step keep every token), so a row of a left-padded batch is
+  compressed exactly as it would be alone. So after the first decode step
+  a row never holds more than ``M + N`` tokens (``prompt + M + N`` with ``protect_prompt``).
+
+Compression runs in the attention hook of each layer, right after the layer's attention of that
+step (as at prefill), with the press's own parts: scorer (its observation window = the hidden
+states of the most recent ``window`` tokens, recorded at each forward), grouper (chunks are cut
+over the compressed region, so a kept chunk stays contiguous), selector with ``budget=M``,
+allocator (per-layer budgets, capped at ``M``) and planner (layer reuse within the same compression pass).
+Rows are independent: each row keeps its own ``M`` best tokens; padding stays hidden.
+
+``max_cache`` must be at least the tokens the policy always keeps (observation window + sinks).
+
+Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``): evict mode only
+(``apply="mask"`` would keep every token anyway, so decoding compression has nothing to free
+there; not implemented), equal token counts per head (no head-adaptive selectors / allocators), no
+``count='groups'`` selector (the budget is in tokens). ``global`` allocators run as uniform for
+the decoding passes (a whole-cache pass per step would hold every layer's scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from .hf.hooks import cache_argument, call_argument
+from .policies.layer_inputs import LayerInputs
+from .registry import SpecError
+from .selection import Selection
+
+if TYPE_CHECKING:
+    from .press import Press
+    from .session import PressSession
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """``every``: compress at most every N generated tokens; ``max_cache``: tokens kept per row
+    after a compression (M); ``protect_prompt``: compress generated tokens only."""
+
+    every: int = 64
+    max_cache: int = 1024
+    protect_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise SpecError(f"decoding every must be an int >= 1, got {self.every!r}")
+        if not isinstance(self.max_cache, int) or isinstance(self.max_cache, bool) or self.max_cache < 1:
+            raise SpecError(f"decoding max_cache must be an int >= 1, got {self.max_cache!r}")
+        if not isinstance(self.protect_prompt, bool):
+            raise SpecError(f"decoding protect_prompt must be True or False, got {self.protect_prompt!r}")
+
+    @classmethod
+    def parse(cls, value: Any) -> "Decoding | None":
+        if value is None or isinstance(value, Decoding):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"every", "max_cache", "protect_prompt"})
+            if unknown:
+                raise SpecError(f"unknown decoding setting(s) {unknown}; valid: every, max_cache, protect_prompt")
+            return cls(**value)
+        raise SpecError(f"decoding must be a dict like {{'every': 64, 'max_cache': 1024}}, got {type(value).__name__}")
+
+    def to_spec(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        prompt = ", prompt protected" if self.protect_prompt else ""
+        return f"decoding(every={self.every}, max_cache={self.max_cache}{prompt})"
+
+
+def check_press(press: "Press") -> None:
+    """SpecError for the combinations decoding compression does not handle (see the module doc)."""
+    if press.decoding is None:
+        return
+    if press.apply != "evict":
+        raise SpecError(
+            f"decoding compression needs apply='evict' (apply={press.apply!r} keeps every token in memory, "
+            "and decoding-time masking is not implemented)"
+        )
+    if press.selector.ragged_heads or press.allocator.pools_heads:
+        raise SpecError("decoding compression needs equal token counts per head (no head-adaptive selectors/allocators)")
+    if press.selector.needs_ratio:
+        raise SpecError("decoding compression evicts to a token budget: use a selector with count='tokens'")
+    if press.scorer.context_pass:
+        raise SpecError(
+            f"the {type(press.scorer).__name__} scores with an extra pass over the whole context, run at prefill "
+            "only: decoding compression needs a scorer without one"
+        )
+    protected = press.selector.protected_count(press.scorer.window)
+    if press.decoding.max_cache < protected:
+        raise SpecError(
+            f"decoding max_cache={press.decoding.max_cache} is below the {protected} tokens this policy always keeps "
+            "(observation window + sinks): raise max_cache or shrink the window"
+        )
+
+
+def decode_press(press: "Press") -> "Press":
+    """The press the decoding passes run: same parts, ``budget=M``, uniform allocator if global."""
+    from .policies.allocators import UniformAllocator
+
+    changes: dict[str, Any] = {"budget": press.decoding.max_cache, "decoding": None}
+    if press.allocator.whole_cache:
+        changes["allocator"] = UniformAllocator()
+    return press.replace(**changes)
+
+
+class DecodingCompressor:
+    """Per-session state of decoding-time compression (created by the session when the press has
+    ``decoding``). :meth:`after_layer` runs after every attention layer's forward."""
+
+    def __init__(self, session: "PressSession"):
+        self.session = session
+        self.press = session.press
+        self.policy: Decoding = session.press.decoding
+        self.inner = decode_press(session.press)
+        self.window = max(1, self.inner.scorer.window)
+        self.hidden: dict[int, torch.Tensor] = {}  # layer -> hidden states of the last tokens
+        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prompt_width: dict[int, int] = {}  # layer -> prompt slots (protect_prompt)
+        self.since: Any = 0  # int64[B]: tokens generated per row since its last compression
+        self.fire: Any = None  # bool[B]: rows compressing in the forward in flight
+        self.firing = False  # some row compresses in this forward
+        self.earlier: dict[int, Selection] = {}  # selections of the pass in flight (layer reuse)
+        self.compressions = 0  # passes run (for tests and reports)
+        self.max_seen = 0  # largest per-row token count after any decode forward (for tests)
+
+    # -- observation window --------------------------------------------------------------------------
+
+    def _remember(self, layer_idx: int, hidden: torch.Tensor, rope: Any, fresh: bool) -> None:
+        w = self.window
+        if not fresh and layer_idx in self.hidden and self.hidden[layer_idx].shape[0] == hidden.shape[0]:
+            hidden = torch.cat([self.hidden[layer_idx], hidden], dim=1)
+        self.hidden[layer_idx] = hidden[:, -w:].detach()
+        if isinstance(rope, tuple) and len(rope) == 2:
+            cos, sin = rope
+            if not fresh and layer_idx in self.rope and self.rope[layer_idx][0].shape[0] == cos.shape[0]:
+                old_cos, old_sin = self.rope[layer_idx]
+                cos, sin = torch.cat([old_cos, cos], dim=1), torch.cat([old_sin, sin], dim=1)
+            self.rope[layer_idx] = (cos[:, -w:].detach(), sin[:, -w:].detach())
+        else:
+            self.rope.pop(layer_idx, None)
+
+    # -- the hook ------------------------------------------------------------------------------------
+
+    def after_layer(self, layer_idx: int, module: Any, args: tuple, kwargs: dict) -> None:
+        session = self.session
+        cache = cache_argument((), kwargs)
+        hidden = call_argument(args, kwargs, "hidden_states", 0)
+        if cache is None or hidden is None or not hasattr(cache, "layers") or layer_idx >= len(cache.layers):
+            return
+        if layer_idx in session.skipped_layers or layer_idx not in session.compressible:
+            return
+        layer = cache.layers[layer_idx]
+        rope = kwargs.get("position_embeddings")
+        if session.valid_seen:  # a prefill: start afresh (this layer was just compressed, if at all)
+            self._remember(layer_idx, hidden, rope, fresh=True)
+            self.prompt_width[layer_idx] = layer.keys.shape[-2]
+            if layer_idx == session.compressible[0]:
+                self.since = 0
+            return
+        self._remember(layer_idx, hidden, rope, fresh=False)
+        router = session.router
+        views = router.views.get(cache)
+        if views is None:
+            views = router.views[cache] = {}
+        valid = self._valid(layer.keys.shape[-2], views.get(layer_idx), layer.keys.device, layer.keys.shape[0])
+        start = self.prompt_width.get(layer_idx, 0) if self.policy.protect_prompt else 0
+        start = min(start, valid.shape[-1])
+        if layer_idx == session.compressible[0]:
+            # Rows decide alone (a row compresses exactly when it would in a batch of one).
+            count = valid[:, start:].sum(dim=-1)
+            if not isinstance(self.since, torch.Tensor) or self.since.shape != count.shape:
+                self.since = torch.zeros_like(count)
+            self.since = self.since + hidden.shape[1]
+            m, n = self.policy.max_cache, self.policy.every
+            self.fire = (count > m) & ((self.since >= n) | (count >= m + n))
+            self.firing = bool(self.fire.any())
+            self.earlier = {}
+        if not self.firing:
+            self.max_seen = max(self.max_seen, int(valid.sum(dim=-1).max()))
+            return
+        if layer_idx == session.compressible[-1]:
+            self.since = torch.where(self.fire, torch.zeros_like(self.since), self.since)
+            self.compressions += 1
+        self._compress(layer_idx, module, layer, views, valid, start)
+        self.max_seen = max(self.max_seen, int(views[layer_idx].visible[:, 0].sum(dim=-1).max()))
+
+    def _valid(self, length: int, view: Any, device: torch.device, batch: int) -> torch.Tensor:
+        """``bool[B, L]``: real tokens of a layer's cache (view prefix + tokens appended since)."""
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        prefix = 0
+        if view is not None:
+            # Per-head views keep equal counts per head (head-adaptive parts are refused), so their
+            # padding slots agree across heads: head 0 says which slots are real.
+            prefix = view.prefix_length
+            valid[:, :prefix] = view.visible[:, 0].to(device)
+        appended = self.session.router.appended_valid(length - prefix) if length > prefix else None
+        if appended is not None:
+            valid[:, prefix:] = appended.to(device)
+        return valid
+
+    def _compress(self, layer_idx, module, layer, views, valid, start: int) -> None:
+        from .modes.routing import LayerView
+
+        keys, values = layer.keys, layer.values
+        sub_keys, sub_values, sub_valid = keys[..., start:, :], values[..., start:, :], valid[:, start:]
+        length = sub_keys.shape[-2]
+        inner = self.inner
+        source = inner.planner.source_layer(layer_idx)
+        reused = self.earlier.get(source) if source != layer_idx else None
+        if reused is not None and reused.length == length:
+            kept_keys, kept_values = reused.apply(sub_keys, sub_values)
+            selection = reused
+        else:
+            rope = self.rope.get(layer_idx)
+            inputs = LayerInputs(
+                module=module, layer_idx=layer_idx, hidden_states=self.hidden[layer_idx],
+                keys=sub_keys, values=sub_values, valid=sub_valid, position_embeddings=rope, input_ids=None,
+            )
+            compressible = self.session.compressible
+            budget = inner.layer_budget(sub_valid, compressible.index(layer_idx), len(compressible))
+            cap = self.policy.max_cache
+            # Per-layer budgets (pyramid...) are capped at M so that no layer exceeds the bound.
+            budget = torch.full_like(self.fire, cap, dtype=torch.int64) if budget is None else budget.clamp(max=cap)
+            # Rows that do not compress at this step keep every token.
+            budget = torch.where(self.fire.to(budget.device), budget, sub_valid.sum(dim=-1).to(budget.dtype))
+            kept_keys, kept_values, selection = inner.select(inputs, budget)
+        self.earlier[layer_idx] = selection
+        if start:
+            kept_keys = torch.cat([keys[..., :start, :], kept_keys], dim=-2)
+            kept_values = torch.cat([values[..., :start, :], kept_values], dim=-2)
+            kept = selection.slot_valid.to(valid.device)
+            heads = max(kept.shape[1], 1)
+            visible = torch.cat([valid[:, None, :start].expand(-1, heads, -1), kept.expand(-1, heads, -1)], dim=-1)
+        else:
+            visible = selection.slot_valid
+        layer.keys, layer.values = kept_keys.contiguous(), kept_values.contiguous()
+        views[layer_idx] = LayerView.of(visible)

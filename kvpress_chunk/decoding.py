@@ -23,7 +23,8 @@ Rows are independent: each row keeps its own ``M`` best tokens; padding stays hi
 Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``): evict mode only
 (``apply="mask"`` would keep every token anyway, so decoding compression has nothing to free
 there; not implemented), equal token counts per head (no head-adaptive selectors / allocators), no
-``count='groups'`` selector (the budget is in tokens). ``global`` allocators run as uniform for
+``count='groups'`` selector (the budget is in tokens), no sentence grouper (decode steps keep no
+token ids). ``global`` allocators run as uniform for
 the decoding passes (a whole-cache pass per step would hold every layer's scores).
 """
 
@@ -93,6 +94,9 @@ def check_press(press: "Press") -> None:
         raise SpecError("decoding compression needs equal token counts per head (no head-adaptive selectors/allocators)")
     if press.selector.needs_ratio:
         raise SpecError("decoding compression evicts to a token budget: use a selector with count='tokens'")
+    if getattr(type(press.grouper), "registered_name", "") == "sentence":
+        raise SpecError("decoding compression does not support the sentence grouper (it needs token ids, "
+                        "which decode steps do not record): use chunk or token grouping")
     protected = press.selector.protected_count(press.scorer.window)
     if press.decoding.max_cache < protected:
         raise SpecError(

@@ -30,6 +30,7 @@ the decoding passes (a whole-cache pass per step would hold every layer's scores
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -127,6 +128,8 @@ class DecodingCompressor:
         self.window = max(1, self.inner.scorer.window)
         self.hidden: dict[int, torch.Tensor] = {}  # layer -> hidden states of the last tokens
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seed: dict[int, tuple] = {}  # layer -> (hidden, rope) of the prefill's last tokens
+        self.cache_of: dict[int, Any] = {}  # layer -> weakref to the cache decoded last
         self.prompt_width: dict[int, int] = {}  # layer -> prompt slots (protect_prompt)
         self.since: Any = 0  # int64[B]: tokens generated per row since its last compression
         self.fire: Any = None  # bool[B]: rows compressing in the forward in flight
@@ -165,10 +168,22 @@ class DecodingCompressor:
         rope = kwargs.get("position_embeddings")
         if session.valid_seen:  # a prefill: start afresh (this layer was just compressed, if at all)
             self._remember(layer_idx, hidden, rope, fresh=True)
+            self.seed[layer_idx] = (self.hidden[layer_idx], self.rope.get(layer_idx))
+            self.cache_of[layer_idx] = weakref.ref(cache)
             self.prompt_width[layer_idx] = layer.keys.shape[-2]
             if layer_idx == session.compressible[0]:
                 self.since = 0
             return
+        known = self.cache_of.get(layer_idx)
+        if (known() if known is not None else None) is not cache and layer_idx in self.seed:
+            # Another cache than the last one decoded (e.g. generate_answers' copy of the context
+            # for the next question): its window starts again from the prefill's.
+            self.hidden[layer_idx], rope_seed = self.seed[layer_idx]
+            if rope_seed is not None:
+                self.rope[layer_idx] = rope_seed
+            self.cache_of[layer_idx] = weakref.ref(cache)
+            if layer_idx == session.compressible[0]:
+                self.since = 0
         self._remember(layer_idx, hidden, rope, fresh=False)
         router = session.router
         views = router.views.get(cache)

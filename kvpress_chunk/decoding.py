@@ -23,12 +23,14 @@ Rows are independent: each row keeps its own ``M`` best tokens; padding stays hi
 Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``): evict mode only
 (``apply="mask"`` would keep every token anyway, so decoding compression has nothing to free
 there; not implemented), equal token counts per head (no head-adaptive selectors / allocators), no
-``count='groups'`` selector (the budget is in tokens). ``global`` allocators run as uniform for
+``count='groups'`` selector (the budget is in tokens), no sentence grouper (decode steps keep no
+token ids). ``global`` allocators run as uniform for
 the decoding passes (a whole-cache pass per step would hold every layer's scores).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -98,6 +100,9 @@ def check_press(press: "Press") -> None:
             f"the {type(press.scorer).__name__} scores with an extra pass over the whole context, run at prefill "
             "only: decoding compression needs a scorer without one"
         )
+    if getattr(type(press.grouper), "registered_name", "") == "sentence":
+        raise SpecError("decoding compression does not support the sentence grouper (it needs token ids, "
+                        "which decode steps do not record): use chunk or token grouping")
     protected = press.selector.protected_count(press.scorer.window)
     if press.decoding.max_cache < protected:
         raise SpecError(
@@ -128,6 +133,8 @@ class DecodingCompressor:
         self.window = max(1, self.inner.scorer.window)
         self.hidden: dict[int, torch.Tensor] = {}  # layer -> hidden states of the last tokens
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.seed: dict[int, tuple] = {}  # layer -> (hidden, rope) of the prefill's last tokens
+        self.cache_of: dict[int, Any] = {}  # layer -> weakref to the cache decoded last
         self.prompt_width: dict[int, int] = {}  # layer -> prompt slots (protect_prompt)
         self.since: Any = 0  # int64[B]: tokens generated per row since its last compression
         self.fire: Any = None  # bool[B]: rows compressing in the forward in flight
@@ -166,10 +173,22 @@ class DecodingCompressor:
         rope = kwargs.get("position_embeddings")
         if session.valid_seen:  # a prefill: start afresh (this layer was just compressed, if at all)
             self._remember(layer_idx, hidden, rope, fresh=True)
+            self.seed[layer_idx] = (self.hidden[layer_idx], self.rope.get(layer_idx))
+            self.cache_of[layer_idx] = weakref.ref(cache)
             self.prompt_width[layer_idx] = layer.keys.shape[-2]
             if layer_idx == session.compressible[0]:
                 self.since = 0
             return
+        known = self.cache_of.get(layer_idx)
+        if (known() if known is not None else None) is not cache and layer_idx in self.seed:
+            # Another cache than the last one decoded (e.g. generate_answers' copy of the context
+            # for the next question): its window starts again from the prefill's.
+            self.hidden[layer_idx], rope_seed = self.seed[layer_idx]
+            if rope_seed is not None:
+                self.rope[layer_idx] = rope_seed
+            self.cache_of[layer_idx] = weakref.ref(cache)
+            if layer_idx == session.compressible[0]:
+                self.since = 0
         self._remember(layer_idx, hidden, rope, fresh=False)
         router = session.router
         views = router.views.get(cache)

@@ -84,6 +84,11 @@ def test_bad_settings_raise_spec_errors(kwargs, message):
         kc.make_press("chunkkv", compression_ratio=0.5, **kwargs)
 
 
+def test_the_sentence_grouper_is_refused():
+    with pytest.raises(SpecError, match="sentence"):
+        kc.make_press("chunkkv-sentence", compression_ratio=0.5, decoding={"every": 4, "max_cache": 64})
+
+
 def test_a_cache_bound_never_reached_decodes_exactly_like_the_prefill_only_press():
     model = tiny()
     ids, mask, _ = left_padded([70, 40])

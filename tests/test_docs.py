@@ -94,3 +94,13 @@ def test_readme_shell_commands_name_real_presets_and_flags():
             build_parser().parse_args(argv)
         except SystemExit as exc:  # argparse error: an unknown flag or choice in the README
             pytest.fail(f"README command does not parse: {command!r} ({exc})")
+
+
+def test_test_modules_have_unique_basenames():
+    """tests/ and benchmarks/ are collected in one run without packages: two files with one
+    basename break collection of the whole suite (it happened twice)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    names = [p.name for folder in ("tests", "benchmarks") for p in (root / folder).glob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -17,6 +17,8 @@ from kvpress_chunk.policies.kvzip import (
     NEXT_PROMPT,
     OVERLAP_TOKENS,
     KVzipScorer,
+    attention_logsumexp,
+    attention_logsumexp_reference,
     reconstruction_attention_max,
 )
 from kvpress_chunk.registry import SpecError
@@ -88,6 +90,43 @@ def test_scoring_op_matches_the_plain_reference(batch, kv_heads, groups, length,
     out_norm = torch.rand(batch, kv_heads, groups, length, generator=gen) + 0.5 if plus else None
     got = reconstruction_attention_max(queries, keys, context_valid, query_valid, start, end, sinks, hidden_norm, out_norm)
     want = reference_scores(queries, keys, context_valid, query_valid, start, end, sinks, hidden_norm, out_norm)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.integers(1, 3), n=st.integers(1, 300), width=st.integers(1, 40), causal=st.booleans(),
+    masked=st.integers(0, 40), seed=st.integers(0, 10_000),
+)
+def test_logsumexp_kernel_matches_its_reference(heads, n, width, causal, masked, seed):
+    """The CPU flash-attention normaliser equals the blockwise logsumexp (padding bias, causal,
+    rows with every key masked, more queries than one block)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = n if causal else width
+    queries = torch.randn(2, heads, n, 8, generator=gen)
+    keys = torch.randn(2, heads, width, 8, generator=gen)
+    bias = None
+    if not causal:
+        bias = torch.zeros(2, 1, 1, width)
+        bias[0, ..., : min(masked, width)] = -1e30
+    with torch.inference_mode():
+        got = attention_logsumexp(queries, keys, bias, causal)
+    want = attention_logsumexp_reference(queries, keys, bias, causal)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_scoring_op_on_the_reference_kernel(monkeypatch):
+    """Off CPU the op reduces the logits itself: the same scores as the plain loop."""
+    import kvpress_chunk.policies.kvzip as kvzip
+
+    monkeypatch.setattr(kvzip, "attention_logsumexp", kvzip.attention_logsumexp_reference)
+    gen = torch.Generator().manual_seed(3)
+    queries, keys = torch.randn(2, 4, 7, 4, generator=gen), torch.randn(2, 2, 17, 4, generator=gen)
+    context_valid = torch.arange(10)[None, :] >= torch.tensor([[0], [3]])
+    query_valid = torch.arange(7)[None, :] < torch.tensor([[7], [5]])
+    start, end = torch.tensor([2, 4]), torch.tensor([9, 10])
+    got = kvzip.reconstruction_attention_max(queries, keys, context_valid, query_valid, start, end, 2)
+    want = reference_scores(queries, keys, context_valid, query_valid, start, end, 2)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 

@@ -1,5 +1,5 @@
-"""policies/window_attention.py: the fused SnapKV score equals ``SnapKVScorer.score`` (eager
-reference), eager and compiled, with padding, both window-score rules and GQA layouts; the
+"""policies/window_attention.py: the fused SnapKV score (``SnapKVScorer.score``) equals the plain
+``SnapKVScorer.score_reference``, eager and compiled, with padding, both window-score rules and GQA layouts; the
 in-place CPU softmax equals torch.softmax; selections through a press are unchanged."""
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def inputs(batch, kv_heads, groups, window, length, pad, seed):
 )
 def test_fused_scores_equal_the_reference_scorer(batch, kv_heads, groups, window, length, pad, kernel, rule, seed):
     queries, keys, valid = inputs(batch, kv_heads, groups, window, length, min(pad, length // 4), seed)
-    want = SnapKVScorer(window=window, kernel=kernel, window_scores=rule).score(keys, valid, queries)
+    scorer = SnapKVScorer(window=window, kernel=kernel, window_scores=rule)
+    want = scorer.score_reference(keys, valid, queries)
+    torch.testing.assert_close(scorer.score(keys, valid, queries), want, rtol=1e-5, atol=1e-7)
     for fn in (snapkv_scores, snapkv_scores_traced):
         got = fn(queries, keys, valid, kernel, rule)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -76,11 +78,11 @@ def test_custom_op_passes_torch_library_checks():
 
 
 @dataclasses.dataclass(frozen=True)
-class FusedSnapKV(SnapKVScorer):
-    """SnapKVScorer with the fused score (what wiring it into scorers.py amounts to)."""
+class ReferenceSnapKV(SnapKVScorer):
+    """SnapKVScorer scoring with its plain reference instead of the fused op."""
 
     def score(self, keys, valid, queries):
-        return snapkv_scores(queries, keys, valid, self.kernel, self.window_scores)
+        return self.score_reference(keys, valid, queries)
 
 
 @pytest.mark.parametrize("preset", ["chunkkv", "chunkkv-kvpress", "snapkv"])
@@ -93,9 +95,9 @@ def test_selections_through_a_press_are_unchanged(preset):
     mask = torch.ones(2, 260, dtype=torch.long)
     mask[1, :37] = 0
     press = kc.make_press(preset, compression_ratio=0.75, compile=False)
-    fused = press.replace(scorer=FusedSnapKV(**{f.name: getattr(press.scorer, f.name) for f in dataclasses.fields(press.scorer)}))
+    reference = press.replace(scorer=ReferenceSnapKV(**{f.name: getattr(press.scorer, f.name) for f in dataclasses.fields(press.scorer)}))
     selections = []
-    for candidate in (press, fused):
+    for candidate in (press, reference):
         with candidate(model) as session, torch.no_grad():
             model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config))
         selections.append([s.indices for s in session.selections.values()])

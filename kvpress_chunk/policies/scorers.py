@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..registry import register
 from .layer_inputs import LayerInputs
+from .window_attention import snapkv_scores
 
 
 class Scorer:
@@ -156,6 +157,13 @@ class SnapKVScorer(Scorer):
         return {"queries": window_queries(inputs, self.window)}
 
     def score(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        # One matmul, in-place masks and softmax, one mat-vec (see window_attention.py): about
+        # the cost of the bare window attention; score_reference is the plain twin it is tested on.
+        return snapkv_scores(queries, keys, valid, self.kernel, self.window_scores)
+
+    def score_reference(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """:meth:`score` written plainly: softmax probabilities, mean over the window queries,
+        pool, mean over the GQA group (equal up to float summation order)."""
         batch, kv_heads, length, _ = keys.shape
         window = queries.shape[2]
         probs = observation_window_attention(queries, keys, valid)[..., : length - window]

@@ -38,7 +38,18 @@ def _ints(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """Split a comma-separated list at top-level commas only, so a parametrised preset such as
+    ``kvzip(chunk_size=512, sinks=8)`` stays one item."""
+    items, depth, current = [], 0, []
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return [x.strip() for x in items if x.strip()]
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

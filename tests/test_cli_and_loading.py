@@ -60,3 +60,10 @@ def test_bad_cli_arguments_are_reported(capsys):
     assert "comma-separated numbers" in capsys.readouterr().err
 
 
+
+
+def test_press_lists_keep_parametrised_presets_whole():
+    from kvpress_chunk.cli import _names
+
+    assert _names("chunkkv, kvzip(chunk_size=512, sinks=8),snapkv") == ["chunkkv", "kvzip(chunk_size=512, sinks=8)", "snapkv"]
+    assert _names("a,,b ,") == ["a", "b"]

@@ -133,6 +133,8 @@ def test_kvpress_entries_cover_the_named_presets():
     for entry in entries:
         press = entry.build(0.5)
         assert callable(press) and entry.library == "kvpress"
+    # a parametrised preset maps to its twin (with kvpress' defaults), once
+    assert [e.label for e in kvpress_entries(["kvzip(chunk_size=512)", "kvzip", "chunkkv(chunk_size=5)"])] == ["kvzip", "chunkkv"]
 
 
 def test_cli_refuses_bad_fidelity_and_leaderboard_input_before_loading_the_model(tmp_path, capsys):

@@ -40,8 +40,10 @@ def our_entries(names: Iterable[str], compile: bool = False) -> list[PressEntry]
 
 def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
     """kvpress' own presses under the names of ours (chunk length 10 for ChunkKV, as our preset;
-    expected attention with AdaKV head budgets, as our preset). Names without a kvpress twin
-    (``observed`` needs eager attention weights there; our combinations) are skipped."""
+    expected attention with AdaKV head budgets, as our preset). A parametrised name maps to the
+    twin of its preset with kvpress' defaults (``kvzip(chunk_size=512)`` -> ``KVzipPress``), once.
+    Names without a kvpress twin (``observed`` needs eager attention weights there; our
+    combinations) are skipped."""
     import kvpress
 
     factories = {
@@ -59,7 +61,12 @@ def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
         "adakv": lambda r: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=r)),
         "pyramidkv": lambda r: kvpress.PyramidKVPress(compression_ratio=r),
     }
-    return [PressEntry(name, "kvpress", factories[name]) for name in names if name in factories]
+    entries: dict[str, PressEntry] = {}
+    for name in names:
+        base = name.split("(", 1)[0].strip()  # kvzip(chunk_size=512) -> kvpress' KVzip, its defaults
+        if base in factories and base not in entries:
+            entries[base] = PressEntry(base, "kvpress", factories[base])
+    return list(entries.values())
 
 
 @torch.inference_mode()

@@ -173,6 +173,40 @@ def test_leaderboard_render_only_rewrites_the_table_from_the_store(tmp_path, cap
     assert "| kvpress-chunk | chunkkv | 50% | 0.125 | 0.250 | 1.5 |" in text
 
 
+def _needle(case, library, press, ratio, score):
+    return {"task": "niah", "case": case, "library": library, "press": press, "compression_ratio": ratio,
+            "kept_tokens": 1, "score": score, "seconds": 1.0}
+
+
+def test_leaderboard_shares_compare_with_the_full_cache_on_the_same_cases():
+    from kvpress_chunk.eval.leaderboard import leaderboard_markdown, summarise
+
+    records = [_needle("a", "-", "full", 0.0, 1.0), _needle("b", "-", "full", 0.0, 0.0),
+               _needle("c", "-", "full", 0.0, 1.0),
+               # a press that has run case "a" only (a store filled part-way): 1 of the full's 1 on "a"
+               _needle("a", "kvpress-chunk", "snapkv", 0.5, 1.0),
+               # a case the full cache never ran is left out, not counted against the full's mean
+               _needle("zz", "kvpress-chunk", "snapkv", 0.5, 0.0)]
+    row = summarise(records)[("kvpress-chunk", "snapkv", 0.5)]
+    assert row["niah"] == 100.0 and row["niah cases"] == 1
+    assert "| kvpress-chunk | snapkv | 100% (n=1) |" in leaderboard_markdown(records)
+
+
+def test_leaderboard_findings_compare_best_presses_and_chunked_with_token_level():
+    from kvpress_chunk.eval.leaderboard import findings, leaderboard_markdown, summarise
+
+    records = [_needle(c, "-", "full", 0.0, 1.0) for c in "ab"]
+    for case, (chunked, token, theirs) in zip("ab", [(1.0, 1.0, 1.0), (1.0, 0.0, 0.0)]):
+        records += [_needle(case, "kvpress-chunk", "chunkkv", 0.75, chunked),
+                    _needle(case, "kvpress-chunk", "snapkv", 0.75, token),
+                    _needle(case, "kvpress", "chunkkv", 0.75, theirs)]
+    said = findings(summarise(records))
+    assert said[0] == ("* 75% removed: our best `chunkkv` keeps 100% of the full cache's needle score; "
+                       "it beats kvpress' best `chunkkv` (50%).")
+    assert said[1] == "  * snapkv scores: chunked `chunkkv` 100% beats token-level `snapkv` 50%."
+    assert "## What the table says" in leaderboard_markdown(records)
+
+
 def test_leaderboard_store_survives_an_interrupted_write_and_refuses_corruption(tmp_path, capsys):
     import json
 

@@ -108,13 +108,17 @@ def run_leaderboard(
     return load_store(store)
 
 
+def _full_scores(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """``(task, case) -> score`` of the full cache, needle tasks only."""
+    return {(r["task"], r["case"]): r["score"] for r in records if r["press"] == "full" and r["task"] != "fidelity"}
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
     """``(library, press, ratio) -> {task: figure, ...}``: needle tasks as % of the full cache's
-    mean score on the same cases; fidelity as mean ΔNLL and KL; plus mean seconds per run."""
-    full = {}
-    for r in records:
-        if r["press"] == "full" and r["task"] != "fidelity":
-            full.setdefault(r["task"], []).append(r["score"])
+    mean score on *the same cases* as the cell (a store filled part-way, or a press added later,
+    compares like with like), with ``"<task> cases"`` counting them; fidelity as mean ΔNLL and KL;
+    plus mean seconds per run. A needle run whose case the full cache never ran is left out."""
+    full = _full_scores(records)
     cells: dict[tuple, dict[str, list[float]]] = {}
     for r in records:
         if r["press"] == "full":
@@ -123,27 +127,93 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
         if r["task"] == "fidelity":
             cell.setdefault("fidelity ΔNLL", []).append(r["delta_nll"])
             cell.setdefault("fidelity KL", []).append(r["kl"])
-        else:
+        elif (r["task"], r["case"]) in full:
             cell.setdefault(r["task"], []).append(r["score"])
+            cell.setdefault(f"{r['task']} full", []).append(full[(r["task"], r["case"])])
+        else:
+            continue
         cell.setdefault("s/run", []).append(r["seconds"])
     summary = {}
     for key, figures in cells.items():
         row = {}
         for name, values in figures.items():
+            if name.endswith(" full"):
+                continue
             mean = sum(values) / len(values)
-            if name in full:
-                base = sum(full[name]) / len(full[name])
+            if f"{name} full" in figures:
+                base = sum(figures[f"{name} full"]) / len(values)
                 row[name] = 100 * mean / base if base else float("nan")
+                row[f"{name} cases"] = len(values)
             else:
                 row[name] = mean
         summary[key] = row
     return summary
 
 
+def _needle_share(row: dict[str, float]) -> float | None:
+    """Mean % of the full cache over a row's needle tasks, ``None`` without needle figures."""
+    scores = [v for name, v in row.items()
+              if not name.startswith("fidelity") and not name.endswith(" cases") and name != "s/run"]
+    return sum(scores) / len(scores) if scores else None
+
+
+def _policy_of(press: str) -> tuple[str, str] | None:
+    """``(scorer, grouper)`` names of one of our presets (parametrised or not), ``None`` if unknown."""
+    from ..spec import make_press
+
+    try:
+        spec = make_press(press, compression_ratio=0.5).to_spec()
+    except Exception:  # noqa: BLE001 - a name from an older store; it just gets no pairing
+        return None
+    return spec["scorer"]["name"], spec["grouper"]["name"]
+
+
+def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
+    """What the table says about the issue's questions, computed from it (never typed): per ratio,
+    our best press vs kvpress' best on the needle share, and per scorer our best chunked press
+    (chunk or sentence grouper) vs our best token-level press on the same scorer."""
+    lines = []
+    for ratio in sorted({key[2] for key in summary}):
+        rows = {key: row for key, row in summary.items() if key[2] == ratio and _needle_share(row) is not None}
+        best = {}
+        for library in ("kvpress-chunk", "kvpress"):
+            ranked = sorted(((_needle_share(row), key[1]) for key, row in rows.items() if key[0] == library),
+                            reverse=True)
+            if ranked:
+                best[library] = ranked[0]
+        if not best:
+            continue
+        ours = best.get("kvpress-chunk")
+        theirs = best.get("kvpress")
+        text = f"* {ratio:.0%} removed: our best `{ours[1]}` keeps {ours[0]:.0f}% of the full cache's needle score" \
+            if ours else f"* {ratio:.0%} removed: none of ours ran"
+        if theirs:
+            verdict = "beats" if ours and ours[0] > theirs[0] else ("ties" if ours and ours[0] == theirs[0] else "does not beat")
+            text += f"; it {verdict} kvpress' best `{theirs[1]}` ({theirs[0]:.0f}%)"
+        lines.append(text + ".")
+        by_scorer: dict[str, dict[bool, tuple[float, str]]] = {}
+        for (library, press, _), row in rows.items():
+            policy = _policy_of(press) if library == "kvpress-chunk" else None
+            if policy is None:
+                continue
+            chunked = policy[1] != "token"
+            current = by_scorer.setdefault(policy[0], {}).get(chunked)
+            share = _needle_share(row)
+            if current is None or share > current[0]:
+                by_scorer[policy[0]][chunked] = (share, press)
+        for scorer, pair in sorted(by_scorer.items()):
+            if len(pair) == 2:
+                (c_share, c_press), (t_share, t_press) = pair[True], pair[False]
+                verdict = "beats" if c_share > t_share else ("ties" if c_share == t_share else "loses to")
+                lines.append(f"  * {scorer} scores: chunked `{c_press}` {c_share:.0f}% {verdict} "
+                             f"token-level `{t_press}` {t_share:.0f}%.")
+    return lines
+
+
 def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
     """One table per ratio, best first (by the mean share of the full cache's needle scores)."""
     summary = summarise(records)
-    columns = sorted({name for row in summary.values() for name in row if name != "s/run"},
+    columns = sorted({name for row in summary.values() for name in row if name != "s/run" and not name.endswith(" cases")},
                      key=lambda n: (n.startswith("fidelity"), n))
     full = {}
     for r in records:
@@ -156,12 +226,9 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
                  "Fidelity: ΔNLL and KL to the full cache, nats/token (lower is better).")
     for ratio in sorted({key[2] for key in summary}):
         rows = [(key, row) for key, row in summary.items() if key[2] == ratio]
-        needle = [c for c in columns if not c.startswith("fidelity")]
-
         def rank(item):
-            row = item[1]
-            scores = [row[c] for c in needle if c in row]
-            return -(sum(scores) / len(scores)) if scores else 0.0, row.get("fidelity KL", 0.0)
+            share = _needle_share(item[1])
+            return -share if share is not None else 0.0, item[1].get("fidelity KL", 0.0)
 
         lines += ["", f"## {ratio:.0%} removed", "", "| library | press | " + " | ".join(columns) + " | s/run |",
                   "| --- | --- | " + " | ".join("---" for _ in columns) + " | --- |"]
@@ -169,6 +236,16 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
             cells = []
             for c in columns:
                 value = row.get(c)
-                cells.append("-" if value is None else (f"{value:.3f}" if c.startswith("fidelity") else f"{value:.0f}%"))
+                if value is None:
+                    cells.append("-")
+                elif c.startswith("fidelity"):
+                    cells.append(f"{value:.3f}")
+                else:  # a cell on fewer cases than the full cache ran says on how many
+                    count = row[f"{c} cases"]
+                    cells.append(f"{value:.0f}%" + ("" if count == len(full[c]) else f" (n={count})"))
             lines.append(f"| {library} | {press} | " + " | ".join(cells) + f" | {row['s/run']:.1f} |")
+    said = findings(summary)
+    if said:
+        lines += ["", "## What the table says", "",
+                  "Computed from the table above (needle share = mean over the needle tasks):", "", *said]
     return "\n".join(lines) + "\n"

@@ -120,3 +120,43 @@ def test_text_generation_pipeline_under_a_press_answers_each_prompt_as_alone(smo
         alone = [pipe(p, **settings)[0]["generated_text"] for p in prompts]
     assert together == alone
     assert "1234" in together[1], together
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["kvzip", "kvzip+"])
+def test_kvzip_scores_match_kvpress_on_the_real_model(smollm2, needle, plus):
+    """Our reconstruction pass and score op against kvpress' ``KVzipPress`` (the oracle) on a chat
+    prompt, in several reconstruction chunks: the same per-layer, per-head scores."""
+    kvpress = pytest.importorskip("kvpress", reason="kvpress (the oracle) is installed only in the pinned CI run")
+    from kvpress_chunk.context_pass import run_context_pass
+    from kvpress_chunk.generation import encode_context, prompt_parts
+
+    model, tokenizer = smollm2
+    prefix, _ = prompt_parts(tokenizer)
+    text = tokenizer.decode(tokenizer(needle.context).input_ids[:450])
+    ids = encode_context(tokenizer, text, prefix)
+    captured = {}
+    original = kvpress.KVzipPress.compress_post
+
+    def capture(self, model):
+        captured["scores"] = self.score_val[:, 0].float().clone()  # [layers, Hkv, T]
+        return original(self, model)
+
+    press = kvpress.KVzipPress(compression_ratio=0.5, chunk_size=160, kvzip_plus_normalization=plus)
+    with torch.inference_mode():
+        try:
+            kvpress.KVzipPress.compress_post = capture
+            with press(model):
+                model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
+        finally:
+            kvpress.KVzipPress.compress_post = original
+        cache = DynamicCache(config=model.config)
+        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        scorer = kc.make_press("kvzip", chunk_size=160, plus=plus, compression_ratio=0.5).scorer
+        layers = [(i, layer.self_attn) for i, layer in enumerate(model.model.layers)]
+        ours = run_context_pass(model, scorer, tokenizer, cache, ids, torch.ones_like(ids, dtype=torch.bool), layers)
+    ours = torch.stack([ours[i][0] for i in range(len(layers))])
+    theirs = captured["scores"]
+    sinks = 4  # kvpress overwrites its sinks' scores with max + 1 before selecting; ours keeps them by rule
+    torch.testing.assert_close(ours[..., sinks:], theirs[..., sinks:], atol=2e-5, rtol=1e-3)
+    prefix_length = len(tokenizer(prefix, add_special_tokens=False).input_ids)
+    assert ours[..., sinks:prefix_length].abs().max() == 0  # the chat prefix is not reconstructed

@@ -4,12 +4,13 @@ context, so the score does not depend on any question (query-agnostic by constru
 After the prefill the model reads, with the full cache as its past, a repeat prompt followed by
 the context itself, teacher-forced (nothing is generated)::
 
-    [context ... ] | "Repeat the previous context exactly." <assistant turn> context chunk
+    [chat prefix, context ... ] | "Repeat the previous context exactly." <assistant turn> context chunk
 
 A token's score is the largest attention it receives from any reconstruction query, per layer
 and KV head, maxed over the query heads of its GQA group. Long contexts are reconstructed in
 chunks of at most ``chunk_size`` tokens; chunk ``c > 0`` is prompted with "Repeat the part ...
-starting with" and the last 8 tokens of chunk ``c - 1``. As in the paper (and kvpress), each
+starting with" and the last 8 tokens of chunk ``c - 1``. The chat template's prefix (system
+prompt, user turn) is not reconstructed: it scores 0 apart from the sinks, as in kvpress. As in the paper (and kvpress), each
 chunk's queries are scored over the attention sinks, the chunk's own span of the context and the
 reconstruction tokens themselves: the softmax the score is read from is over that subset.
 
@@ -84,27 +85,32 @@ class KVzipScorer(Scorer):
         """The reconstruction inputs for a prefill of ``input_ids[B, T]`` (``valid[B, T]``)."""
         from ..generation import prompt_parts
 
-        _, suffix = prompt_parts(tokenizer)
+        prefix, suffix = prompt_parts(tokenizer)
         device = input_ids.device
 
         def encode(text: str) -> list[int]:
             return list(tokenizer(text, add_special_tokens=False).input_ids)
 
         first, following, suffix_ids = encode(FIRST_PROMPT), encode(NEXT_PROMPT), encode(suffix)
+        prefix_ids = encode(prefix) if prefix else []
         length = input_ids.shape[-1]
         rows = [input_ids[b][valid[b]].tolist() for b in range(input_ids.shape[0])]
-        n_chunks = max(1, max(-(-len(row) // self.chunk_size) for row in rows))
+        # The chat template's prefix (system prompt, user turn) is not part of the context to
+        # reconstruct (as in the paper and kvpress): a row that starts with it reconstructs the rest.
+        skips = [len(prefix_ids) if prefix_ids and row[: len(prefix_ids)] == prefix_ids else 0 for row in rows]
+        contexts = [row[skip:] for row, skip in zip(rows, skips)]
+        n_chunks = max(1, max(-(-len(context) // self.chunk_size) for context in contexts))
         chunks = []
         for c in range(n_chunks):
             lo = c * self.chunk_size
             sequences, starts, ends = [], [], []
-            for row in rows:
-                part = row[lo : lo + self.chunk_size]
-                prompt = first if c == 0 else following + row[max(0, lo - OVERLAP_TOKENS) : lo]
+            for row, skip, context in zip(rows, skips, contexts):
+                part = context[lo : lo + self.chunk_size]
+                prompt = first if c == 0 else following + context[max(0, lo - OVERLAP_TOKENS) : lo]
                 sequences.append(prompt + suffix_ids + part if part else [])
                 pad = length - len(row)
-                starts.append(pad + lo)
-                ends.append(pad + lo + len(part))
+                starts.append(pad + skip + lo)
+                ends.append(pad + skip + lo + len(part))
             width = max(len(seq) for seq in sequences)
             ids = torch.zeros(len(rows), width, dtype=torch.long)
             seq_valid = torch.zeros(len(rows), width, dtype=torch.bool)

@@ -220,7 +220,7 @@ def _decoding_settings(args: argparse.Namespace) -> dict | str:
         "new_tokens": args.new_tokens if args.new_tokens is not None else base["new_tokens"],
         "length": args.length if args.length is not None else base["length"],
         "every": args.every, "compression_ratio": args.compression_ratio,
-        "protect_prompt": args.protect_prompt, "reference": args.reference,
+        "protect_prompt": args.protect_prompt, "reference": args.reference, "apply": args.apply,
     }
     if any(m < 1 for m in settings["max_caches"]):
         return f"--max-caches must be integers >= 1, got {','.join(map(str, settings['max_caches']))}"
@@ -255,10 +255,10 @@ def cmd_decoding(args: argparse.Namespace) -> int:
     try:
         for name in settings["presses"]:  # every M is checked (max_cache below the window+sinks fails)
             for m in settings["max_caches"]:
-                make_press(name, compression_ratio=ratio,
+                make_press(name, compression_ratio=ratio, apply=settings["apply"],
                            decoding={"every": every, "max_cache": m, "protect_prompt": settings["protect_prompt"]})
         entries = our_decoding_entries(settings["presses"], ratio, every, settings["protect_prompt"],
-                                       settings["reference"], compile=args.compile)
+                                       settings["reference"], compile=args.compile, apply=settings["apply"])
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -289,7 +289,8 @@ def cmd_decoding(args: argparse.Namespace) -> int:
                  if settings["reference"] == "prefill" else "the full cache (no press)")
     print(f"decoding: prose prompt of {window.context_ids.shape[-1]} tokens, {settings['new_tokens']} greedy tokens, "
           f"{ratio:.0%} removed at prefill, every={every}, M={','.join(map(str, settings['max_caches']))}"
-          f"{', prompt protected' if settings['protect_prompt'] else ''}; reference: {reference}")
+          f"{', prompt protected' if settings['protect_prompt'] else ''}, apply={settings['apply']}; "
+          f"reference: {reference}")
     start = time.perf_counter()
     results = run_decoding_fidelity(model, window.context_ids, entries, settings["max_caches"], every,
                                     settings["new_tokens"], meta={"compression_ratio": ratio,
@@ -411,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", choices=["prefill", "full"], default="prefill",
                           help="decoding: compare against the press without decoding compression (default) "
                                "or against no press at all")
+    evaluate.add_argument("--apply", choices=["evict", "mask"], default="evict",
+                          help="decoding: our presses' apply mode (mask: peak cache counts visible tokens; "
+                               "memory keeps every token)")
     evaluate.set_defaults(func=cmd_eval)
     board = sub.add_parser("leaderboard", help="presses x ratios x tasks (needles + fidelity), resumable, to markdown")
     _add_sweep_arguments(board)

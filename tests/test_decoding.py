@@ -71,7 +71,6 @@ def test_spec_forms_and_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"apply": "mask"}, "apply='evict'"),
         ({"decoding": {"every": 0, "max_cache": 8}}, "every"),
         ({"decoding": {"every": 4, "max_cache": 8, "bogus": 1}}, "bogus"),
         ({"decoding": 12}, "dict"),
@@ -187,3 +186,23 @@ def test_the_compiled_op_does_not_recompile_per_step_over_1000_steps():
 def test_decoding_refuses_a_scorer_with_a_context_pass():
     with pytest.raises(SpecError, match="extra pass"):
         kc.make_press("chunkkv-kvzip", compression_ratio=0.5, decoding={"every": 8, "max_cache": 64})
+
+
+@pytest.mark.parametrize("apply", ["evict", "mask"])
+def test_beam_search_is_refused_with_a_clear_error(apply):
+    from kvpress_chunk.decoding import BeamSearchNotSupportedError
+
+    model = tiny()
+    ids, mask, _ = left_padded([40, 30], seed=2)
+    press = kc.make_press("chunkkv", compression_ratio=0.5, compile=False, apply=apply,
+                          decoding={"every": 4, "max_cache": 40})
+    with press(model):
+        with pytest.raises(BeamSearchNotSupportedError, match=r"beam search \(num_beams > 1\).*num_beams=1"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0)
+        # greedy decoding with the same press still works afterwards
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, ids.shape[1] + 8)
+    # prefill-only compression keeps working with beams (each prompt's beams share its selection)
+    with press.replace(decoding=None)(model):
+        beams = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0)
+    assert beams.shape == (2, ids.shape[1] + 8)

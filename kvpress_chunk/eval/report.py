@@ -137,3 +137,47 @@ def plot_fidelity(results: list[dict[str, Any]], path: Path, title: str = "") ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_decoding_fidelity(results: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Decoding-time compression: token agreement with the reference and ΔNLL of the reference
+    continuation against ``max_cache`` M (log scale), one line per (library, press). Records are
+    those of :func:`~kvpress_chunk.eval.decoding_fidelity.run_decoding_fidelity` (reference rows
+    and failed runs are left out). Returns False (and draws nothing) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lines: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
+    for r in results:
+        if r.get("max_cache") is not None and "error" not in r:
+            lines[(r["library"], r["press"])].append((r["max_cache"], r["agreement"], r["delta_nll"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for (library, press), points in sorted(lines.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        points.sort()
+        style = "--" if library == "kvpress" else "-"
+        label = press if library == "kvpress-chunk" else f"{press} ({library})"
+        xs = [p[0] for p in points]
+        axes[0][0].plot(xs, [p[1] for p in points], style, marker="o", label=label)
+        axes[0][1].plot(xs, [p[2] for p in points], style, marker="o", label=label)
+    for ax, name in zip(axes[0], ["token agreement with the reference", "ΔNLL of the reference continuation (nats/token)"]):
+        ax.set_xlabel("max_cache M (tokens kept while decoding)")
+        ax.set_ylabel(name)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({m for points in lines.values() for m, _, _ in points})
+        if ticks:
+            ax.set_xticks(ticks, [str(m) for m in ticks])
+            ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylim(-0.05, 1.05)
+    axes[0][1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

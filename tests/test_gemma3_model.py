@@ -128,7 +128,8 @@ def test_query_agnostic_answers_are_the_press_decision_not_garbage(gemma, passco
             compressed = prefill(model, context_ids)
             answers[name] = tokenizer.decode(greedy_continue(model, compressed, question_ids, 8)[0])
     assert PASSCODE in answers["none"] and answers["keep-all"] == answers["none"]
-    assert answers["chunkkv"].strip() and answers["chunkkv"].isprintable(), answers
+    readable = answers["chunkkv"].strip()  # text (line breaks allowed), not control bytes or nothing
+    assert readable and all(c.isprintable() or c.isspace() for c in readable), answers
 
 
 def test_padded_batch_under_generate_gives_each_row_its_answer_alone(gemma, passcode_prompt):

@@ -58,6 +58,20 @@ def active_session(model: nn.Module) -> "PressSession | None":
     return _ACTIVE_SESSIONS.get(model)
 
 
+@dataclasses.dataclass
+class _Continuation:
+    """What a cache this session compressed stands for: ``logical`` tokens of text (padding
+    columns included: the width of the 2-D mask that continues it), and per compressed layer the
+    ``offset`` between that and the layer's slots (tokens evicted; 0 in mask mode)."""
+
+    logical: int
+    offsets: dict[int, int]
+
+
+class ContinuationError(ValueError):
+    """A forward met a compressed cache in coordinates that do not follow it (see :meth:`PressSession._check_continuation`)."""
+
+
 class PressSession:
     """Mutable state of one ``with press(model):`` block.
 
@@ -98,6 +112,11 @@ class PressSession:
         self.pending_scores: dict[int, LayerScores] = {}
         self.pending_layers: dict[int, tuple[Any, int, LayerInputs]] = {}
         self.pending_cache: Any = None
+        self.prefill_cache: Any = None  # the cache of the prefill in flight
+        self.prefill_length = 0
+        # Caches this session compressed -> what they stand for (checked on every later forward).
+        self.continuations: "weakref.WeakKeyDictionary[Any, _Continuation]" = weakref.WeakKeyDictionary()
+        self.continuing: tuple[Any, int] | None = None  # (cache, logical length after) of the forward in flight
         # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
         self.decoder = DecodingCompressor(self) if press.decoding is not None else None
 
@@ -130,7 +149,10 @@ class PressSession:
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.valid = self.input_ids = None
-        if cache_length(cache_argument(args, kwargs, position=3)) > 0:
+        self.continuing = None
+        cache = cache_argument(args, kwargs, position=3)
+        if cache_length(cache) > 0:
+            self._check_continuation(cache, args, kwargs)
             return
         inputs = call_argument(args, kwargs, "input_ids", 0)
         if inputs is None:
@@ -153,14 +175,66 @@ class PressSession:
                 stacklevel=3,
             )
 
+    def _check_continuation(self, cache: Any, args: tuple, kwargs: dict) -> None:
+        """Refuse a forward on a cache this session compressed unless it continues it: its 2-D mask
+        (when given) must cover the text the cache stands for plus the new tokens, and no compressed
+        layer may have changed length since the last forward. ``model.generate`` handed such a
+        cache (it slices the prompt at ``cache.get_seq_length()``, the *compressed* length),
+        assisted / prompt-lookup decoding and ``DynamicCache.crop`` (cuts in slot coordinates) all
+        break that, and would otherwise run on wrong keys and positions without an error."""
+        state = self.continuations.get(cache)
+        if state is None:
+            return
+        inputs = call_argument(args, kwargs, "input_ids", 0)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        added = inputs.shape[1] if inputs is not None else 0
+        mask = call_argument(args, kwargs, "attention_mask", 1)
+        before = mask.shape[-1] - added if isinstance(mask, torch.Tensor) and mask.dim() == 2 else state.logical
+        for layer_idx, offset in state.offsets.items():
+            slots = cache.layers[layer_idx].keys.shape[-2]
+            if slots + offset != before or before != state.logical and offset != 0:
+                raise ContinuationError(
+                    f"this forward does not continue the compressed cache: layer {layer_idx} holds {slots} slots "
+                    f"for {slots + offset} tokens of text, but the call's attention mask puts its {added} new "
+                    f"token(s) after {before}. A compressed cache can only be extended by the tokens that follow "
+                    "it: `model.generate` given a cache that was already compressed (it cuts the prompt at the "
+                    "compressed length), assisted or prompt-lookup generation and DynamicCache.crop (which cut in "
+                    "slot coordinates) would run on the wrong tokens. Generate from the prompt under the press, or "
+                    "continue with kvpress_chunk.greedy_continue on a CompressedContext (docs/decoding.md)."
+                )
+        self.continuing = (cache, before + added)
+
+    def _record_continuation(self, output: Any) -> None:
+        """After a forward: remember what a freshly compressed (or continued) cache stands for."""
+        if output is None:
+            return
+        if self.valid_seen and self.prefill_cache is not None and self.views:
+            cache, logical = self.prefill_cache, self.prefill_length
+        elif self.continuing is not None:
+            cache, logical = self.continuing
+        else:
+            return
+        state = self.continuations.get(cache)
+        layers = list(self.views) if state is None else list(state.offsets)
+        offsets = {}
+        for layer_idx in layers:
+            keys = getattr(cache.layers[layer_idx], "keys", None) if layer_idx < len(cache.layers) else None
+            if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+                offsets[layer_idx] = logical - keys.shape[-2]
+        self.continuations[cache] = _Continuation(logical, offsets)
+
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:
             if self.pending_layers and output is not None:
                 self._finish_deferred()
+            self._record_continuation(output)
         finally:
             self.pending_scores.clear()
             self.pending_layers.clear()
             self.pending_cache = None
+            self.prefill_cache = None
+            self.continuing = None
         if self.valid_seen and not self.selections and self.skipped_layers:
             warnings.warn(
                 f"kvpress-chunk: no layer was compressed: all {len(self.skipped_layers)} attention layers of this "
@@ -213,6 +287,7 @@ class PressSession:
             self.selections.clear()
             self.skipped_layers.clear()
             self.views = self.router.start_prefill(cache)
+            self.prefill_cache, self.prefill_length = cache, hidden.shape[1]
         if sliding:
             # A sliding-window layer already bounds its memory; its own length bookkeeping
             # (cumulative_length) would disagree with an evicted cache.

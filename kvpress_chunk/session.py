@@ -34,6 +34,7 @@ from .hf.hooks import (
     find_attention_layers,
     has_cache_argument,
     padding_mask,
+    unevictable_layer,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
 from .modes.routing import compressed_attention
@@ -66,6 +67,7 @@ class _Continuation:
 
     logical: int
     offsets: dict[int, int]
+    next_positions: torch.Tensor  # int64[B]: RoPE position of each row's next token
 
 
 class ContinuationError(ValueError):
@@ -114,9 +116,10 @@ class PressSession:
         self.pending_cache: Any = None
         self.prefill_cache: Any = None  # the cache of the prefill in flight
         self.prefill_length = 0
+        self.prefill_positions: torch.Tensor | None = None
         # Caches this session compressed -> what they stand for (checked on every later forward).
         self.continuations: "weakref.WeakKeyDictionary[Any, _Continuation]" = weakref.WeakKeyDictionary()
-        self.continuing: tuple[Any, int] | None = None  # (cache, logical length after) of the forward in flight
+        self.continuing: tuple[Any, int, torch.Tensor] | None = None  # (cache, logical, positions) after the forward in flight
         # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
         self.decoder = DecodingCompressor(self) if press.decoding is not None else None
 
@@ -128,6 +131,7 @@ class PressSession:
                 "exit the first `with press(model):` block before entering another"
             )
         handles = []
+        guard = None
         _ACTIVE_SESSIONS[self.model] = self
         try:
             with compressed_attention(self.model) as router:
@@ -138,12 +142,40 @@ class PressSession:
                 for layer_idx, module in self.layers:
                     hook = self._make_attention_hook(layer_idx, is_first=layer_idx == first_layer)
                     handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                guard = self._guard_chunked_prefill()
                 yield self
         finally:
+            if guard is not None and self.model.__dict__.get("_prefill") is guard:
+                del self.model.__dict__["_prefill"]
             for handle in handles:
                 handle.remove()
             self.router = None
             _ACTIVE_SESSIONS.pop(self.model, None)
+
+    def _guard_chunked_prefill(self):
+        """Shadow ``model._prefill`` (transformers' generate prefill) for the block: a chunked
+        prefill (``generate(..., prefill_chunk_size=n)``) runs the prompt as several forwards, of
+        which only the first starts from an empty cache, so the press would compress the first
+        chunk alone and append the rest uncompressed. Refused while the prompt needs more than one
+        chunk. ``None`` when this transformers release has no ``_prefill``."""
+        original = getattr(type(self.model), "_prefill", None)
+        if original is None or "_prefill" in vars(self.model):
+            return None
+        model = self.model
+
+        def _prefill(input_ids, generation_config=None, *args, **kwargs):
+            chunk = getattr(generation_config, "prefill_chunk_size", None)
+            if chunk and isinstance(input_ids, torch.Tensor) and input_ids.shape[-1] > chunk:
+                raise ValueError(
+                    f"generate(prefill_chunk_size={chunk}) splits this {input_ids.shape[-1]}-token prompt into chunks: "
+                    "the press compresses a prefill from an empty cache, so it would compress the first chunk only "
+                    "and append the others uncompressed. Drop prefill_chunk_size under a press (or make it at "
+                    "least the prompt length)."
+                )
+            return original(model, input_ids, generation_config, *args, **kwargs)
+
+        model.__dict__["_prefill"] = _prefill
+        return _prefill
 
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.
@@ -151,6 +183,13 @@ class PressSession:
         self.valid = self.input_ids = None
         self.continuing = None
         cache = cache_argument(args, kwargs, position=3)
+        unsupported = unevictable_layer(cache, self.compressible)
+        if unsupported is not None:
+            raise TypeError(
+                f"a press cannot compress a {type(cache).__name__} ({unsupported} layers: preallocated or quantized "
+                "tensors are not evicted in place, so the press would compress nothing or corrupt it): use a "
+                "DynamicCache (the default; drop cache_implementation='static'/'quantized' from generate)"
+            )
         if cache_length(cache) > 0:
             self._check_continuation(cache, args, kwargs)
             return
@@ -191,28 +230,43 @@ class PressSession:
         added = inputs.shape[1] if inputs is not None else 0
         mask = call_argument(args, kwargs, "attention_mask", 1)
         before = mask.shape[-1] - added if isinstance(mask, torch.Tensor) and mask.dim() == 2 else state.logical
+        problem = None
+        positions = call_argument(args, kwargs, "position_ids", 2)
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2 and added and positions.shape[-1] == added:
+            # Without a 2-D mask (transformers 5.2x generate passes none when nothing is padded) the
+            # positions are what tell: they must continue from the original text.
+            first = positions[:, 0].to(state.next_positions.device)
+            if not bool((first == state.next_positions).all()):
+                problem = (
+                    f"its new tokens start at position(s) {sorted(set(first.tolist()))}, the text it stands for "
+                    f"ends before {sorted(set(state.next_positions.tolist()))}"
+                )
         for layer_idx, offset in state.offsets.items():
             slots = cache.layers[layer_idx].keys.shape[-2]
-            if slots + offset != before or before != state.logical and offset != 0:
-                raise ContinuationError(
-                    f"this forward does not continue the compressed cache: layer {layer_idx} holds {slots} slots "
-                    f"for {slots + offset} tokens of text, but the call's attention mask puts its {added} new "
-                    f"token(s) after {before}. A compressed cache can only be extended by the tokens that follow "
-                    "it: `model.generate` given a cache that was already compressed (it cuts the prompt at the "
-                    "compressed length), assisted or prompt-lookup generation and DynamicCache.crop (which cut in "
-                    "slot coordinates) would run on the wrong tokens. Generate from the prompt under the press, or "
-                    "continue with kvpress_chunk.greedy_continue on a CompressedContext (docs/decoding.md)."
+            if problem is None and (slots + offset != before or (before != state.logical and offset != 0)):
+                problem = (
+                    f"layer {layer_idx} holds {slots} slots for {slots + offset} tokens of text, but the call's "
+                    f"attention mask puts its {added} new token(s) after {before}"
                 )
-        self.continuing = (cache, before + added)
+        if problem is not None:
+            raise ContinuationError(
+                f"this forward does not continue the compressed cache: {problem}. A compressed cache can only "
+                "be extended by the tokens that follow it: `model.generate` given a cache that was already "
+                "compressed (it cuts the prompt at the compressed length), assisted or prompt-lookup generation "
+                "and DynamicCache.crop (which cut in slot coordinates) would run on the wrong tokens. Generate "
+                "from the prompt under the press, or continue with kvpress_chunk.greedy_continue on a "
+                "CompressedContext (docs/decoding.md)."
+            )
+        self.continuing = (cache, before + added, state.next_positions + added)
 
     def _record_continuation(self, output: Any) -> None:
         """After a forward: remember what a freshly compressed (or continued) cache stands for."""
         if output is None:
             return
         if self.valid_seen and self.prefill_cache is not None and self.views:
-            cache, logical = self.prefill_cache, self.prefill_length
+            cache, logical, positions = self.prefill_cache, self.prefill_length, self.prefill_positions
         elif self.continuing is not None:
-            cache, logical = self.continuing
+            cache, logical, positions = self.continuing
         else:
             return
         state = self.continuations.get(cache)
@@ -222,7 +276,7 @@ class PressSession:
             keys = getattr(cache.layers[layer_idx], "keys", None) if layer_idx < len(cache.layers) else None
             if isinstance(keys, torch.Tensor) and keys.dim() == 4:
                 offsets[layer_idx] = logical - keys.shape[-2]
-        self.continuations[cache] = _Continuation(logical, offsets)
+        self.continuations[cache] = _Continuation(logical, offsets, positions)
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:
@@ -288,6 +342,10 @@ class PressSession:
             self.skipped_layers.clear()
             self.views = self.router.start_prefill(cache)
             self.prefill_cache, self.prefill_length = cache, hidden.shape[1]
+            self.prefill_positions = (
+                self.valid.sum(dim=-1).to(torch.int64).cpu() if self.valid is not None
+                else torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.int64)
+            )
         if sliding:
             # A sliding-window layer already bounds its memory; its own length bookkeeping
             # (cumulative_length) would disagree with an evicted cache.

@@ -111,7 +111,7 @@ def test_cropping_a_compressed_cache_by_hand_is_refused():
     with chunkkv()(model), torch.no_grad():
         context = prefill(model, ids)
         greedy_continue(model, context, torch.tensor([[5, 6, 7]]), 2)
-        context.cache.crop(context.cache.get_seq_length() - 2)
+        context.cache.crop(-2)
         with pytest.raises(ValueError, match="does not continue the compressed cache"):
             greedy_continue(model, context, torch.tensor([[5]]), 1)
 
@@ -207,8 +207,15 @@ def test_a_quantized_cache_layer_under_a_press_is_refused():
     from transformers.cache_utils import QuantizedLayer
 
     class FakeQuantizedLayer(QuantizedLayer):
-        def __init__(self):  # noqa: D401 - skips the backend checks
-            pass
+        def __init__(self):  # skips the backend checks
+            self.keys = self.values = None
+            self.is_initialized, self.cumulative_length = False, 0
+
+        def _quantize(self, tensor, axis):
+            return tensor
+
+        def _dequantize(self, tensor):
+            return tensor
 
     model = make_tiny_model("llama")
     cache = new_cache(model)

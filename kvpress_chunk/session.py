@@ -386,8 +386,7 @@ class PressSession:
         if source == layer_idx or source not in self.pending_layers:
             source = layer_idx
             if self.press.whole_cache and not self.press.scorer.context_pass:
-                scores = self.press.score_layer(inputs)
-                self.pending_scores[layer_idx] = LayerScores(scores, inputs.valid, self.press.grouper.prepare(inputs))
+                self.pending_scores[layer_idx] = self._layer_scores(inputs)
         if self.press.scorer.context_pass and self.input_ids is None:
             raise ValueError(
                 f"the {type(self.press.scorer).__name__} reconstructs the prompt from its token ids: "
@@ -396,6 +395,16 @@ class PressSession:
         light = dataclasses.replace(inputs, hidden_states=inputs.hidden_states[:, :0])
         self.pending_layers[layer_idx] = (layer, source, light)
         self.pending_cache = cache
+
+    def _layer_scores(self, inputs: LayerInputs) -> LayerScores:
+        """One layer's scores for the whole-cache stage. A context not longer than the observation
+        window is kept whole by :func:`select_globally` without looking at scores (the in-hook path
+        does the same), and scoring it is not defined (no key lies before the window): zeros."""
+        batch, heads, length, _ = inputs.keys.shape
+        if length <= self.press.scorer.window:
+            pools = heads if self.press.selector.per_head else 1
+            return LayerScores(torch.zeros(batch, pools, length, device=inputs.keys.device), inputs.valid, {})
+        return LayerScores(self.press.score_layer(inputs), inputs.valid, self.press.grouper.prepare(inputs))
 
     def _finish_deferred(self) -> None:
         """After the prefill: the context pass (if the scorer has one), then either one selection
@@ -412,9 +421,7 @@ class PressSession:
                 inputs = dataclasses.replace(inputs, context_scores=scores[idx])
                 self.pending_layers[idx] = (layer, source, inputs)
                 if self.press.whole_cache:
-                    self.pending_scores[idx] = LayerScores(
-                        self.press.score_layer(inputs), inputs.valid, self.press.grouper.prepare(inputs)
-                    )
+                    self.pending_scores[idx] = self._layer_scores(inputs)
         if not self.press.whole_cache:
             for layer_idx, (layer, _, inputs) in sorted(self.pending_layers.items()):
                 self._select_and_apply(layer_idx, layer, inputs)  # in order: reused sources come first

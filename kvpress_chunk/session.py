@@ -103,6 +103,7 @@ class PressSession:
         self.valid_seen = False  # the forward in flight is a prefill this session handles
         self.warned_length = False
         self.router = None  # the model's CompressedAttention while attached
+        self.depth = 0  # nesting of the model's / base model's forwards in flight
         self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
         # Layers the allocator counts (sliding-window layers are never compressed): rank -> budget.
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
@@ -136,8 +137,15 @@ class PressSession:
         try:
             with compressed_attention(self.model) as router:
                 self.router = router
-                handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-                handles.append(self.model.register_forward_hook(self._after_model, always_call=True))
+                handles.append(self.model.register_forward_pre_hook(self._enter, prepend=True))
+                handles.append(self.model.register_forward_pre_hook(self._before_outer, with_kwargs=True))
+                handles.append(self.model.register_forward_hook(self._after_outer, always_call=True))
+                base = getattr(self.model, "base_model", None)
+                if isinstance(base, nn.Module) and base is not self.model:
+                    # `model.model(...)` (no LM head) skips the hooks above: the same ones, routing
+                    # included, run on the base model when it is called on its own.
+                    handles.append(base.register_forward_pre_hook(self._before_base, with_kwargs=True))
+                    handles.append(base.register_forward_hook(self._after_base, always_call=True))
                 first_layer = self.layers[0][0]
                 for layer_idx, module in self.layers:
                     hook = self._make_attention_hook(layer_idx, is_first=layer_idx == first_layer)
@@ -176,6 +184,42 @@ class PressSession:
 
         model.__dict__["_prefill"] = _prefill
         return _prefill
+
+    # Outermost forward only: the model's forward calls its base model, the context pass calls the
+    # base model from inside the model's after-hook; those nested calls are part of the outer one.
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self.depth += 1
+
+    def _before_outer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.depth == 1:
+            self._before_model(module, args, kwargs)
+
+    def _after_outer(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            if self.depth == 1:
+                self._after_model(module, args, output)
+        finally:
+            self.depth = max(0, self.depth - 1)
+
+    def _before_base(self, module: nn.Module, args: tuple, kwargs: dict):
+        self.depth += 1
+        if self.depth != 1:
+            return None
+        changed = self.router._before_forward(module, args, kwargs)  # what the model's router hook does
+        if changed is not None:
+            args, kwargs = changed
+        self._before_model(module, args, kwargs)
+        return changed
+
+    def _after_base(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            if self.depth == 1:
+                try:
+                    self._after_model(module, args, output)
+                finally:
+                    self.router._after_forward(module, args, output)
+        finally:
+            self.depth = max(0, self.depth - 1)
 
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.

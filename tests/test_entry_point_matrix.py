@@ -267,11 +267,11 @@ def test_the_base_model_and_the_lm_model_compress_alike():
     ids, mask, _ = left_padded([110, 60], seed=8)
     with chunkkv()(model) as session, torch.no_grad():
         model.model(input_ids=ids, attention_mask=mask, **{cache_keyword(model): new_cache(model)})
-        via_base = {i: s.indices.clone() for i, s in session.selections.items()}
+        via_base = {i: (s.indices.clone(), s.slot_valid.clone()) for i, s in session.selections.items()}
         model(input_ids=ids, attention_mask=mask, **{cache_keyword(model): new_cache(model)})
-        via_lm = {i: s.indices.clone() for i, s in session.selections.items()}
+        via_lm = {i: (s.indices.clone(), s.slot_valid.clone()) for i, s in session.selections.items()}
     assert via_base.keys() == via_lm.keys()
-    assert all(torch.equal(via_base[i], via_lm[i]) for i in via_lm)
+    assert all(torch.equal(via_base[i][k], via_lm[i][k]) for i in via_lm for k in (0, 1))
 
 
 # -- 6. chunked prefill ------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class _Continuation:
     next_positions: torch.Tensor  # int64[B]: RoPE position of each row's next token
 
 
+_CONTINUATIONS: "weakref.WeakKeyDictionary[Any, _Continuation]" = weakref.WeakKeyDictionary()
+
+
 class ContinuationError(ValueError):
     """A forward met a compressed cache in coordinates that do not follow it (see :meth:`PressSession._check_continuation`)."""
 
@@ -118,8 +121,9 @@ class PressSession:
         self.prefill_cache: Any = None  # the cache of the prefill in flight
         self.prefill_length = 0
         self.prefill_positions: torch.Tensor | None = None
-        # Caches this session compressed -> what they stand for (checked on every later forward).
-        self.continuations: "weakref.WeakKeyDictionary[Any, _Continuation]" = weakref.WeakKeyDictionary()
+        # Caches compressed under a press -> what they stand for (checked on every later forward
+        # under any press: shared, so a cache compressed in an earlier `with` block is known too).
+        self.continuations = _CONTINUATIONS
         self.continuing: tuple[Any, int, torch.Tensor] | None = None  # (cache, logical, positions) after the forward in flight
         # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
         self.decoder = DecodingCompressor(self) if press.decoding is not None else None

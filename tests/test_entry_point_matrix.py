@@ -86,6 +86,17 @@ def test_generate_on_a_mask_mode_cache_continues_it_like_our_loop():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_cache_compressed_in_an_earlier_press_block_is_checked_in_the_next():
+    model = make_tiny_model("llama")
+    ids = ids_of(100, 1)
+    cache = new_cache(model)
+    with chunkkv()(model), torch.no_grad():
+        model(ids, **{cache_keyword(model): cache})
+    with chunkkv()(model), torch.no_grad():
+        with pytest.raises(ValueError, match="does not continue the compressed cache"):
+            model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=3, **GEN)
+
+
 def test_generate_again_on_the_cache_it_returned_is_refused():
     model = make_tiny_model("llama")
     ids = ids_of(100, 1)
@@ -291,3 +302,32 @@ def test_generate_with_a_prefill_chunk_larger_than_the_prompt_runs_as_one_prefil
         want = model.generate(ids, max_new_tokens=4, **GEN)
         got = model.generate(ids, max_new_tokens=4, prefill_chunk_size=128, **GEN)
     assert torch.equal(got, want)
+
+
+# -- more entry points: beam search, inputs_embeds, sliding-window models ---------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("how", ["beams", "inputs_embeds"])
+def test_generate_with_beams_or_embeddings_on_a_padded_batch_gives_each_row_its_answer_alone(family, mode, how):
+    """Beam search reorders cache rows (within a prompt's beams, whose views are equal); a prompt
+    given as embeddings has no token ids: both keep a padded row equal to the row alone."""
+    model = make_tiny_model(family, sliding_window=32) if family == "gemma3" else make_tiny_model(family)
+    press = chunkkv(compression_ratio=0.7, apply=mode)
+    ids, mask, rows = left_padded([150, 60], seed=3)
+
+    def gen(ids, mask):
+        out = dict(max_new_tokens=5, return_dict_in_generate=True, output_scores=True, **GEN)
+        if how == "beams":
+            return model.generate(ids, attention_mask=mask, num_beams=3, **out)
+        return model.generate(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, **out)
+
+    with press(model), torch.no_grad():
+        batched = gen(ids, mask)
+        for r, row in enumerate(rows):
+            alone = gen(row[None], torch.ones(1, len(row), dtype=torch.long))
+            assert torch.equal(batched.sequences[r, -5:], alone.sequences[0, -5:])
+            if how == "inputs_embeds":
+                for b, a in zip(batched.scores, alone.scores):
+                    torch.testing.assert_close(b[r], a[0], atol=1e-5, rtol=1e-5)

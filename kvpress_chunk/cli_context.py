@@ -115,7 +115,7 @@ def _compress(args: argparse.Namespace) -> int:
         raise _CommandError(f"cannot write {str(out)!r}: {exc}") from None
     tokens, kept = input_ids.shape[-1], int(context.kept_per_row()[0])
     size = written.stat().st_size
-    print(f"{source}: {tokens} tokens, {kept} kept per compressed layer ({press.describe()})")
+    print(f"{source}: {tokens} tokens, {kept} kept per compressed layer and head on average ({press.describe()})")
     print(f"wrote {written} ({size / 2**20:.1f} MiB)")
     return 0
 

@@ -52,10 +52,16 @@ class CompressedContext:
         )
 
     def kept_per_row(self) -> torch.Tensor:
-        """``int64[B]``: prefix tokens each row still attends to in the first compressed layer
-        (its real prefill tokens when nothing was compressed)."""
+        """``int64[B]``: prefix tokens each row still attends to, per compressed layer and KV head
+        on average (mean over the compressed layers and their KV heads, rounded to the nearest
+        token), so pyramid / global budgets and head-adaptive (ragged) selections report the cache
+        they keep, not their first layer's share. Sliding-window layers are not counted. The real
+        prefill tokens when nothing was compressed."""
         if self.layer_views:
-            return self.layer_views[min(self.layer_views)].kept_per_row()
+            per_layer = torch.stack([
+                view.visible.sum(dim=-1).to(torch.float32).mean(dim=1) for view in self.layer_views.values()
+            ])  # [layers, B]
+            return per_layer.mean(dim=0).round().to(torch.int64)
         kept = self.cache.get_seq_length() if hasattr(self.cache, "get_seq_length") else self.attention_mask.shape[-1]
         if kept < self.attention_mask.shape[-1]:  # compressed by another library (batch 1, no padding)
             return torch.full_like(self.next_positions, kept)

@@ -34,6 +34,7 @@ from .hf.hooks import (
     find_attention_layers,
     has_cache_argument,
     padding_mask,
+    unevictable_layer,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
 from .modes.routing import compressed_attention
@@ -56,6 +57,24 @@ _ACTIVE_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, PressSession]" = weakref
 def active_session(model: nn.Module) -> "PressSession | None":
     """The session of the press currently applied to ``model``, if any."""
     return _ACTIVE_SESSIONS.get(model)
+
+
+@dataclasses.dataclass
+class _Continuation:
+    """What a cache this session compressed stands for: ``logical`` tokens of text (padding
+    columns included: the width of the 2-D mask that continues it), and per compressed layer the
+    ``offset`` between that and the layer's slots (tokens evicted; 0 in mask mode)."""
+
+    logical: int
+    offsets: dict[int, int]
+    next_positions: torch.Tensor  # int64[B]: RoPE position of each row's next token
+
+
+_CONTINUATIONS: "weakref.WeakKeyDictionary[Any, _Continuation]" = weakref.WeakKeyDictionary()
+
+
+class ContinuationError(ValueError):
+    """A forward met a compressed cache in coordinates that do not follow it (see :meth:`PressSession._check_continuation`)."""
 
 
 class PressSession:
@@ -87,6 +106,7 @@ class PressSession:
         self.valid_seen = False  # the forward in flight is a prefill this session handles
         self.warned_length = False
         self.router = None  # the model's CompressedAttention while attached
+        self.depth = 0  # nesting of the model's / base model's forwards in flight
         self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
         # Layers the allocator counts (sliding-window layers are never compressed): rank -> budget.
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
@@ -98,6 +118,13 @@ class PressSession:
         self.pending_scores: dict[int, LayerScores] = {}
         self.pending_layers: dict[int, tuple[Any, int, LayerInputs]] = {}
         self.pending_cache: Any = None
+        self.prefill_cache: Any = None  # the cache of the prefill in flight
+        self.prefill_length = 0
+        self.prefill_positions: torch.Tensor | None = None
+        # Caches compressed under a press -> what they stand for (checked on every later forward
+        # under any press: shared, so a cache compressed in an earlier `with` block is known too).
+        self.continuations = _CONTINUATIONS
+        self.continuing: tuple[Any, int, torch.Tensor] | None = None  # (cache, logical, positions) after the forward in flight
         # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
         self.decoder = DecodingCompressor(self) if press.decoding is not None else None
 
@@ -109,28 +136,110 @@ class PressSession:
                 "exit the first `with press(model):` block before entering another"
             )
         handles = []
+        guard = None
         _ACTIVE_SESSIONS[self.model] = self
         try:
             with compressed_attention(self.model) as router:
                 self.router = router
-                handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
-                handles.append(self.model.register_forward_hook(self._after_model, always_call=True))
+                handles.append(self.model.register_forward_pre_hook(self._enter, prepend=True))
+                handles.append(self.model.register_forward_pre_hook(self._before_outer, with_kwargs=True))
+                handles.append(self.model.register_forward_hook(self._after_outer, always_call=True))
+                base = getattr(self.model, "base_model", None)
+                if isinstance(base, nn.Module) and base is not self.model:
+                    # `model.model(...)` (no LM head) skips the hooks above: the same ones, routing
+                    # included, run on the base model when it is called on its own.
+                    handles.append(base.register_forward_pre_hook(self._before_base, with_kwargs=True))
+                    handles.append(base.register_forward_hook(self._after_base, always_call=True))
                 first_layer = self.layers[0][0]
                 for layer_idx, module in self.layers:
                     hook = self._make_attention_hook(layer_idx, is_first=layer_idx == first_layer)
                     handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                guard = self._guard_chunked_prefill()
                 yield self
         finally:
+            if guard is not None and self.model.__dict__.get("_prefill") is guard:
+                del self.model.__dict__["_prefill"]
             for handle in handles:
                 handle.remove()
             self.router = None
             _ACTIVE_SESSIONS.pop(self.model, None)
 
+    def _guard_chunked_prefill(self):
+        """Shadow ``model._prefill`` (transformers' generate prefill) for the block: a chunked
+        prefill (``generate(..., prefill_chunk_size=n)``) runs the prompt as several forwards, of
+        which only the first starts from an empty cache, so the press would compress the first
+        chunk alone and append the rest uncompressed. Refused while the prompt needs more than one
+        chunk. ``None`` when this transformers release has no ``_prefill``."""
+        original = getattr(type(self.model), "_prefill", None)
+        if original is None or "_prefill" in vars(self.model):
+            return None
+        model = self.model
+
+        def _prefill(input_ids, generation_config=None, *args, **kwargs):
+            chunk = getattr(generation_config, "prefill_chunk_size", None)
+            if chunk and isinstance(input_ids, torch.Tensor) and input_ids.shape[-1] > chunk:
+                raise ValueError(
+                    f"generate(prefill_chunk_size={chunk}) splits this {input_ids.shape[-1]}-token prompt into chunks: "
+                    "the press compresses a prefill from an empty cache, so it would compress the first chunk only "
+                    "and append the others uncompressed. Drop prefill_chunk_size under a press (or make it at "
+                    "least the prompt length)."
+                )
+            return original(model, input_ids, generation_config, *args, **kwargs)
+
+        model.__dict__["_prefill"] = _prefill
+        return _prefill
+
+    # Outermost forward only: the model's forward calls its base model, the context pass calls the
+    # base model from inside the model's after-hook; those nested calls are part of the outer one.
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self.depth += 1
+
+    def _before_outer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.depth == 1:
+            self._before_model(module, args, kwargs)
+
+    def _after_outer(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            if self.depth == 1:
+                self._after_model(module, args, output)
+        finally:
+            self.depth = max(0, self.depth - 1)
+
+    def _before_base(self, module: nn.Module, args: tuple, kwargs: dict):
+        self.depth += 1
+        if self.depth != 1:
+            return None
+        changed = self.router._before_forward(module, args, kwargs)  # what the model's router hook does
+        if changed is not None:
+            args, kwargs = changed
+        self._before_model(module, args, kwargs)
+        return changed
+
+    def _after_base(self, module: nn.Module, args: tuple, output: Any) -> None:
+        try:
+            if self.depth == 1:
+                try:
+                    self._after_model(module, args, output)
+                finally:
+                    self.router._after_forward(module, args, output)
+        finally:
+            self.depth = max(0, self.depth - 1)
+
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.valid = self.input_ids = None
-        if cache_length(cache_argument(args, kwargs, position=3)) > 0:
+        self.continuing = None
+        cache = cache_argument(args, kwargs, position=3)
+        unsupported = unevictable_layer(cache, self.compressible)
+        if unsupported is not None:
+            raise TypeError(
+                f"a press cannot compress a {type(cache).__name__} ({unsupported} layers: preallocated or quantized "
+                "tensors are not evicted in place, so the press would compress nothing or corrupt it): use a "
+                "DynamicCache (the default; drop cache_implementation='static'/'quantized' from generate)"
+            )
+        if cache_length(cache) > 0:
+            self._check_continuation(cache, args, kwargs)
             return
         inputs = call_argument(args, kwargs, "input_ids", 0)
         if inputs is None:
@@ -153,14 +262,81 @@ class PressSession:
                 stacklevel=3,
             )
 
+    def _check_continuation(self, cache: Any, args: tuple, kwargs: dict) -> None:
+        """Refuse a forward on a cache this session compressed unless it continues it: its 2-D mask
+        (when given) must cover the text the cache stands for plus the new tokens, and no compressed
+        layer may have changed length since the last forward. ``model.generate`` handed such a
+        cache (it slices the prompt at ``cache.get_seq_length()``, the *compressed* length),
+        assisted / prompt-lookup decoding and ``DynamicCache.crop`` (cuts in slot coordinates) all
+        break that, and would otherwise run on wrong keys and positions without an error."""
+        state = self.continuations.get(cache)
+        if state is None:
+            return
+        inputs = call_argument(args, kwargs, "input_ids", 0)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        added = inputs.shape[1] if inputs is not None else 0
+        mask = call_argument(args, kwargs, "attention_mask", 1)
+        before = mask.shape[-1] - added if isinstance(mask, torch.Tensor) and mask.dim() == 2 else state.logical
+        problem = None
+        positions = call_argument(args, kwargs, "position_ids", 2)
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2 and added and positions.shape[-1] == added:
+            # Without a 2-D mask (transformers 5.2x generate passes none when nothing is padded) the
+            # positions are what tell: they must continue from the original text.
+            first = positions[:, 0].to(state.next_positions.device)
+            if not bool((first == state.next_positions).all()):
+                problem = (
+                    f"its new tokens start at position(s) {sorted(set(first.tolist()))}, the text it stands for "
+                    f"ends before {sorted(set(state.next_positions.tolist()))}"
+                )
+        for layer_idx, offset in state.offsets.items():
+            slots = cache.layers[layer_idx].keys.shape[-2]
+            if problem is None and (slots + offset != before or (before != state.logical and offset != 0)):
+                problem = (
+                    f"layer {layer_idx} holds {slots} slots for {slots + offset} tokens of text, but the call's "
+                    f"attention mask puts its {added} new token(s) after {before}"
+                )
+        if problem is not None:
+            raise ContinuationError(
+                f"this forward does not continue the compressed cache: {problem}. A compressed cache can only "
+                "be extended by the tokens that follow it: `model.generate` given a cache that was already "
+                "compressed (it cuts the prompt at the compressed length), assisted or prompt-lookup generation "
+                "and DynamicCache.crop (which cut in slot coordinates) would run on the wrong tokens. Generate "
+                "from the prompt under the press, or continue with kvpress_chunk.greedy_continue on a "
+                "CompressedContext (docs/decoding.md)."
+            )
+        self.continuing = (cache, before + added, state.next_positions + added)
+
+    def _record_continuation(self, output: Any) -> None:
+        """After a forward: remember what a freshly compressed (or continued) cache stands for."""
+        if output is None:
+            return
+        if self.valid_seen and self.prefill_cache is not None and self.views:
+            cache, logical, positions = self.prefill_cache, self.prefill_length, self.prefill_positions
+        elif self.continuing is not None:
+            cache, logical, positions = self.continuing
+        else:
+            return
+        state = self.continuations.get(cache)
+        layers = list(self.views) if state is None else list(state.offsets)
+        offsets = {}
+        for layer_idx in layers:
+            keys = getattr(cache.layers[layer_idx], "keys", None) if layer_idx < len(cache.layers) else None
+            if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+                offsets[layer_idx] = logical - keys.shape[-2]
+        self.continuations[cache] = _Continuation(logical, offsets, positions)
+
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:
             if self.pending_layers and output is not None:
                 self._finish_deferred()
+            self._record_continuation(output)
         finally:
             self.pending_scores.clear()
             self.pending_layers.clear()
             self.pending_cache = None
+            self.prefill_cache = None
+            self.continuing = None
         if self.valid_seen and not self.selections and self.skipped_layers:
             warnings.warn(
                 f"kvpress-chunk: no layer was compressed: all {len(self.skipped_layers)} attention layers of this "
@@ -213,6 +389,11 @@ class PressSession:
             self.selections.clear()
             self.skipped_layers.clear()
             self.views = self.router.start_prefill(cache)
+            self.prefill_cache, self.prefill_length = cache, hidden.shape[1]
+            self.prefill_positions = (
+                self.valid.sum(dim=-1).to(torch.int64).cpu() if self.valid is not None
+                else torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.int64)
+            )
         if sliding:
             # A sliding-window layer already bounds its memory; its own length bookkeeping
             # (cumulative_length) would disagree with an evicted cache.
@@ -253,8 +434,7 @@ class PressSession:
         if source == layer_idx or source not in self.pending_layers:
             source = layer_idx
             if self.press.whole_cache and not self.press.scorer.context_pass:
-                scores = self.press.score_layer(inputs)
-                self.pending_scores[layer_idx] = LayerScores(scores, inputs.valid, self.press.grouper.prepare(inputs))
+                self.pending_scores[layer_idx] = self._layer_scores(inputs)
         if self.press.scorer.context_pass and self.input_ids is None:
             raise ValueError(
                 f"the {type(self.press.scorer).__name__} reconstructs the prompt from its token ids: "
@@ -263,6 +443,16 @@ class PressSession:
         light = dataclasses.replace(inputs, hidden_states=inputs.hidden_states[:, :0])
         self.pending_layers[layer_idx] = (layer, source, light)
         self.pending_cache = cache
+
+    def _layer_scores(self, inputs: LayerInputs) -> LayerScores:
+        """One layer's scores for the whole-cache stage. A context not longer than the observation
+        window is kept whole by :func:`select_globally` without looking at scores (the in-hook path
+        does the same), and scoring it is not defined (no key lies before the window): zeros."""
+        batch, heads, length, _ = inputs.keys.shape
+        if length <= self.press.scorer.window:
+            pools = heads if self.press.selector.per_head else 1
+            return LayerScores(torch.zeros(batch, pools, length, device=inputs.keys.device), inputs.valid, {})
+        return LayerScores(self.press.score_layer(inputs), inputs.valid, self.press.grouper.prepare(inputs))
 
     def _finish_deferred(self) -> None:
         """After the prefill: the context pass (if the scorer has one), then either one selection
@@ -279,9 +469,7 @@ class PressSession:
                 inputs = dataclasses.replace(inputs, context_scores=scores[idx])
                 self.pending_layers[idx] = (layer, source, inputs)
                 if self.press.whole_cache:
-                    self.pending_scores[idx] = LayerScores(
-                        self.press.score_layer(inputs), inputs.valid, self.press.grouper.prepare(inputs)
-                    )
+                    self.pending_scores[idx] = self._layer_scores(inputs)
         if not self.press.whole_cache:
             for layer_idx, (layer, _, inputs) in sorted(self.pending_layers.items()):
                 self._select_and_apply(layer_idx, layer, inputs)  # in order: reused sources come first

@@ -92,6 +92,27 @@ def cache_length(cache: Any) -> int:
     return int(cache.get_seq_length())
 
 
+#: Cache layer classes (and their subclasses) whose tensors cannot be replaced by a shorter
+#: gathered copy: static layers are preallocated to ``max_cache_len`` and written in place by
+#: ``cache_position`` (their length never shows the prefill, so nothing would be compressed);
+#: quantized layers keep most tokens in a packed form next to a residual ``keys`` tensor.
+UNEVICTABLE_LAYERS = ("StaticLayer", "BaseQuantizedLayer", "QuantizedLayer")
+
+
+def unevictable_layer(cache: Any, layer_indices: "list[int] | None" = None) -> str | None:
+    """The class name of the first of ``cache``'s layers (among ``layer_indices``) that a press
+    cannot evict in place, or ``None``."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    indices = range(len(layers)) if layer_indices is None else [i for i in layer_indices if i < len(layers)]
+    for idx in indices:
+        names = {cls.__name__ for cls in type(layers[idx]).__mro__}
+        if names.intersection(UNEVICTABLE_LAYERS):
+            return type(layers[idx]).__name__
+    return None
+
+
 def padding_mask(attention_mask: Any, length: int) -> torch.Tensor | None:
     """``valid[B, T]`` from a 2-D HF attention mask; ``None`` when nothing is padded.
 

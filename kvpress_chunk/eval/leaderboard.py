@@ -12,6 +12,7 @@ rendered from the store alone (:func:`leaderboard_markdown`), never typed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -69,20 +70,25 @@ def run_leaderboard(
     store.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_store(store, repair=True)}
     tag = f"-s{seed}" if seed else ""  # seed 0 keeps the names of earlier stores
-    jobs = []
+    per_task = []
     for task in tasks:
         if task == "fidelity":
             cases = [(f"L{length}-w{w.index}{tag}", w) for length in lengths for w in make_windows(tokenizer, length, 64, windows, seed)]
-        else:
+        else:  # format-major: the first cases already span every depth and length
             cases = [
                 (f"L{length}-d{depth}-{fmt}{tag}", make_case(tokenizer, task, length, depth, "prose", fmt, seed))
-                for length in lengths for depth in depths for fmt in formats
+                for fmt in formats for length in lengths for depth in depths
             ]
-        for name, case in cases:
-            for entry, ratio in [(None, 0.0)] + [(e, r) for e in entries for r in ratios]:
-                library, label = ("-", "full") if entry is None else (entry.library, entry.label)
-                if (task, name, library, label, float(ratio)) not in done:
-                    jobs.append((task, name, case, entry, ratio, library, label))
+        per_task.append([(task, name, case) for name, case in cases])
+    # Tasks interleaved case by case and every press run on a case before the next case starts:
+    # a run stopped part-way leaves a balanced subset (every press on the same cases, every task).
+    ordered = [item for round_ in itertools.zip_longest(*per_task) for item in round_ if item is not None]
+    jobs = []
+    for task, name, case in ordered:
+        for entry, ratio in [(None, 0.0)] + [(e, r) for e in entries for r in ratios]:
+            library, label = ("-", "full") if entry is None else (entry.library, entry.label)
+            if (task, name, library, label, float(ratio)) not in done:
+                jobs.append((task, name, case, entry, ratio, library, label))
     references: dict[str, Any] = {}
     bar = tqdm(jobs, desc="leaderboard", unit="run", file=sys.stderr, disable=not progress)
     with store.open("a", encoding="utf-8") as out:

@@ -207,6 +207,13 @@ def test_leaderboard_findings_compare_best_presses_and_chunked_with_token_level(
     assert "## What the table says" in leaderboard_markdown(records)
 
 
+def test_leaderboard_interleaves_tasks_case_by_case():
+    from kvpress_chunk.eval.leaderboard import interleaved
+
+    assert interleaved([["a1", "a2", "a3"], ["f1"]]) == ["a1", "f1", "a2", "a3"]
+    assert interleaved([["a1"], [], ["m1", "m2"]]) == ["a1", "m1", "m2"]
+
+
 def test_leaderboard_store_survives_an_interrupted_write_and_refuses_corruption(tmp_path, capsys):
     import json
 

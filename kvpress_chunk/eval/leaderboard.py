@@ -48,6 +48,14 @@ def _key(record: dict[str, Any]) -> tuple:
     return (record["task"], record["case"], record["library"], record["press"], float(record["compression_ratio"]))
 
 
+def interleaved(per_task: list[list[Any]]) -> list[Any]:
+    """The cases of every task, one of each task in turn (``[[a1, a2, a3], [f1]] -> [a1, f1, a2, a3]``).
+
+    Why: every press runs on a case before the next case starts, so a run stopped part-way
+    leaves a balanced subset: every press on the same cases, every task represented."""
+    return [item for round_ in itertools.zip_longest(*per_task) for item in round_ if item is not None]
+
+
 def run_leaderboard(
     model,
     tokenizer,
@@ -80,11 +88,8 @@ def run_leaderboard(
                 for fmt in formats for length in lengths for depth in depths
             ]
         per_task.append([(task, name, case) for name, case in cases])
-    # Tasks interleaved case by case and every press run on a case before the next case starts:
-    # a run stopped part-way leaves a balanced subset (every press on the same cases, every task).
-    ordered = [item for round_ in itertools.zip_longest(*per_task) for item in round_ if item is not None]
     jobs = []
-    for task, name, case in ordered:
+    for task, name, case in interleaved(per_task):
         for entry, ratio in [(None, 0.0)] + [(e, r) for e in entries for r in ratios]:
             library, label = ("-", "full") if entry is None else (entry.library, entry.label)
             if (task, name, library, label, float(ratio)) not in done:

@@ -37,7 +37,7 @@ from .hf.hooks import (
     unevictable_layer,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
-from .modes.routing import compressed_attention
+from .modes.routing import compressed_attention, routing_active
 from .policies.layer_inputs import LayerInputs
 from .selection import Selection
 from .registry import SpecError
@@ -75,6 +75,50 @@ _CONTINUATIONS: "weakref.WeakKeyDictionary[Any, _Continuation]" = weakref.WeakKe
 
 class ContinuationError(ValueError):
     """A forward met a compressed cache in coordinates that do not follow it (see :meth:`PressSession._check_continuation`)."""
+
+
+OUTSIDE_MESSAGE = (
+    "this cache was compressed by kvpress-chunk and is being extended outside the press: without the press "
+    "the model would give its new tokens positions after the *compressed* length and attend to padding and "
+    "hidden slots, which answers wrongly without an error. Continue it inside `with press(model):` (e.g. "
+    "`model.generate` there) or with kvpress_chunk.greedy_continue on the CompressedContext."
+)
+OUTSIDE_HINT = "Safer: continue it inside `with press(model):` or with kvpress_chunk.greedy_continue."
+_GUARDED: dict[type, type] = {}
+
+
+def guard_outside_the_press(cache: Any, refuse: bool) -> None:
+    """Watch ``cache.update`` for forwards outside any press or compressed-context routing (a
+    compressed cache continued by a plain ``model.generate`` after the ``with`` block).
+
+    ``refuse``: raise :class:`ContinuationError` (padded rows or mask-mode views: never right
+    without the press); otherwise warn once (an unpadded evicted cache is right only if the
+    caller passes ``position_ids`` continuing the original text, which ``update`` cannot see).
+    Done by switching the instance to a subclass of its own class rather than by an instance
+    attribute: ``copy.deepcopy`` (``CompressedContext.copy``) keeps the class, so copies stay
+    guarded, and a bound-method attribute would have pointed the copy at the original's tensors."""
+    cache._kvpress_chunk_outside = "refuse" if refuse else "warn"
+    cls = type(cache)
+    if getattr(cls, "_kvpress_chunk_guarded", False) or not hasattr(cls, "update"):
+        return
+    guarded = _GUARDED.get(cls)
+    if guarded is None:
+        def update(self, *args, **kwargs):
+            if not routing_active():
+                rule = self.__dict__.get("_kvpress_chunk_outside")
+                if rule == "refuse":
+                    raise ContinuationError(OUTSIDE_MESSAGE)
+                if rule == "warn":
+                    self._kvpress_chunk_outside = "warned"
+                    warnings.warn("kvpress-chunk: a compressed cache is being extended outside the press; this is "
+                                  "right only with position_ids continuing the original text. " + OUTSIDE_HINT,
+                                  RuntimeWarning, stacklevel=2)
+            return cls.update(self, *args, **kwargs)
+
+        guarded = type(cls.__name__, (cls,), {"update": update, "_kvpress_chunk_guarded": True,
+                                              "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _GUARDED[cls] = guarded
+    cache.__class__ = guarded
 
 
 class PressSession:
@@ -325,6 +369,18 @@ class PressSession:
             if isinstance(keys, torch.Tensor) and keys.dim() == 4:
                 offsets[layer_idx] = logical - keys.shape[-2]
         self.continuations[cache] = _Continuation(logical, offsets, positions)
+        padded = self.valid is not None and not bool(self.valid.all())
+        hidden = self._views_hide_tokens()
+        if padded or hidden:  # never right without the press's routing
+            guard_outside_the_press(cache, refuse=True)
+        elif any(offset > 0 for offset in offsets.values()):  # right only with the caller's positions
+            guard_outside_the_press(cache, refuse=False)
+        # (a keep-all press on unpadded rows leaves a cache that plain HF continues right)
+
+    def _views_hide_tokens(self) -> bool:
+        """Whether a view of the last prefill hides a slot (mask mode's evicted tokens, ragged
+        heads' padding slots): attention is then right only through the press's routing."""
+        return any(not bool(view.visible.all()) for view in self.views.values())
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:

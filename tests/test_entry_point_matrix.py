@@ -331,3 +331,45 @@ def test_generate_with_beams_or_embeddings_on_a_padded_batch_gives_each_row_its_
             if how == "inputs_embeds":
                 for b, a in zip(batched.scores, alone.scores):
                     torch.testing.assert_close(b[r], a[0], atol=1e-5, rtol=1e-5)
+
+
+# -- a compressed cache continued outside the press ------------------------------------------------
+
+
+@pytest.mark.parametrize("apply,lengths", [("evict", (80, 61)), ("mask", (80,)), ("mask", (80, 61))],
+                         ids=["evict-padded", "mask", "mask-padded"])
+def test_a_compressed_cache_continued_outside_the_press_is_refused(apply, lengths):
+    """After the ``with`` block no hook hides padding and evicted / hidden slots or gives new
+    tokens their original positions: a plain forward or ``model.generate`` there would answer
+    wrongly without an error (kvpress users do this), so such a cache refuses to grow."""
+    from kvpress_chunk.session import ContinuationError
+
+    model = make_tiny_model("llama", num_layers=2)
+    ids, mask, _ = left_padded(lengths)
+    with chunkkv(apply=apply)(model), torch.no_grad():
+        context = prefill(model, ids, attention_mask=mask)
+    question = ids_of(3, seed=5, batch=len(lengths))
+    with chunkkv(apply=apply)(model), torch.no_grad():
+        expected = greedy_continue(model, context.copy(), question, 4)
+    copied = context.copy()
+    with torch.no_grad(), pytest.raises(ContinuationError, match="outside the press"):
+        model(question, **{cache_keyword(model): context.cache})
+    with torch.no_grad(), pytest.raises(ContinuationError, match="outside the press"):
+        model.generate(torch.cat([ids, question], dim=-1), attention_mask=torch.cat([mask, torch.ones_like(question)], -1),
+                       max_new_tokens=2, **{cache_keyword(model): copied.cache}, **GEN)  # copies stay guarded
+    # Our loop routes the compressed context itself, inside or outside a press block: same answer.
+    assert torch.equal(greedy_continue(model, context.copy(), question, 4), expected)
+
+
+def test_an_unpadded_evicted_cache_continued_outside_the_press_warns_once():
+    """Right only if the caller passes positions continuing the original text (the documented
+    kvpress-style use, tests/test_models.py), which the cache cannot see: a warning, once."""
+    model = make_tiny_model("llama", num_layers=2)
+    with chunkkv()(model), torch.no_grad():
+        context = prefill(model, ids_of(80))
+    step = ids_of(1, seed=3)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="outside the press"):
+        model(step, position_ids=torch.tensor([[80]]), **{cache_keyword(model): context.cache})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(step, position_ids=torch.tensor([[81]]), **{cache_keyword(model): context.cache})

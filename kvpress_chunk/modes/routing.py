@@ -103,6 +103,12 @@ _ROUTERS: "weakref.WeakKeyDictionary[nn.Module, CompressedAttention]" = weakref.
 _REGISTERED: set[str] = set()
 
 
+def routing_active() -> bool:
+    """Whether any model of this process routes attention through compressed views right now
+    (inside a press block, or a compressed context's continuation)."""
+    return bool(_ROUTERS)
+
+
 def router_of(model: nn.Module) -> "CompressedAttention | None":
     """The router installed on ``model``, if any."""
     return _ROUTERS.get(model)

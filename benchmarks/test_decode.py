@@ -23,6 +23,7 @@ import torch
 import kvpress_chunk as kc
 from kvpress_chunk.generation import applied
 from kvpress_chunk.hf.hooks import cache_keyword
+from kvpress_chunk.session import _CONTINUATIONS
 from workloads import new_cache, prompt_ids, smollm2
 
 STEPS = 8
@@ -47,6 +48,9 @@ def prepare(model, length: int, mode: str, ratio: float):
     cache = new_cache(model)
     model(prompt_ids(length), logits_to_keep=1, **{cache_keyword(model): cache})
     kept = cache.get_seq_length()
+    # What the session recorded the compressed cache to stand for: a crop back to the prefill is
+    # refused as a non-continuation (rightly, for users); this benchmark rewinds that record too.
+    record = _CONTINUATIONS.get(cache)
     feed = prompt_ids(length)[:, :STEPS]  # any fixed tokens: every round does the same work
     positions = torch.arange(length, length + STEPS)[None]
 
@@ -57,6 +61,8 @@ def prepare(model, length: int, mode: str, ratio: float):
         # Back to the post-prefill cache: every round times the same steps. (A negative count of
         # tokens to drop: transformers >= 5.3 refuses a positive target length.)
         cache.crop(kept - cache.get_seq_length())
+        if record is not None:
+            _CONTINUATIONS[cache] = record
         return logits
 
     return decode_round, kept, stack

@@ -179,6 +179,12 @@ def _policy_of(press: str) -> tuple[str, str] | None:
     return spec["scorer"]["name"], spec["grouper"]["name"]
 
 
+def _verdict(share: float, other: float) -> str:
+    """Shares as printed (whole percents) decide: 99.6% and 100% tie."""
+    a, b = round(share), round(other)
+    return "beats" if a > b else ("ties" if a == b else "does not beat")
+
+
 def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
     """What the table says about the issue's questions, computed from it (never typed): per ratio,
     our best press vs kvpress' best on the needle share, and per scorer our best chunked press
@@ -199,8 +205,7 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
         text = f"* {ratio:.0%} removed: our best `{ours[1]}` keeps {ours[0]:.0f}% of the full cache's needle score" \
             if ours else f"* {ratio:.0%} removed: none of ours ran"
         if theirs:
-            verdict = "beats" if ours and ours[0] > theirs[0] else ("ties" if ours and ours[0] == theirs[0] else "does not beat")
-            text += f"; it {verdict} kvpress' best `{theirs[1]}` ({theirs[0]:.0f}%)"
+            text += f"; it {_verdict(ours[0], theirs[0]) if ours else 'does not beat'} kvpress' best `{theirs[1]}` ({theirs[0]:.0f}%)"
         lines.append(text + ".")
         by_scorer: dict[str, dict[bool, tuple[float, str]]] = {}
         for (library, press, _), row in rows.items():
@@ -215,7 +220,7 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
         for scorer, pair in sorted(by_scorer.items()):
             if len(pair) == 2:
                 (c_share, c_press), (t_share, t_press) = pair[True], pair[False]
-                verdict = "beats" if c_share > t_share else ("ties" if c_share == t_share else "loses to")
+                verdict = _verdict(c_share, t_share).replace("does not beat", "loses to")
                 lines.append(f"  * {scorer} scores: chunked `{c_press}` {c_share:.0f}% {verdict} "
                              f"token-level `{t_press}` {t_share:.0f}%.")
     return lines

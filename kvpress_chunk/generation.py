@@ -267,10 +267,16 @@ def generate_answers(
     prefix, suffix = prompt_parts(tokenizer, chat_template)
     eos = eos_token_ids(tokenizer, model)
     answers = []
-    # The press stays applied while answering (mask mode and views need it only for routing;
-    # only prefills from an empty cache are compressed).
-    with applied(press, model, tokenizer):
-        compressed = None if query_aware else prefill(model, encode_context(tokenizer, context, prefix))
+    # Our press stays applied while answering (mask mode and views need it only for routing;
+    # only prefills from an empty cache are compressed). Another library's press (kvpress) is
+    # applied around each prefill only, then answering runs outside it, as kvpress' own pipeline
+    # does: some of its presses compress when their block *exits* (KVzipPress), so answering
+    # inside the block would use the whole cache.
+    ours = press is None or isinstance(press, Press)
+    own = None if ours else press
+    with applied(press if ours else None, model, tokenizer):
+        compressed = None if query_aware else prefill(model, encode_context(tokenizer, context, prefix), press=own,
+                                                      tokenizer=tokenizer)
         if compressed is not None and on_prefill is not None:
             on_prefill(compressed)
         for question in questions:
@@ -278,7 +284,8 @@ def generate_answers(
                 asked = encode_question(tokenizer, question, suffix)
                 tokens = greedy_continue(model, compressed.copy(), asked, max_new_tokens, eos)
             else:
-                whole = prefill(model, encode_context(tokenizer, context + QUESTION_SEPARATOR + question + suffix, prefix))
+                whole = prefill(model, encode_context(tokenizer, context + QUESTION_SEPARATOR + question + suffix, prefix),
+                                press=own, tokenizer=tokenizer)
                 if on_prefill is not None:
                     on_prefill(whole)
                 first = whole.last_logits.argmax(dim=-1, keepdim=True)

@@ -247,3 +247,41 @@ def test_fidelity_plot_draws_a_line_per_press(tmp_path):
              for lib in ("kvpress-chunk", "kvpress") for r in (0.5, 0.9)]
     assert plot_fidelity(rows, tmp_path / "f.png", title="t")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_another_librarys_press_compresses_before_the_questions_are_answered():
+    """kvpress' KVzipPress compresses when its ``with`` block exits: generate_answers must leave
+    a foreign press's block after the prefill and answer outside it (as kvpress' pipeline does),
+    or the answers would come from the whole cache (they did: its leaderboard rows were a full
+    cache's). A press-like object that acts on exit pins the order."""
+    from contextlib import contextmanager
+
+    from kvpress_chunk.generation import generate_answers
+
+    events = []
+
+    class ActsOnExit:
+        @contextmanager
+        def __call__(self, model):
+            events.append("enter")
+            yield
+            events.append("compress")
+
+    class AnsweringTokenizer(ByteTokenizer):
+        eos_token_id = None
+
+        def get_vocab(self):
+            return {}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(int(i) for i in ids).decode(errors="replace")
+
+    model = make_tiny_model("llama", num_layers=2)
+    handle = model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    try:
+        generate_answers(model, AnsweringTokenizer(), "a context " * 10, ["q1?", "q2?"], press=ActsOnExit(),
+                         max_new_tokens=2, chat_template=False)
+    finally:
+        handle.remove()
+    assert events[:3] == ["enter", "forward", "compress"] and events.count("compress") == 1
+    assert events[3:] and set(events[3:]) == {"forward"}  # both questions answered after compression

@@ -318,7 +318,7 @@ def cmd_decoding(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
     from .eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
-    from .eval.report import plot_heatmaps
+    from .eval.report import plot_press_grid
     from .eval.tasks import task_names
 
     settings = {"presses": args.presses or DEFAULTS["presses"], "ratios": args.ratios or DEFAULTS["ratios"],
@@ -359,7 +359,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     print(text)
     print(f"table: {out}")
     needles = [r for r in records if r["task"] == "niah"]
-    if needles and plot_heatmaps(needles, out.with_suffix(".png"), title="niah (prose): score by depth and length"):
+    if needles and plot_press_grid(needles, out.with_suffix(".png"), title="niah (prose): score by depth, per press"):
         print(f"heatmap: {out.with_suffix('.png')}")
     return 0
 

@@ -285,3 +285,14 @@ def test_another_librarys_press_compresses_before_the_questions_are_answered():
         handle.remove()
     assert events[:3] == ["enter", "forward", "compress"] and events.count("compress") == 1
     assert events[3:] and set(events[3:]) == {"forward"}  # both questions answered after compression
+
+
+def test_leaderboard_picture_draws_a_row_per_press(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    from kvpress_chunk.eval.report import plot_press_grid
+
+    rows = [dict(_needle(f"d{d}", library, press, ratio, float(d < 0.5)), depth=d)
+            for d in (0.1, 0.5, 0.9)
+            for library, press, ratio in [("-", "full", 0.0), ("kvpress-chunk", "kvzip", 0.9), ("kvpress", "kvzip", 0.9)]]
+    assert plot_press_grid(rows, tmp_path / "grid.png", title="t")
+    assert (tmp_path / "grid.png").stat().st_size > 1000

@@ -41,6 +41,55 @@ def write_json(path: Path, meta: dict[str, Any], results: list[dict[str, Any]]) 
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 
+def plot_press_grid(results: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """The leaderboard's picture: one panel per ratio, a row per press (the full cache first),
+    a column per needle depth, each cell the mean score there over lengths and formats (green =
+    found). Many presses read at a glance, where :func:`plot_heatmaps` draws a panel each.
+    Returns False (and draws nothing) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    depths = sorted({r["depth"] for r in results})
+    ratios = sorted({r["compression_ratio"] for r in results if r["press"] != "full"}) or [0.0]
+    cells: dict[tuple[str, float, float], list[float]] = defaultdict(list)
+    for r in results:
+        name = r["press"] if r["library"] in ("-", "kvpress-chunk") else f"{r['press']} [kvpress]"
+        cells[(name, r["compression_ratio"], r["depth"])].append(r["score"])
+    names = sorted({key[0] for key in cells}, key=lambda n: (n != "full", n))
+    fig, axes = plt.subplots(1, len(ratios), figsize=(2.5 + 0.55 * len(depths) * len(ratios) + 3, 1.2 + 0.32 * len(names)),
+                             squeeze=False)
+    image = None
+    for j, ratio in enumerate(ratios):
+        ax = axes[0][j]
+        grid = []
+        for name in names:
+            at = 0.0 if name == "full" else ratio
+            grid.append([sum(cells[(name, at, d)]) / len(cells[(name, at, d)]) if cells.get((name, at, d)) else float("nan")
+                         for d in depths])
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for y, row in enumerate(grid):
+            for x, value in enumerate(row):
+                if value == value:
+                    ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=6,
+                            color="black" if 0.25 < value < 0.85 else "white")
+        ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(names)), names if j == 0 else [""] * len(names), fontsize=7)
+        ax.set_xlabel("needle depth", fontsize=7)
+        ax.set_title(f"{ratio:.0%} removed", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="score")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") -> bool:
     """Depth x context length grid per (library, press, ratio) panel, like the familiar NIAH
     pictures (green = found). Returns False (and draws nothing) without matplotlib."""

@@ -25,6 +25,14 @@ def count(tokenizer, text):
     return len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def LONGEST_PROSE_SENTENCE(tokenizer, _memo={}):  # noqa: B006 - a per-process memo
+    if "n" not in _memo:
+        from kvpress_chunk.eval.tasks import prose_sentences
+
+        _memo["n"] = max(count(tokenizer, " " + sentence) for sentence in prose_sentences())
+    return _memo["n"]
+
+
 @settings(max_examples=25)
 @given(
     task=st.sampled_from(TASKS),
@@ -50,7 +58,10 @@ def test_cases_have_each_needle_once_at_its_depth_within_length(tokenizer, task,
             haystack_only = haystack_only.replace(" " + other, "").replace(other + " ", "")
         before = count(tokenizer, haystack_only[: haystack_only.index(asked)])
         filler = count(tokenizer, haystack_only.replace(asked, ""))
-        assert abs(before - depth * filler) <= 0.05 * length
+        # Needles go between haystack sentences: within 5% of the length, or one sentence where
+        # the prose's sentences are longer than that (short contexts).
+        slack = max(0.05 * length, LONGEST_PROSE_SENTENCE(tokenizer) if haystack == "prose" else 0)
+        assert abs(before - depth * filler) <= slack
 
 
 def test_cases_are_seeded_and_distinct(tokenizer):

@@ -17,7 +17,7 @@ from kvpress_chunk.decoding import Decoding
 from kvpress_chunk.generation import greedy_continue, prefill
 from kvpress_chunk.modes.routing import router_of
 from kvpress_chunk.registry import SpecError
-from tiny_models import make_tiny_model
+from tiny_models import left_padded, make_tiny_model
 
 _MODEL = {}
 
@@ -28,19 +28,6 @@ def tiny():
         model.generation_config.eos_token_id = None  # long generations: never stop early
         _MODEL["m"] = model
     return _MODEL["m"]
-
-
-def left_padded(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows = []
-    for r, n in enumerate(lengths):
-        row = torch.randint(3, 128, (n,), generator=g)
-        ids[r, width - n:], mask[r, width - n:] = row, 1
-        rows.append(row)
-    return ids, mask, rows
 
 
 def row_counts(model, cache) -> list[int]:

@@ -14,21 +14,7 @@ from kvpress_chunk import cli
 from kvpress_chunk.eval.decoding_fidelity import (
     decoding_fidelity, format_decoding_table, our_decoding_entries, run_decoding_fidelity,
 )
-from tiny_models import make_tiny_model
-
-
-class ByteTokenizer:
-    """One id per byte, modulo the tiny vocabulary (enough for the prose prompt)."""
-
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = [b % 128 for b in text.encode()]
-
-        class Encoded:
-            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
-
-        return Encoded()
+from tiny_models import ByteTokenizer, make_tiny_model
 
 
 @pytest.fixture

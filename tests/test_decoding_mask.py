@@ -9,7 +9,7 @@ import torch
 import kvpress_chunk as kc
 from kvpress_chunk.generation import forward_after, greedy_continue, prefill
 from kvpress_chunk.modes.routing import router_of
-from tiny_models import make_tiny_model
+from tiny_models import left_padded, make_tiny_model
 
 _MODELS = {}
 
@@ -20,19 +20,6 @@ def tiny(family="llama"):
         model.generation_config.eos_token_id = None
         _MODELS[family] = model
     return _MODELS[family]
-
-
-def left_padded(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    rows = []
-    for r, n in enumerate(lengths):
-        row = torch.randint(3, 128, (n,), generator=g)
-        ids[r, width - n:], mask[r, width - n:] = row, 1
-        rows.append(row)
-    return ids, mask, rows
 
 
 def press_for(preset, apply, every, extra, protect=False):

@@ -9,21 +9,7 @@ import kvpress_chunk as kc
 from kvpress_chunk.eval.fidelity import compare, continuation_logprobs, format_fidelity_table, make_windows, run_fidelity
 from kvpress_chunk.eval.runner import our_entries
 from kvpress_chunk.generation import prefill, teacher_forced_logits
-from tiny_models import make_tiny_model
-
-
-class ByteTokenizer:
-    """A real (if trivial) tokenizer for the tiny models: one id per byte, modulo their vocab."""
-
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = [b % 128 for b in text.encode()]
-
-        class Encoded:
-            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
-
-        return Encoded()
+from tiny_models import ByteTokenizer, make_tiny_model
 
 
 def test_windows_are_seeded_sized_and_distinct():

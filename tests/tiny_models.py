@@ -54,3 +54,31 @@ def make_tiny_model(family: str, *, seed: int = 0, num_layers: int = 4, dtype=to
     config = config_cls(**{**settings, **extra})
     torch.manual_seed(seed)
     return model_cls(config).to(dtype).eval()
+
+
+def left_padded(lengths, seed=0):
+    """A left-padded batch of random rows: ``(ids[B, W], mask[B, W], rows)``, ``rows`` unpadded."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows = []
+    for r, n in enumerate(lengths):
+        row = torch.randint(3, 128, (n,), generator=g)
+        ids[r, width - n:], mask[r, width - n:] = row, 1
+        rows.append(row)
+    return ids, mask, rows
+
+
+class ByteTokenizer:
+    """A real (if trivial) tokenizer for the tiny models: one id per byte, modulo their vocab."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = [b % 128 for b in text.encode()]
+
+        class Encoded:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+
+        return Encoded()

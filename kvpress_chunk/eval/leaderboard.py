@@ -231,10 +231,9 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
     summary = summarise(records)
     columns = sorted({name for row in summary.values() for name in row if name != "s/run" and not name.endswith(" cases")},
                      key=lambda n: (n.startswith("fidelity"), n))
-    full = {}
-    for r in records:
-        if r["press"] == "full" and r["task"] != "fidelity":
-            full.setdefault(r["task"], []).append(r["score"])
+    full: dict[str, list[float]] = {}
+    for (task, _), score in _full_scores(records).items():
+        full.setdefault(task, []).append(score)
     lines = [f"# {title}" if title else "# Leaderboard", ""]
     lines.append("Full cache (absolute score): " + ", ".join(
         f"{task} {100 * sum(v) / len(v):.0f}% of {len(v)} cases" for task, v in sorted(full.items())))

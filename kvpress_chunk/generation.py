@@ -273,9 +273,9 @@ def generate_answers(
     # does: some of its presses compress when their block *exits* (KVzipPress), so answering
     # inside the block would use the whole cache.
     ours = press is None or isinstance(press, Press)
-    own = None if ours else press
+    foreign = None if ours else press
     with applied(press if ours else None, model, tokenizer):
-        compressed = None if query_aware else prefill(model, encode_context(tokenizer, context, prefix), press=own,
+        compressed = None if query_aware else prefill(model, encode_context(tokenizer, context, prefix), press=foreign,
                                                       tokenizer=tokenizer)
         if compressed is not None and on_prefill is not None:
             on_prefill(compressed)
@@ -285,7 +285,7 @@ def generate_answers(
                 tokens = greedy_continue(model, compressed.copy(), asked, max_new_tokens, eos)
             else:
                 whole = prefill(model, encode_context(tokenizer, context + QUESTION_SEPARATOR + question + suffix, prefix),
-                                press=own, tokenizer=tokenizer)
+                                press=foreign, tokenizer=tokenizer)
                 if on_prefill is not None:
                     on_prefill(whole)
                 first = whole.last_logits.argmax(dim=-1, keepdim=True)

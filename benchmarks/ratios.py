@@ -7,6 +7,9 @@ Every benchmark puts itself in a ``group`` and says in ``extra_info`` how to rea
   (this time / baseline time - 1, in percent) or ``"throughput"`` (tokens per second relative to
   the baseline, i.e. baseline time / this time for the same number of tokens);
 * ``tokens``: tokens produced per round (decode), to show tokens per second;
+* ``tail``: ``{"tokens": n, "seconds": s}``, the time of the round's last ``n`` tokens (a long
+  generation's rate at its end, where the caches differ most): shown as tokens/s relative to the
+  baseline's tail in the same run;
 * ``facts``: a dict of extra figures to print as they are (memory, kept tokens, ...);
 * ``share_of``: another group's name: the time is also shown as a share of that group's baseline
   (the compression work of all layers as a percentage of a plain prefill);
@@ -73,6 +76,19 @@ def compare(record: Record, baseline: Record | None) -> str:
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
+def _tail_ratio(record: Record, baseline: Record | None) -> dict[str, str] | None:
+    """``{"last n tokens": "..."}``: the rate over the round's last tokens, vs the baseline's."""
+    tail = record.extra.get("tail")
+    if not tail:
+        return None
+    rate = tail["tokens"] / tail["seconds"]
+    key = f"last {tail['tokens']} tokens"
+    base = baseline.extra.get("tail") if baseline is not None else None
+    if record is baseline or not base or base["tokens"] != tail["tokens"]:
+        return {key: f"{rate:.1f} tokens/s"}
+    return {key: f"{rate:.1f} tokens/s = {base['seconds'] / tail['seconds']:.2f}x"}
+
+
 def rows(records: Iterable[Record]) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
     """``[(group, [(case, median, vs baseline, facts), ...]), ...]`` in first-seen order."""
     groups: dict[str, list[Record]] = defaultdict(list)
@@ -91,6 +107,9 @@ def rows(records: Iterable[Record]) -> list[tuple[str, list[tuple[str, str, str,
             floor = next((r for r in members if _label(r) == record.extra.get("floor")), None)
             if floor is not None:
                 facts["vs floor"] = f"{record.median / floor.median:.2f}x"
+            tail = _tail_ratio(record, baseline)
+            if tail is not None:
+                facts = {**tail, **facts}
             if record.extra.get("tokens"):
                 facts = {"tokens/s": f"{record.extra['tokens'] / record.median:.1f}", **facts}
             fact_text = ", ".join(f"{k} {v}" for k, v in facts.items())

@@ -50,6 +50,20 @@ def test_each_reading_compares_with_its_group_baseline():
     assert table["a"][0] == "(no baseline in this run)"  # never a ratio against nothing
 
 
+def test_tail_rate_is_compared_with_the_baseline_tail():
+    run = {**RUN, "benchmarks": [
+        bench("gen", "t[full]", 10.0, label="full", baseline=True, reading="throughput", tokens=100,
+              tail={"tokens": 25, "seconds": 4.0}),
+        bench("gen", "t[M]", 8.0, label="M", reading="throughput", tokens=100, tail={"tokens": 25, "seconds": 2.0}),
+        bench("gen", "t[other]", 8.0, label="other tail", reading="throughput", tokens=100,
+              tail={"tokens": 50, "seconds": 2.0}),
+    ]}
+    table = table_of(run)
+    assert table["full"][1] == "tokens/s 10.0, last 25 tokens 6.2 tokens/s"
+    assert table["M"] == ("1.25x tokens/s", "tokens/s 12.5, last 25 tokens 12.5 tokens/s = 2.00x")
+    assert table["other tail"][1] == "tokens/s 12.5, last 50 tokens 25.0 tokens/s"  # different tails: no ratio
+
+
 def test_report_writes_between_the_markers_only(tmp_path):
     run = tmp_path / "run.json"
     run.write_text(json.dumps(RUN))

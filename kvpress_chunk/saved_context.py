@@ -419,7 +419,10 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
     _expect(path, bool((positions >= 0).all()) and bool((positions <= length).all()),
             f"next_positions {positions.tolist()} lie outside the text (length {length})")
 
+    from .session import mark_prefilled
+
     cache = new_cache(model)
+    mark_prefilled(cache)  # a saved context's cache continues like the prefilled one it was
     layers = getattr(cache, "layers", None)
     _expect(path, isinstance(layers, list) and len(layers) == num_layers,
             f"the file has {num_layers} cache layers, a fresh cache for this model has "

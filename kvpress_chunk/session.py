@@ -47,6 +47,22 @@ if TYPE_CHECKING:
     from .press import Press
 
 
+class UncompressedAppendWarning(RuntimeWarning):
+    """Tokens appended under a press to a non-empty cache that no press prefilled: not compressed."""
+
+
+PREFILLED_MARK = "_kvpress_chunk_prefilled"
+
+
+def mark_prefilled(cache: Any) -> None:
+    """Record on ``cache`` that a press session prefilled it (or it was loaded from a saved
+    context). An instance attribute, so ``copy.deepcopy`` (``CompressedContext.copy``) keeps it."""
+    try:
+        setattr(cache, PREFILLED_MARK, True)
+    except (AttributeError, TypeError):  # pragma: no cover - a cache class with __slots__
+        pass
+
+
 class PressAlreadyActiveError(RuntimeError):
     """A press is already applied to this model (hooks would compress twice)."""
 
@@ -149,6 +165,7 @@ class PressSession:
         self.skipped_layers: set[int] = set()
         self.valid_seen = False  # the forward in flight is a prefill this session handles
         self.warned_length = False
+        self.warned_append = False
         self.router = None  # the model's CompressedAttention while attached
         self.depth = 0  # nesting of the model's / base model's forwards in flight
         self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
@@ -284,6 +301,7 @@ class PressSession:
             )
         if cache_length(cache) > 0:
             self._check_continuation(cache, args, kwargs)
+            self._warn_if_appending_uncompressed(cache, args, kwargs)
             return
         inputs = call_argument(args, kwargs, "input_ids", 0)
         if inputs is None:
@@ -305,6 +323,30 @@ class PressSession:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _warn_if_appending_uncompressed(self, cache: Any, args: tuple, kwargs: dict) -> None:
+        """Warn once when several tokens are appended to a cache no press prefilled (a system
+        prompt cached without the press, ``generate(past_key_values=prefix_cache)``): only a
+        prefill from an empty cache is compressed, so the answers are right but nothing is saved.
+        A question after a compressed (or keep-all) context is not warned about: that cache
+        carries the mark of its prefill, copies and saved contexts included."""
+        if self.warned_append or getattr(cache, PREFILLED_MARK, False) or self.continuations.get(cache) is not None:
+            return
+        inputs = call_argument(args, kwargs, "input_ids", 0)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        added = inputs.shape[1] if inputs is not None else 0
+        if added < 2:
+            return  # one token at a time: decoding, which a prefill press never compresses
+        self.warned_append = True
+        warnings.warn(
+            f"kvpress-chunk: {added} tokens are appended under the press to a cache that already holds "
+            f"{cache_length(cache)} tokens it did not prefill: a press compresses a prefill from an empty cache "
+            "only, so these tokens stay uncompressed (answers are right, no memory is saved). Prefill the whole "
+            "prompt under the press (a cached prefix included).",
+            UncompressedAppendWarning,
+            stacklevel=4,
+        )
 
     def _check_continuation(self, cache: Any, args: tuple, kwargs: dict) -> None:
         """Refuse a forward on a cache this session compressed unless it continues it: its 2-D mask
@@ -446,6 +488,7 @@ class PressSession:
             self.skipped_layers.clear()
             self.views = self.router.start_prefill(cache)
             self.prefill_cache, self.prefill_length = cache, hidden.shape[1]
+            mark_prefilled(cache)
             self.prefill_positions = (
                 self.valid.sum(dim=-1).to(torch.int64).cpu() if self.valid is not None
                 else torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.int64)

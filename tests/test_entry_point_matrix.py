@@ -373,3 +373,48 @@ def test_an_unpadded_evicted_cache_continued_outside_the_press_warns_once():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         model(step, position_ids=torch.tensor([[81]]), **{cache_keyword(model): context.cache})
+
+
+# -- 5. tokens appended to a cache no press prefilled ----------------------------------------------
+
+
+def test_a_document_appended_to_a_prefix_cached_without_the_press_warns_that_it_stays_whole():
+    """A system prompt cached without the press, then the document under it: the press compresses
+    a prefill from an empty cache only, so the document is kept whole. Right answers, no memory
+    saved: said once, not silently."""
+    from kvpress_chunk.session import UncompressedAppendWarning
+
+    model = make_tiny_model("llama", num_layers=2)
+    prefix, document = ids_of(20, 1), ids_of(100, 2)
+    kw = lambda cache: {cache_keyword(model): cache}  # noqa: E731
+    with torch.no_grad():
+        cache = new_cache(model)
+        model(prefix, **kw(cache))
+        with chunkkv()(model):
+            with pytest.warns(UncompressedAppendWarning, match="100 tokens are appended"):
+                model(document, **kw(cache))
+            assert cache.get_seq_length() == 120  # nothing was compressed
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UncompressedAppendWarning)
+                model(ids_of(5, 3), **kw(cache))  # once per press block
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.0])
+def test_a_question_after_a_context_prefilled_under_the_press_is_not_warned_about(tmp_path, ratio):
+    """The usual flow (context under the press, then questions on copies, or on a saved and
+    reloaded context) appends to a cache the press prefilled: no warning, compressed or keep-all."""
+    from kvpress_chunk.session import UncompressedAppendWarning
+
+    model = make_tiny_model("llama", num_layers=2)
+    press = chunkkv(compression_ratio=ratio)
+    question = ids_of(6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncompressedAppendWarning)
+        with press(model), torch.no_grad():
+            context = prefill(model, ids_of(100, 2))
+            greedy_continue(model, context.copy(), question, 3)
+            path = context.save(tmp_path / "context.safetensors", model, press)
+            greedy_continue(model, CompressedContext.load(path, model), question, 3)
+            out = model(question, **{cache_keyword(model): context.copy().cache},
+                        position_ids=torch.arange(100, 106)[None])
+    assert out.logits.shape[1] == 6

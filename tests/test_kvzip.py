@@ -19,6 +19,7 @@ from kvpress_chunk.policies.kvzip import (
     KVzipScorer,
     attention_logsumexp,
     attention_logsumexp_reference,
+    max_pool_scores,
     reconstruction_attention_max,
 )
 from kvpress_chunk.registry import SpecError
@@ -180,7 +181,28 @@ def test_context_pass_restores_the_cache_and_keeps_original_tokens(family):
     assert kept_total == len(session.selections) * heads * 30  # global allocator: exact total budget
 
 
-@pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("chunkkv-kvzip", "evict"), ("chunkkv-kvzip", "mask")])
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 24), min_size=1, max_size=3), radius=st.integers(0, 4), seed=st.integers(0, 99))
+def test_pooled_scores_take_the_best_real_neighbour(lengths, radius, seed):
+    """kvzip(pool=r): the op against a plain loop; padding neither gives nor takes a score."""
+    width = max(lengths)
+    valid = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        valid[b, width - n:] = True
+    scores = torch.rand(len(lengths), 2, width, generator=torch.Generator().manual_seed(seed))
+    pooled = max_pool_scores(scores, valid, radius)
+    for b in range(len(lengths)):
+        for t in range(width):
+            if not valid[b, t]:
+                assert torch.equal(pooled[b, :, t], scores[b, :, t])
+                continue
+            lo, hi = max(0, t - radius), min(width, t + radius + 1)
+            near = scores[b, :, lo:hi].masked_fill(~valid[b, None, lo:hi], float("-inf"))
+            assert torch.equal(pooled[b, :, t], near.amax(dim=-1))
+
+
+@pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("kvzip(pool=2)", "evict"), ("chunkkv-kvzip", "evict"),
+                                           ("chunkkv-kvzip", "mask")])
 def test_padded_batch_rows_answer_as_alone(preset, apply):
     model = make_tiny_model("llama", num_layers=3)
     tokenizer = ByteTokenizer()
@@ -191,7 +213,7 @@ def test_padded_batch_rows_answer_as_alone(preset, apply):
     for i, row in enumerate(rows):
         batch[i, 50 - len(row):] = row
         mask[i, 50 - len(row):] = 1
-    press = make_press(preset, compression_ratio=0.6, pass_chunk_size=20) if preset == "chunkkv-kvzip" else \
+    press = make_press(preset, compression_ratio=0.6, pass_chunk_size=20) if preset.startswith("chunkkv-kvzip") else \
         make_press(preset, compression_ratio=0.6, chunk_size=20, allocator="adaptive")
     press = press.replace(apply=apply)
     question = torch.randint(1, 128, (2, 3), generator=gen)
@@ -215,3 +237,5 @@ def test_kvzip_spec_round_trip_and_validation():
     assert press.selector.per_head and press.deferred
     with pytest.raises((SpecError, ValueError)):
         make_press("kvzip(chunk_size=4)", compression_ratio=0.5)
+    with pytest.raises((SpecError, ValueError), match="pool"):
+        make_press("kvzip(pool=-1)", compression_ratio=0.5)

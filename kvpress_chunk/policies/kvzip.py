@@ -63,13 +63,17 @@ class KVzipScorer(Scorer):
     ``plus_normalization``: KVzip+ (divide each query's attention by the norm of its hidden
     state, multiply each key's by the norm of ``W_O v``, what it writes to the residual stream);
     ``window``: trailing tokens a selector with ``keep_window`` always keeps (reconstruction
-    scores say nothing about what the *next* token needs: recency does).
+    scores say nothing about what the *next* token needs: recency does); ``pool``: each token
+    also takes the largest score within ``pool`` tokens on either side (0: off, the paper), so
+    the neighbours of a token the reconstruction needs survive with it (a number or a name is
+    several tokens; unlike fixed chunks the span is centred on the peak).
     """
 
     chunk_size: int = 2048
     window: int = 0
     sinks: int = 4
     plus_normalization: bool = False
+    pool: int = 0
 
     context_pass = True
 
@@ -78,6 +82,8 @@ class KVzipScorer(Scorer):
             raise ValueError(f"chunk_size must be > {OVERLAP_TOKENS}, got {self.chunk_size}")
         if self.sinks < 0 or self.window < 0:
             raise ValueError(f"sinks and window must be >= 0, got {self.sinks} and {self.window}")
+        if not isinstance(self.pool, int) or isinstance(self.pool, bool) or self.pool < 0:
+            raise ValueError(f"pool must be an int >= 0, got {self.pool!r}")
 
     # -- the extra pass ---------------------------------------------------------------------------
 
@@ -161,7 +167,21 @@ class KVzipScorer(Scorer):
         return {"scores": inputs.context_scores}
 
     def score(self, keys: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores.float()
+        return max_pool_scores(scores.float(), valid, self.pool)
+
+
+def max_pool_scores(scores: torch.Tensor, valid: torch.Tensor, radius: int) -> torch.Tensor:
+    """``scores[B, H, T]`` where each real token takes the largest score within ``radius``
+    tokens on either side (padding neither gives nor takes a score)."""
+    if radius == 0:
+        return scores
+    batch, heads, length = scores.shape
+    real = valid[:, None, :]
+    masked = scores.masked_fill(~real, float("-inf"))
+    pooled = torch.nn.functional.max_pool1d(
+        masked.reshape(batch * heads, 1, length), kernel_size=2 * radius + 1, stride=1, padding=radius
+    ).reshape(batch, heads, length)
+    return torch.where(real, pooled, scores)
 
 
 MASKED = -1e30  # additive bias of a masked key: finite, so a row with no allowed key stays finite

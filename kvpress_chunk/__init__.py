@@ -8,7 +8,11 @@ Public API::
         model(input_ids, past_key_values=cache)
 """
 
-from . import policies  # noqa: F401  (registers the built-in parts and presets)
+from .hf.versions import check_transformers
+
+check_transformers()  # refuse, clearly, a transformers older than the suite runs on
+
+from . import policies  # noqa: E402,F401  (registers the built-in parts and presets)
 from .budget import Budget, BudgetError
 from .generation import CompressedContext, generate_answers, greedy_continue, prefill
 from .hf.hooks import UnsupportedModelError, find_attention_layers

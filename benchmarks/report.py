@@ -34,6 +34,8 @@ def header(data: dict) -> str:
     commit = data.get("commit_info", {})
     if commit.get("id"):
         lines.append(f"* commit: {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
+    if machine.get("kvpress_chunk_note"):  # how a run was put together (e.g. groups re-run), said where it is read
+        lines.append(f"* note: {machine['kvpress_chunk_note']}")
     return "\n".join(lines)
 
 

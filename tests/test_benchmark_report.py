@@ -50,6 +50,12 @@ def test_each_reading_compares_with_its_group_baseline():
     assert table["a"][0] == "(no baseline in this run)"  # never a ratio against nothing
 
 
+def test_a_note_on_how_the_run_was_made_is_printed_in_the_header():
+    run = {**RUN, "machine_info": {**RUN["machine_info"], "kvpress_chunk_note": "group x re-run"}}
+    assert "* note: group x re-run" in report.header(run)
+    assert "note" not in report.header(RUN)
+
+
 def test_tail_rate_is_compared_with_the_baseline_tail():
     run = {**RUN, "benchmarks": [
         bench("gen", "t[full]", 10.0, label="full", baseline=True, reading="throughput", tokens=100,

@@ -193,6 +193,23 @@ def test_leaderboard_findings_compare_best_presses_and_chunked_with_token_level(
     assert "## What the table says" in leaderboard_markdown(records)
 
 
+def test_leaderboard_findings_never_crown_a_press_run_on_fewer_cases():
+    """A press run on 1 of 2 cases (100% there) must not be called the best over one run on both,
+    nor be listed above it."""
+    from kvpress_chunk.eval.leaderboard import findings, leaderboard_markdown, summarise
+
+    records = [_needle(c, "-", "full", 0.0, 1.0) for c in "ab"]
+    records += [_needle(c, "kvpress-chunk", "kvzip", 0.9, s) for c, s in zip("ab", (1.0, 0.0))]
+    records += [_needle(c, "kvpress", "kvzip", 0.9, s) for c, s in zip("ab", (1.0, 0.0))]
+    records += [_needle("a", "kvpress-chunk", "kvzip(pool=1)", 0.9, 1.0)]
+    said = findings(summarise(records))
+    assert said[0] == ("* 90% removed: our best `kvzip` keeps 50% of the full cache's needle score; "
+                       "it ties kvpress' best `kvzip` (50%).")
+    assert said[-1] == "  * not judged (run on fewer cases): `kvzip(pool=1)`."
+    table = leaderboard_markdown(records)
+    assert table.index("| kvpress-chunk | kvzip | 50% |") < table.index("| kvpress-chunk | kvzip(pool=1) | 100% (n=1) |")
+
+
 def test_leaderboard_interleaves_tasks_case_by_case():
     from kvpress_chunk.eval.leaderboard import interleaved
 

@@ -188,10 +188,18 @@ def _verdict(share: float, other: float) -> str:
 def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
     """What the table says about the issue's questions, computed from it (never typed): per ratio,
     our best press vs kvpress' best on the needle share, and per scorer our best chunked press
-    (chunk or sentence grouper) vs our best token-level press on the same scorer."""
+    (chunk or sentence grouper) vs our best token-level press on the same scorer. Only presses
+    that ran all of the ratio's needle cases are judged; the others are listed as not judged."""
     lines = []
     for ratio in sorted({key[2] for key in summary}):
         rows = {key: row for key, row in summary.items() if key[2] == ratio and _needle_share(row) is not None}
+        # Judge only presses that ran every needle case of this ratio: a press run on 2 of 9
+        # cases would otherwise be crowned on 2 lucky ones. The left-out ones are named.
+        most = {name: max(row.get(name, 0) for row in rows.values()) for row in rows.values()
+                for name in row if name.endswith(" cases")}
+        partial = sorted(key[1] + ("" if key[0] == "kvpress-chunk" else f" ({key[0]})") for key, row in rows.items()
+                         if any(row.get(name, 0) < count for name, count in most.items()))
+        rows = {key: row for key, row in rows.items() if all(row.get(name, 0) == count for name, count in most.items())}
         best = {}
         for library in ("kvpress-chunk", "kvpress"):
             ranked = sorted(((_needle_share(row), key[1]) for key, row in rows.items() if key[0] == library),
@@ -223,6 +231,8 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
                 verdict = _verdict(c_share, t_share).replace("does not beat", "loses to")
                 lines.append(f"  * {scorer} scores: chunked `{c_press}` {c_share:.0f}% {verdict} "
                              f"token-level `{t_press}` {t_share:.0f}%.")
+        if partial:
+            lines.append(f"  * not judged (run on fewer cases): {', '.join(f'`{name}`' for name in partial)}.")
     return lines
 
 
@@ -241,9 +251,10 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
                  "Fidelity: ΔNLL and KL to the full cache, nats/token (lower is better).")
     for ratio in sorted({key[2] for key in summary}):
         rows = [(key, row) for key, row in summary.items() if key[2] == ratio]
-        def rank(item):
+        def rank(item):  # complete rows first (a partial row's share is on fewer cases), then best first
             share = _needle_share(item[1])
-            return -share if share is not None else 0.0, item[1].get("fidelity KL", 0.0)
+            partial = any(item[1].get(f"{c} cases", len(full.get(c, ()))) < len(full.get(c, ())) for c in full)
+            return partial, -share if share is not None else 0.0, item[1].get("fidelity KL", 0.0)
 
         lines += ["", f"## {ratio:.0%} removed", "", "| library | press | " + " | ".join(columns) + " | s/run |",
                   "| --- | --- | " + " | ".join("---" for _ in columns) + " | --- |"]

@@ -63,6 +63,12 @@ def mark_prefilled(cache: Any) -> None:
         pass
 
 
+def _forward_inputs(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The token ids of a model forward, or its ``inputs_embeds`` when called with embeddings."""
+    inputs = call_argument(args, kwargs, "input_ids", 0)
+    return kwargs.get("inputs_embeds") if inputs is None else inputs
+
+
 class PressAlreadyActiveError(RuntimeError):
     """A press is already applied to this model (hooks would compress twice)."""
 
@@ -303,9 +309,7 @@ class PressSession:
             self._check_continuation(cache, args, kwargs)
             self._warn_if_appending_uncompressed(cache, args, kwargs)
             return
-        inputs = call_argument(args, kwargs, "input_ids", 0)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
+        inputs = _forward_inputs(args, kwargs)
         if inputs is None:
             return
         self.valid = padding_mask(call_argument(args, kwargs, "attention_mask", 1), inputs.shape[1])
@@ -332,9 +336,7 @@ class PressSession:
         carries the mark of its prefill, copies and saved contexts included."""
         if self.warned_append or getattr(cache, PREFILLED_MARK, False) or self.continuations.get(cache) is not None:
             return
-        inputs = call_argument(args, kwargs, "input_ids", 0)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
+        inputs = _forward_inputs(args, kwargs)
         added = inputs.shape[1] if inputs is not None else 0
         if added < 2:
             return  # one token at a time: decoding, which a prefill press never compresses
@@ -358,9 +360,7 @@ class PressSession:
         state = self.continuations.get(cache)
         if state is None:
             return
-        inputs = call_argument(args, kwargs, "input_ids", 0)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
+        inputs = _forward_inputs(args, kwargs)
         added = inputs.shape[1] if inputs is not None else 0
         mask = call_argument(args, kwargs, "attention_mask", 1)
         before = mask.shape[-1] - added if isinstance(mask, torch.Tensor) and mask.dim() == 2 else state.logical

@@ -195,11 +195,14 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
         rows = {key: row for key, row in summary.items() if key[2] == ratio and _needle_share(row) is not None}
         # Judge only presses that ran every needle case of this ratio: a press run on 2 of 9
         # cases would otherwise be crowned on 2 lucky ones. The left-out ones are named.
-        most = {name: max(row.get(name, 0) for row in rows.values()) for row in rows.values()
-                for name in row if name.endswith(" cases")}
-        partial = sorted(key[1] + ("" if key[0] == "kvpress-chunk" else f" ({key[0]})") for key, row in rows.items()
-                         if any(row.get(name, 0) < count for name, count in most.items()))
-        rows = {key: row for key, row in rows.items() if all(row.get(name, 0) == count for name, count in most.items())}
+        most: dict[str, int] = {}
+        for row in rows.values():
+            for name, count in row.items():
+                if name.endswith(" cases"):
+                    most[name] = max(most.get(name, 0), count)
+        complete = {key for key, row in rows.items() if all(row.get(name, 0) == count for name, count in most.items())}
+        partial = sorted(key[1] + ("" if key[0] == "kvpress-chunk" else f" ({key[0]})") for key in rows if key not in complete)
+        rows = {key: row for key, row in rows.items() if key in complete}
         best = {}
         for library in ("kvpress-chunk", "kvpress"):
             ranked = sorted(((_needle_share(row), key[1]) for key, row in rows.items() if key[0] == library),
@@ -253,7 +256,7 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
         rows = [(key, row) for key, row in summary.items() if key[2] == ratio]
         def rank(item):  # complete rows first (a partial row's share is on fewer cases), then best first
             share = _needle_share(item[1])
-            partial = any(item[1].get(f"{c} cases", len(full.get(c, ()))) < len(full.get(c, ())) for c in full)
+            partial = any(item[1].get(f"{task} cases", len(scores)) < len(scores) for task, scores in full.items())
             return partial, -share if share is not None else 0.0, item[1].get("fidelity KL", 0.0)
 
         lines += ["", f"## {ratio:.0%} removed", "", "| library | press | " + " | ".join(columns) + " | s/run |",

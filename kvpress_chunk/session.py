@@ -34,6 +34,7 @@ from .hf.hooks import (
     find_attention_layers,
     has_cache_argument,
     padding_mask,
+    query_projection,
     unevictable_layer,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
@@ -194,6 +195,9 @@ class PressSession:
         self.continuing: tuple[Any, int, torch.Tensor] | None = None  # (cache, logical, positions) after the forward in flight
         # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
         self.decoder = DecodingCompressor(self) if press.decoding is not None else None
+        # layer_idx -> the query projection's output of the forward in flight (scorers that read
+        # every query, Scorer.reads_queries); taken by that layer's attention hook right after.
+        self.projected_queries: dict[int, torch.Tensor] = {}
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:
@@ -221,6 +225,9 @@ class PressSession:
                 for layer_idx, module in self.layers:
                     hook = self._make_attention_hook(layer_idx, is_first=layer_idx == first_layer)
                     handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                    projection = query_projection(module) if self.press.scorer.reads_queries else None
+                    if projection is not None:
+                        handles.append(projection.register_forward_hook(self._make_query_capture(layer_idx)))
                 guard = self._guard_chunked_prefill()
                 yield self
         finally:
@@ -453,7 +460,15 @@ class PressSession:
 
         return hook
 
+    def _make_query_capture(self, layer_idx: int):
+        def capture(projection: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                self.projected_queries[layer_idx] = output  # a reference: the forward made it anyway
+
+        return capture
+
     def _compress_layer(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict, is_first: bool) -> None:
+        projected = self.projected_queries.pop(layer_idx, None)  # taken on every call: never kept past its layer
         cache = cache_argument((), kwargs)
         hidden = call_argument(args, kwargs, "hidden_states", 0)
         if cache is None:
@@ -512,6 +527,7 @@ class PressSession:
             valid=valid,
             position_embeddings=kwargs.get("position_embeddings"),
             input_ids=self.input_ids.to(keys.device) if self.input_ids is not None and self.input_ids.shape[-1] == length else None,
+            projected_queries=projected if projected is not None and projected.shape[:2] == hidden.shape[:2] else None,
         )
         if self.press.deferred:
             self._defer_layer(layer_idx, layer, inputs, cache)
@@ -528,7 +544,8 @@ class PressSession:
 
     def _defer_layer(self, layer_idx: int, layer: Any, inputs: LayerInputs, cache: Any) -> None:
         """Hold a layer until the prefill ends: score it now (whole-cache stage) unless its scores
-        come from the context pass; keep what selecting it later needs (not its hidden states)."""
+        come from the context pass; keep what selecting it later needs (not its hidden states, only
+        the trailing ones its scorer asks for: ``Scorer.deferred_hidden``)."""
         source = self.press.planner.source_layer(layer_idx)
         if source == layer_idx or source not in self.pending_layers:
             source = layer_idx
@@ -539,7 +556,9 @@ class PressSession:
                 f"the {type(self.press.scorer).__name__} reconstructs the prompt from its token ids: "
                 "call the model with input_ids, not inputs_embeds"
             )
-        light = dataclasses.replace(inputs, hidden_states=inputs.hidden_states[:, :0])
+        length = inputs.hidden_states.shape[1]
+        tail = min(length, self.press.scorer.deferred_hidden())
+        light = dataclasses.replace(inputs, hidden_states=inputs.hidden_states[:, length - tail :], projected_queries=None)
         self.pending_layers[layer_idx] = (layer, source, light)
         self.pending_cache = cache
 

@@ -22,6 +22,7 @@ from kvpress_chunk.policies.kvzip import (
     max_pool_scores,
     reconstruction_attention_max,
 )
+from kvpress_chunk.policies.scorers import SnapKVScorer
 from kvpress_chunk.registry import SpecError
 from tiny_models import make_tiny_model
 
@@ -201,8 +202,8 @@ def test_pooled_scores_take_the_best_real_neighbour(lengths, radius, seed):
             assert torch.equal(pooled[b, :, t], near.amax(dim=-1))
 
 
-@pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("kvzip(pool=2)", "evict"), ("chunkkv-kvzip", "evict"),
-                                           ("chunkkv-kvzip", "mask")])
+@pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("kvzip(pool=2)", "evict"), ("kvzip(observe=8)", "evict"),
+                                           ("chunkkv-kvzip", "evict"), ("chunkkv-kvzip", "mask")])
 def test_padded_batch_rows_answer_as_alone(preset, apply):
     model = make_tiny_model("llama", num_layers=3)
     tokenizer = ByteTokenizer()
@@ -239,3 +240,22 @@ def test_kvzip_spec_round_trip_and_validation():
         make_press("kvzip(chunk_size=4)", compression_ratio=0.5)
     with pytest.raises((SpecError, ValueError), match="pool"):
         make_press("kvzip(pool=-1)", compression_ratio=0.5)
+    with pytest.raises((SpecError, ValueError), match="observe"):
+        make_press("kvzip(observe=-1)", compression_ratio=0.5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_observed_window_scores_are_the_larger_of_the_two(padded):
+    """kvzip(observe=w): each token's score is the larger of its reconstruction score and the
+    last w queries' SnapKV score (the plain SnapKV reference, kernel 5, window tokens 0)."""
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 3, 40, 16, generator=gen)
+    queries = torch.randn(2, 6, 8, 16, generator=gen) / 4
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    if padded:
+        valid[1, :13] = False
+    context = torch.rand(2, 3, 40, generator=gen) * 0.05 * valid[:, None]
+    got = KVzipScorer(observe=8).score(keys, valid, context, window_queries=queries)
+    snap = SnapKVScorer(window=8, kernel=5).score_reference(keys, valid, queries)
+    torch.testing.assert_close(got, torch.maximum(context, snap), rtol=1e-5, atol=1e-7)
+    assert (got > context).any() and (got == context).any()  # both sides win somewhere

@@ -4,6 +4,8 @@ float64 reference code, a padded batch against its rows alone, compiled against 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,3 +198,37 @@ def test_compiled_equals_eager_on_a_model(preset):
             caches.append(prefill(model, ids, mask).cache)
     for a, b in zip(*(c.layers for c in caches)):
         torch.testing.assert_close(a.keys, b.keys)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_expected_attention_reuses_the_forwards_own_query_projection(family):
+    """The session hands expected attention the query projection its prefill computed (no second
+    projection of the whole prompt): it must equal the re-projection, padded batch included, and
+    the kept tokens must be those of the re-projected queries."""
+    model = make_tiny_model(family, num_layers=3)
+    ids = prompt(70, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0
+    inputs = captured_layer(model, ids, mask)
+    assert inputs.projected_queries is None  # a scorer that does not read queries gets none
+    press = kc.make_press("expected-attention", compression_ratio=0.6, compile=False)
+    seen = []
+    original = type(press.scorer).prepare
+
+    class Spy(type(press.scorer)):
+        def prepare(self, inputs):
+            seen.append(inputs)
+            return original(self, inputs)
+
+    spy = press.replace(scorer=Spy())
+    with spy(model) as session:
+        prefill(model, ids, mask)
+    assert len(seen) == len(session.selections) and all(i.projected_queries is not None for i in seen)
+    with torch.inference_mode():  # the prefill's tensors are inference tensors
+        for inputs in list(seen):  # select() below calls prepare again
+            reprojected = dataclasses.replace(inputs, projected_queries=None)
+            torch.testing.assert_close(
+                Spy().prepare(inputs)["mean"], Spy().prepare(reprojected)["mean"], rtol=1e-6, atol=1e-6
+            )
+            kept = spy.select(inputs)[2].indices
+            assert torch.equal(kept, spy.select(reprojected)[2].indices), f"{family} layer {inputs.layer_idx}"

@@ -113,6 +113,16 @@ def unevictable_layer(cache: Any, layer_indices: "list[int] | None" = None) -> s
     return None
 
 
+def query_projection(module: nn.Module) -> nn.Module | None:
+    """The submodule of an attention layer whose output holds its queries (``q_proj``, or the
+    fused ``qkv_proj`` of Phi-3, queries first), or ``None`` when the layer has neither."""
+    for name in ("q_proj", "qkv_proj"):
+        projection = getattr(module, name, None)
+        if isinstance(projection, nn.Module):
+            return projection
+    return None
+
+
 def padding_mask(attention_mask: Any, length: int) -> torch.Tensor | None:
     """``valid[B, T]`` from a 2-D HF attention mask; ``None`` when nothing is padded.
 

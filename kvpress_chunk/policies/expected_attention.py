@@ -70,6 +70,8 @@ class ExpectedAttentionScorer(Scorer):
     value_norm: bool = True
     epsilon: float = 0.0
 
+    reads_queries = True  # the statistics read every prefill query: reuse the forward's projection
+
     def __post_init__(self) -> None:
         if self.future < 1:
             raise ValueError(f"future must be >= 1, got {self.future}")
@@ -78,7 +80,7 @@ class ExpectedAttentionScorer(Scorer):
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         module = inputs.module
-        queries = query_states(module, inputs.hidden_states).float()  # [B, Hq, T, D], pre-RoPE
+        queries = query_states(module, inputs.hidden_states, inputs.projected_queries).float()  # [B, Hq, T, D], pre-RoPE
         counted = (inputs.valid & (positions_from_row_start(inputs.valid) >= self.sinks)).float()  # [B, T]
         counted = torch.where(counted.sum(dim=-1, keepdim=True) > 0, counted, inputs.valid.float())
         weights = (counted / counted.sum(dim=-1, keepdim=True).clamp(min=1))[:, None, :, None]  # [B, 1, T, 1]

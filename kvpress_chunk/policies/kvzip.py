@@ -33,11 +33,13 @@ import torch
 from ..registry import register
 from .groupers import positions_from_row_start
 from .layer_inputs import LayerInputs
-from .scorers import Scorer, rotated_queries
+from .scorers import Scorer, rotated_queries, window_queries
+from .window_attention import snapkv_scores
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP_TOKENS = 8  # tokens of the previous chunk that start the next chunk's prompt
+OBSERVE_KERNEL = 5  # SnapKV's pooling of the observed window scores (``observe``)
 QUERY_BLOCK = 256  # reconstruction queries scored at once (bounds the [.., q, T] fp32 transient)
 
 
@@ -69,7 +71,11 @@ class KVzipScorer(Scorer):
     several tokens; unlike fixed chunks the span is centred on the peak). Measured on the
     leaderboard's cases (SmolLM2, 2000-token prose, 2026-11-30): it does not help there, fidelity
     KL 0.112 vs 0.062 at 75% removed and 0.45-0.48 vs 0.37 at 90%, needles no better (2-3 cases
-    per ratio, pool=2 lost one at 90%): off by default.
+    per ratio, pool=2 lost one at 90%): off by default. ``observe=w``: each token also takes
+    the SnapKV score the last ``w`` queries give it (mean window attention, pooled over 5
+    tokens), whichever is larger: reconstruction says what the context holds, the window says
+    what the next tokens read (the recent sentence, the sinks), without a fixed recent span's
+    budget (0: off, the paper).
     """
 
     chunk_size: int = 2048
@@ -77,6 +83,7 @@ class KVzipScorer(Scorer):
     sinks: int = 4
     plus_normalization: bool = False
     pool: int = 0
+    observe: int = 0
 
     context_pass = True
 
@@ -85,8 +92,13 @@ class KVzipScorer(Scorer):
             raise ValueError(f"chunk_size must be > {OVERLAP_TOKENS}, got {self.chunk_size}")
         if self.sinks < 0 or self.window < 0:
             raise ValueError(f"sinks and window must be >= 0, got {self.sinks} and {self.window}")
-        if not isinstance(self.pool, int) or isinstance(self.pool, bool) or self.pool < 0:
-            raise ValueError(f"pool must be an int >= 0, got {self.pool!r}")
+        for name in ("pool", "observe"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+    def deferred_hidden(self) -> int:
+        return self.observe  # prepare() runs after the pass and projects the observed queries
 
     # -- the extra pass ---------------------------------------------------------------------------
 
@@ -167,10 +179,19 @@ class KVzipScorer(Scorer):
                 "the kvzip scorer scores after the prefill's reconstruction pass: apply it with "
                 "`with press(model, tokenizer=...)` (Press.select alone cannot run the pass)"
             )
-        return {"scores": inputs.context_scores}
+        extra = {"scores": inputs.context_scores}
+        observed = min(self.observe, inputs.keys.shape[-2] - 1)
+        if observed > 0:
+            extra["window_queries"] = window_queries(inputs, observed)
+        return extra
 
-    def score(self, keys: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return max_pool_scores(scores.float(), valid, self.pool)
+    def score(
+        self, keys: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor, window_queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        scores = max_pool_scores(scores.float(), valid, self.pool)
+        if window_queries is not None:
+            scores = torch.maximum(scores, snapkv_scores(window_queries, keys, valid, kernel=OBSERVE_KERNEL))
+        return scores
 
 
 def max_pool_scores(scores: torch.Tensor, valid: torch.Tensor, radius: int) -> torch.Tensor:

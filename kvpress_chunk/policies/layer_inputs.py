@@ -18,7 +18,10 @@ class LayerInputs:
     tokens (``None`` when the model was called with ``inputs_embeds``), for groupers that cut at
     text boundaries; ``context_scores[B, Hkv, T]`` are what a scorer's extra pass over the model
     measured after the prefill (KVzip's reconstruction, :mod:`kvpress_chunk.context_pass`),
-    ``None`` for scorers without one.
+    ``None`` for scorers without one. ``projected_queries[B, T, Hq * D]`` (or wider, for a fused
+    QKV projection) is the output of the layer's query projection as the prefill's own forward
+    computed it, captured for scorers that read every query (``Scorer.reads_queries``) so that
+    they need not project the whole prompt a second time; ``None`` otherwise.
     """
 
     module: nn.Module
@@ -30,3 +33,4 @@ class LayerInputs:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     input_ids: torch.Tensor | None = None
     context_scores: torch.Tensor | None = None
+    projected_queries: torch.Tensor | None = None

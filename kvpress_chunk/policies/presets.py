@@ -199,19 +199,20 @@ def _allocated(selector: dict[str, Any], allocator: str) -> dict[str, Any]:
 @preset("kvzip")
 def kvzip(
     chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global", recent: int = 0,
-    pool: int = 0,
+    pool: int = 0, observe: int = 0,
 ) -> dict[str, Any]:
     """KVzip (arXiv 2505.23416): keep what the model attends to while reconstructing the context.
 
     One extra pass after the prefill (the repeat prompt + the context, teacher-forced); token
     scores per KV head; by default one top-k over every layer and head (``allocator='global'``).
     ``plus=True`` is KVzip+ normalisation; ``recent`` last tokens always kept; ``pool=r``: a
-    token also takes the best score within ``r`` neighbours (keeps spans around peaks). Needs
+    token also takes the best score within ``r`` neighbours (keeps spans around peaks);
+    ``observe=w``: a token also takes the last ``w`` queries' SnapKV score if larger. Needs
     the tokenizer: ``with press(model, tokenizer=tok)``.
     """
     return {
         "scorer": {"name": "kvzip", "chunk_size": chunk_size, "sinks": sinks, "plus_normalization": plus, "window": recent,
-                   "pool": pool},
+                   "pool": pool, "observe": observe},
         "grouper": "token",
         **_allocated({"name": "topk", "per_head": True, "sinks": sinks, "keep_window": recent > 0}, allocator),
     }

@@ -36,6 +36,18 @@ class Scorer:
     #: (see :class:`~kvpress_chunk.policies.kvzip.KVzipScorer`); the session then scores every
     #: layer after the prefill, so the uncompressed cache lives until the pass ends.
     context_pass: bool = False
+    #: Whether :meth:`prepare` reads the queries of *every* prefill token (expected attention's
+    #: statistics). The session then keeps each layer's query projection from the prefill's own
+    #: forward (``LayerInputs.projected_queries``) instead of letting the scorer project the
+    #: whole prompt again: at SmolLM2's shape and 8k tokens that second projection was 33 ms of
+    #: the op's 73 ms per layer.
+    reads_queries: bool = False
+
+    def deferred_hidden(self) -> int:
+        """How many trailing hidden states :meth:`prepare` reads when it runs after the prefill
+        (deferred layers: whole-cache stage, context pass). The session keeps only those of a
+        deferred layer, not the whole prompt's."""
+        return 0
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         """Eager, module-aware preparation. Returns the extra tensors :meth:`score` needs."""
@@ -62,16 +74,19 @@ def attention_scaling(module) -> float:
     return getattr(module, "scaling", None) or 1.0 / math.sqrt(head_dim_of(module))
 
 
-def query_states(module, hidden: torch.Tensor) -> torch.Tensor:
-    """Pre-RoPE queries ``[B, Hq, n, D]`` of ``hidden[B, n, hidden]``, re-projected.
+def query_states(module, hidden: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+    """Pre-RoPE queries ``[B, Hq, n, D]`` of ``hidden[B, n, hidden]``.
 
     HF attention modules do not expose their queries, so (like kvpress) we re-project the layer's
-    input hidden states. Handles Llama-like ``q_proj``, fused ``qkv_proj`` (Phi-3) and the query
-    norm of Qwen3 / Gemma3.
+    input hidden states, unless ``projected`` (the projection's output as the forward computed
+    it, ``[B, n, >= Hq * D]``) is given. Handles Llama-like ``q_proj``, fused ``qkv_proj``
+    (Phi-3) and the query norm of Qwen3 / Gemma3.
     """
     batch, length, _ = hidden.shape
     head_dim, num_heads = head_dim_of(module), module.config.num_attention_heads
-    if hasattr(module, "q_proj"):
+    if projected is not None and projected.shape[:2] == (batch, length) and projected.shape[-1] >= num_heads * head_dim:
+        queries = projected[..., : num_heads * head_dim]
+    elif hasattr(module, "q_proj"):
         queries = module.q_proj(hidden)
     elif hasattr(module, "qkv_proj"):
         queries = module.qkv_proj(hidden)[..., : num_heads * head_dim]
@@ -79,7 +94,7 @@ def query_states(module, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
             f"cannot find the query projection of {type(module).__name__} (expected q_proj or qkv_proj)"
         )
-    queries = queries.view(batch, length, num_heads, head_dim).transpose(1, 2)
+    queries = queries.reshape(batch, length, num_heads, head_dim).transpose(1, 2)
     if hasattr(module, "q_norm"):
         queries = module.q_norm(queries)
     return queries

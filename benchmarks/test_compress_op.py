@@ -78,7 +78,11 @@ def layer_inputs(model, batch: int, length: int) -> LayerInputs:
     values = torch.randn(batch, 3, length, 64, generator=generator)
     cos_sin = model.model.rotary_emb(hidden, torch.arange(length).expand(batch, length))
     valid = torch.ones(batch, length, dtype=torch.bool)
-    return LayerInputs(model.model.layers[0].self_attn, 0, hidden, keys, values, valid, cos_sin)
+    attention = model.model.layers[0].self_attn
+    # The query projection the layer's own forward computed: a press hands it to scorers that
+    # read every query (expected attention), so it is not part of the op's time.
+    projected = attention.q_proj(hidden).detach()
+    return LayerInputs(attention, 0, hidden, keys, values, valid, cos_sin, projected_queries=projected)
 
 
 def kvpress_per_row(inputs: LayerInputs):

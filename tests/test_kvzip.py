@@ -22,7 +22,6 @@ from kvpress_chunk.policies.kvzip import (
     max_pool_scores,
     reconstruction_attention_max,
 )
-from kvpress_chunk.policies.scorers import SnapKVScorer
 from kvpress_chunk.registry import SpecError
 from tiny_models import make_tiny_model
 
@@ -245,17 +244,29 @@ def test_kvzip_spec_round_trip_and_validation():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_observed_window_scores_are_the_larger_of_the_two(padded):
+def test_observed_window_scores_are_the_largest_attention_of_either(padded):
     """kvzip(observe=w): each token's score is the larger of its reconstruction score and the
-    last w queries' SnapKV score (the plain SnapKV reference, kernel 5, window tokens 0)."""
+    largest attention any of the last w real queries (any head of its group) gives it, checked
+    against a plain per-query, per-head loop over the softmax."""
     gen = torch.Generator().manual_seed(5)
-    keys = torch.randn(2, 3, 40, 16, generator=gen)
-    queries = torch.randn(2, 6, 8, 16, generator=gen) / 4
-    valid = torch.ones(2, 40, dtype=torch.bool)
+    batch, kv_heads, groups, length, window, dim = 2, 3, 2, 40, 8, 16
+    keys = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    queries = torch.randn(batch, kv_heads * groups, window, dim, generator=gen) / 2
+    valid = torch.ones(batch, length, dtype=torch.bool)
     if padded:
-        valid[1, :13] = False
-    context = torch.rand(2, 3, 40, generator=gen) * 0.05 * valid[:, None]
-    got = KVzipScorer(observe=8).score(keys, valid, context, window_queries=queries)
-    snap = SnapKVScorer(window=8, kernel=5).score_reference(keys, valid, queries)
-    torch.testing.assert_close(got, torch.maximum(context, snap), rtol=1e-5, atol=1e-7)
+        valid[1, :35] = False  # 5 real tokens: 3 window queries are padding
+    context = torch.rand(batch, kv_heads, length, generator=gen) * 0.3 * valid[:, None]
+    got = KVzipScorer(observe=window).score(keys, valid, context, window_queries=queries)
+    want = context.clone()
+    for b in range(batch):
+        for h in range(kv_heads * groups):
+            for i in range(window):
+                pos = length - window + i
+                if not valid[b, pos]:
+                    continue
+                seen = valid[b, : pos + 1]
+                logits = (keys[b, h // groups, : pos + 1] @ queries[b, h, i]).masked_fill(~seen, float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                want[b, h // groups, : pos + 1] = torch.maximum(want[b, h // groups, : pos + 1], probs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert (got > context).any() and (got == context).any()  # both sides win somewhere

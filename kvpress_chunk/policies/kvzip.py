@@ -33,13 +33,11 @@ import torch
 from ..registry import register
 from .groupers import positions_from_row_start
 from .layer_inputs import LayerInputs
-from .scorers import Scorer, rotated_queries, window_queries
-from .window_attention import snapkv_scores
+from .scorers import Scorer, observation_window_attention, rotated_queries, window_queries
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP_TOKENS = 8  # tokens of the previous chunk that start the next chunk's prompt
-OBSERVE_KERNEL = 5  # SnapKV's pooling of the observed window scores (``observe``)
 QUERY_BLOCK = 256  # reconstruction queries scored at once (bounds the [.., q, T] fp32 transient)
 
 
@@ -71,11 +69,13 @@ class KVzipScorer(Scorer):
     several tokens; unlike fixed chunks the span is centred on the peak). Measured on the
     leaderboard's cases (SmolLM2, 2000-token prose, 2026-11-30): it does not help there, fidelity
     KL 0.112 vs 0.062 at 75% removed and 0.45-0.48 vs 0.37 at 90%, needles no better (2-3 cases
-    per ratio, pool=2 lost one at 90%): off by default. ``observe=w``: each token also takes
-    the SnapKV score the last ``w`` queries give it (mean window attention, pooled over 5
-    tokens), whichever is larger: reconstruction says what the context holds, the window says
-    what the next tokens read (the recent sentence, the sinks), without a fixed recent span's
-    budget (0: off, the paper).
+    per ratio, pool=2 lost one at 90%): off by default. ``observe=w``: the last ``w`` real
+    prefill queries count as reconstruction queries too (a token's score is the largest
+    attention any of them gives it, same scale as KVzip's): reconstruction says what the
+    context holds, the window says what the next tokens read (the recent sentence), chosen by
+    attention rather than a fixed recent span (0: off, the paper). A mean over the window
+    (SnapKV's score) was tried first and never changed a selection: it is far below the
+    reconstruction maxima.
     """
 
     chunk_size: int = 2048
@@ -190,8 +190,20 @@ class KVzipScorer(Scorer):
     ) -> torch.Tensor:
         scores = max_pool_scores(scores.float(), valid, self.pool)
         if window_queries is not None:
-            scores = torch.maximum(scores, snapkv_scores(window_queries, keys, valid, kernel=OBSERVE_KERNEL))
+            scores = torch.maximum(scores, window_attention_max(window_queries, keys, valid))
         return scores
+
+
+def window_attention_max(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The largest attention each key gets from the last ``w`` prefill queries, over the query
+    heads of its GQA group: ``float32[B, Hkv, T]`` (``queries[B, Hq, w, D]`` post-RoPE, scaled).
+    Causal inside the window; padding keys get 0; padding queries (a row shorter than the
+    window) give nothing."""
+    batch, kv_heads, length, _ = keys.shape
+    window = queries.shape[2]
+    probs = observation_window_attention(queries, keys, valid)  # [B, Hkv, G, w, T]
+    real_query = valid[:, length - window :][:, None, None, :, None]
+    return probs.masked_fill(~real_query, 0.0).amax(dim=(2, 3)) * valid[:, None, :].to(probs.dtype)
 
 
 def max_pool_scores(scores: torch.Tensor, valid: torch.Tensor, radius: int) -> torch.Tensor:

@@ -207,7 +207,7 @@ def kvzip(
     scores per KV head; by default one top-k over every layer and head (``allocator='global'``).
     ``plus=True`` is KVzip+ normalisation; ``recent`` last tokens always kept; ``pool=r``: a
     token also takes the best score within ``r`` neighbours (keeps spans around peaks);
-    ``observe=w``: a token also takes the last ``w`` queries' SnapKV score if larger. Needs
+    ``observe=w``: the last ``w`` prefill queries count as reconstruction queries too. Needs
     the tokenizer: ``with press(model, tokenizer=tok)``.
     """
     return {

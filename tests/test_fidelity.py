@@ -299,3 +299,32 @@ def test_leaderboard_picture_draws_a_row_per_press(tmp_path):
             for library, press, ratio in [("-", "full", 0.0), ("kvpress-chunk", "kvzip", 0.9), ("kvpress", "kvzip", 0.9)]]
     assert plot_press_grid(rows, tmp_path / "grid.png", title="t")
     assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_a_failing_kvpress_run_is_recorded_and_shown_but_ours_must_raise(tmp_path):
+    """kvpress' PyramidKV failed mid-leaderboard (its per-layer cache lengths under the decoding
+    mask): a reference library's failure is stored as an error row, listed under the table and
+    kept out of the figures; the run goes on. A failure of ours stops the run."""
+    from contextlib import contextmanager
+
+    from kvpress_chunk.eval.leaderboard import failures, leaderboard_markdown, run_leaderboard
+    from kvpress_chunk.eval.runner import PressEntry
+
+    @contextmanager
+    def broken(model, **kwargs):
+        raise RuntimeError("The size of tensor a (19) must match the size of tensor b (20)")
+        yield
+
+    model = make_tiny_model("llama", num_layers=2)
+    tokenizer = ByteTokenizer()
+    args = dict(ratios=[0.5], tasks=["fidelity"], lengths=[120], depths=[0.5], windows=1, progress=False)
+    records = run_leaderboard(model, tokenizer, [PressEntry("pyramidkv", "kvpress", lambda r: broken)]
+                              + our_entries(["knorm"]), store=tmp_path / "a.jsonl", **args)
+    assert [r["press"] for r in records] == ["full", "pyramidkv", "knorm"]  # knorm still ran
+    assert failures(records) == {("kvpress", "pyramidkv", 0.5): (1, "RuntimeError: The size of tensor a (19) must "
+                                                                    "match the size of tensor b (20)")}
+    table = leaderboard_markdown(records)
+    assert "| kvpress | pyramidkv |" not in table and "* kvpress `pyramidkv` at 50% removed: 1 run(s)" in table
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        run_leaderboard(model, tokenizer, [PressEntry("mine", "kvpress-chunk", lambda r: broken)],
+                        store=tmp_path / "b.jsonl", **args)

@@ -101,15 +101,15 @@ def run_leaderboard(
             bar.set_postfix_str(f"{task} {label} r={ratio}", refresh=False)
             press = None if entry is None else entry.build(ratio)
             start = time.perf_counter()
-            if task == "fidelity":
-                logprobs, kept = continuation_logprobs(model, tokenizer, case, press)
-                if name not in references:
-                    references[name] = logprobs if entry is None else continuation_logprobs(model, tokenizer, case)[0]
-                figures = compare(references[name], logprobs, case.continuation_ids[0].to(logprobs.device))
-            else:
-                answer, kept = answer_case(model, tokenizer, case, press, False, max_new_tokens)
-                figures = {"score": score_answer(answer, case.answers), "answer": answer, "depth": case.depth,
-                           "target_tokens": case.target_tokens, "needle_format": case.needle_format}
+            try:
+                kept, figures = _run_case(model, tokenizer, task, name, case, press, entry is None, references,
+                                          max_new_tokens)
+            except Exception as error:  # noqa: BLE001 - only the reference library's failures are recorded
+                if library != "kvpress":
+                    raise  # ours must never fail silently
+                # kvpress' press failed on this case (e.g. its PyramidKV's per-layer lengths under
+                # transformers 5.2's decoding masks): record it, shown under the table, and go on.
+                kept, figures = None, {"error": f"{type(error).__name__}: {str(error)[:200]}"}
             record = {
                 "task": task, "case": name, "library": library, "press": label, "compression_ratio": float(ratio),
                 "kept_tokens": kept, **figures, "seconds": round(time.perf_counter() - start, 3),
@@ -117,6 +117,31 @@ def run_leaderboard(
             out.write(json.dumps(record) + "\n")
             out.flush()
     return load_store(store)
+
+
+def _run_case(model, tokenizer, task, name, case, press, is_full, references, max_new_tokens) -> tuple[Any, dict]:
+    """One run: ``(kept tokens, figures)`` (fidelity: ΔNLL / KL against the full cache's
+    log-probabilities, computed once per window; needles: the answer and its score)."""
+    if task == "fidelity":
+        logprobs, kept = continuation_logprobs(model, tokenizer, case, press)
+        if name not in references:
+            references[name] = logprobs if is_full else continuation_logprobs(model, tokenizer, case)[0]
+        return kept, compare(references[name], logprobs, case.continuation_ids[0].to(logprobs.device))
+    answer, kept = answer_case(model, tokenizer, case, press, False, max_new_tokens)
+    return kept, {"score": score_answer(answer, case.answers), "answer": answer, "depth": case.depth,
+                  "target_tokens": case.target_tokens, "needle_format": case.needle_format}
+
+
+def failures(records: list[dict[str, Any]]) -> dict[tuple[str, str, float], tuple[int, str]]:
+    """``(library, press, ratio) -> (failed runs, first error)`` for the runs that recorded an
+    error instead of figures (kvpress' presses only)."""
+    failed: dict[tuple[str, str, float], tuple[int, str]] = {}
+    for r in records:
+        if "error" in r:
+            key = (r["library"], r["press"], r["compression_ratio"])
+            count, first = failed.get(key, (0, r["error"]))
+            failed[key] = (count + 1, first)
+    return failed
 
 
 def _full_scores(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
@@ -132,7 +157,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
     full = _full_scores(records)
     cells: dict[tuple, dict[str, list[float]]] = {}
     for r in records:
-        if r["press"] == "full":
+        if r["press"] == "full" or "error" in r:
             continue
         cell = cells.setdefault((r["library"], r["press"], r["compression_ratio"]), {})
         if r["task"] == "fidelity":
@@ -273,6 +298,11 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
                     count = row[f"{c} cases"]
                     cells.append(f"{value:.0f}%" + ("" if count == len(full[c]) else f" (n={count})"))
             lines.append(f"| {library} | {press} | " + " | ".join(cells) + f" | {row['s/run']:.1f} |")
+    failed = failures(records)
+    if failed:
+        lines += ["", "## Runs that failed (kvpress' presses; left out of the table above)", ""]
+        lines += [f"* {library} `{press}` at {ratio:.0%} removed: {count} run(s), first error: `{error}`"
+                  for (library, press, ratio), (count, error) in sorted(failed.items())]
     said = findings(summary)
     if said:
         lines += ["", "## What the table says", "",

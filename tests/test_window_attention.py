@@ -1,6 +1,7 @@
 """policies/window_attention.py: the fused SnapKV score (``SnapKVScorer.score``) equals the plain
 ``SnapKVScorer.score_reference``, eager and compiled, with padding, both window-score rules and GQA layouts; the
-in-place CPU softmax equals torch.softmax; selections through a press are unchanged."""
+in-place CPU softmax equals torch.softmax; selections through a press are unchanged; observed
+attention's fused accumulation (``window_attention_sum``) equals its plain reference."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvpress_chunk as kc
-from kvpress_chunk.policies.scorers import SnapKVScorer
+from kvpress_chunk.policies.scorers import ObservedAttentionScorer, SnapKVScorer
 from kvpress_chunk.policies.window_attention import (
     snapkv_scores,
     snapkv_scores_traced,
@@ -103,3 +104,28 @@ def test_selections_through_a_press_are_unchanged(preset):
         selections.append([s.indices for s in session.selections.values()])
     for want, got in zip(*selections):
         assert torch.equal(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3), kv_heads=st.sampled_from([1, 3]), groups=st.sampled_from([1, 3]),
+    observers=st.sampled_from([1, 7, 40, 300, 0]), length=st.integers(20, 320), pad=st.integers(0, 40),
+    seed=st.integers(0, 1000),
+)
+def test_fused_observed_attention_equals_its_reference(batch, kv_heads, groups, observers, length, pad, seed):
+    """``observed``'s fused accumulation (``window_attention_sum`` per block of 256 observers)
+    equals the plain probabilities summed, padding and several blocks included; compiled too."""
+    count = length if observers == 0 else min(observers, length)
+    queries, keys, valid = inputs(batch, kv_heads, groups, count, length, min(pad, length // 4), seed)
+    scorer = ObservedAttentionScorer(queries=observers)
+    want = scorer.score_reference(keys, valid, queries)
+    torch.testing.assert_close(scorer.score(keys, valid, queries), want, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_fused_observed_attention_equals_eager():
+    scorer = ObservedAttentionScorer(queries=300)
+    compiled = torch.compile(scorer.score, fullgraph=True, dynamic=True)
+    for length, pad in ((320, 0), (400, 9)):
+        queries, keys, valid = inputs(2, 3, 3, 300, length, pad, length)
+        torch.testing.assert_close(compiled(keys, valid, queries), scorer.score_reference(keys, valid, queries),
+                                   rtol=1e-5, atol=1e-7)

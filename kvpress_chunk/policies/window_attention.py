@@ -31,16 +31,11 @@ import torch
 import torch.nn.functional as F
 
 
-@torch.library.custom_op("kvpress_chunk::snapkv_window_mass", mutates_args=())
-def snapkv_window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Pooled attention mass ``float32[B, Hkv, T - w]`` of the prefix keys: the window queries'
-    softmax probabilities averaged over the valid window queries and the GQA group, then
-    average-pooled over ``kernel`` tokens (zero padding counted, as ``F.avg_pool1d``).
-
-    A custom op on purpose: ``torch.compile`` keeps it opaque and runs these eager ATen kernels
-    (one matmul writing the logits, the mask edits and the softmax in place, one mat-vec), which
-    on the CPU we measured beat inductor's generated softmax and reduction (see the module
-    docstring); the grouping and selection around it still compile."""
+def _window_probs(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax of the window ``queries[B, Hq, w, D]`` over every key, ``float32[B * Hkv, G * w, T]``
+    (row ``g * w + i``: query ``i`` of head ``g`` of its KV group), written once: one batched
+    matmul for the logits, then the masks (padding keys, causal inside the window) and the
+    softmax in place."""
     batch, kv_heads, length, head_dim = keys.shape
     q_heads, window = queries.shape[1], queries.shape[2]
     groups = q_heads // kv_heads
@@ -56,9 +51,46 @@ def snapkv_window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.T
     logits[:, :, prefix:].masked_fill_(causal, lowest)  # causal inside the window
     if logits.device.type == "cpu":
         # In place: ATen's CPU softmax reads each row (max, then exp) before writing it.
-        probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-    else:
-        probs = torch.softmax(logits, dim=-1)
+        return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+    return torch.softmax(logits, dim=-1)
+
+
+@torch.library.custom_op("kvpress_chunk::window_attention_sum", mutates_args=())
+def window_attention_sum(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Attention every key gets from the valid window queries, summed over them and averaged
+    over each GQA group: ``float32[B, Hkv, T]`` (observed attention's accumulation, one block of
+    observers). Same kernels as :func:`snapkv_window_mass` (and opaque to ``torch.compile`` for
+    the same reason), every column, no pooling."""
+    batch, kv_heads, length, _ = keys.shape
+    q_heads, window = queries.shape[1], queries.shape[2]
+    groups = q_heads // kv_heads
+    probs = _window_probs(queries, keys, valid)
+    weight = valid[:, length - window :].to(torch.float32) / groups  # [B, w]: padding queries give nothing
+    weight = weight[:, None, None, :].expand(batch, kv_heads, groups, window).reshape(batch * kv_heads, 1, groups * window)
+    return torch.bmm(weight, probs).view(batch, kv_heads, length)
+
+
+@window_attention_sum.register_fake
+def _(queries, keys, valid):
+    batch, kv_heads, length, _ = keys.shape
+    return keys.new_empty(batch, kv_heads, length, dtype=torch.float32)
+
+
+@torch.library.custom_op("kvpress_chunk::snapkv_window_mass", mutates_args=())
+def snapkv_window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Pooled attention mass ``float32[B, Hkv, T - w]`` of the prefix keys: the window queries'
+    softmax probabilities averaged over the valid window queries and the GQA group, then
+    average-pooled over ``kernel`` tokens (zero padding counted, as ``F.avg_pool1d``).
+
+    A custom op on purpose: ``torch.compile`` keeps it opaque and runs these eager ATen kernels
+    (one matmul writing the logits, the mask edits and the softmax in place, one mat-vec), which
+    on the CPU we measured beat inductor's generated softmax and reduction (see the module
+    docstring); the grouping and selection around it still compile."""
+    batch, kv_heads, length, head_dim = keys.shape
+    q_heads, window = queries.shape[1], queries.shape[2]
+    groups = q_heads // kv_heads
+    prefix = length - window
+    probs = _window_probs(queries, keys, valid)
     query_valid = valid[:, prefix:].to(torch.float32)  # [B, w]
     weight = query_valid / (query_valid.sum(dim=-1, keepdim=True).clamp(min=1.0) * groups)
     weight = weight[:, None, None, :].expand(batch, kv_heads, groups, window).reshape(batch * kv_heads, 1, groups * window)

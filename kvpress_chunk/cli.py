@@ -350,7 +350,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     out.write_text(text, encoding="utf-8")
     print(text)
     print(f"table: {out}")
-    needles = [r for r in records if r["task"] == "niah"]
+    needles = [r for r in records if r["task"] == "niah" and "error" not in r]  # failed kvpress runs: listed in the table
     if needles and plot_press_grid(needles, out.with_suffix(".png"), title="niah (prose): score by depth, per press"):
         print(f"heatmap: {out.with_suffix('.png')}")
     return 0

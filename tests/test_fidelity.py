@@ -305,8 +305,10 @@ def test_a_failing_kvpress_run_is_recorded_and_shown_but_ours_must_raise(tmp_pat
     """kvpress' PyramidKV failed mid-leaderboard (its per-layer cache lengths under the decoding
     mask): a reference library's failure is stored as an error row, listed under the table and
     kept out of the figures; the run goes on. A failure of ours stops the run."""
+    import json
     from contextlib import contextmanager
 
+    from kvpress_chunk import cli
     from kvpress_chunk.eval.leaderboard import failures, leaderboard_markdown, run_leaderboard
     from kvpress_chunk.eval.runner import PressEntry
 
@@ -325,6 +327,13 @@ def test_a_failing_kvpress_run_is_recorded_and_shown_but_ours_must_raise(tmp_pat
                                                                     "match the size of tensor b (20)")}
     table = leaderboard_markdown(records)
     assert "| kvpress | pyramidkv |" not in table and "* kvpress `pyramidkv` at 50% removed: 1 run(s)" in table
+    # the CLI renders the table and the heatmap from such a store (an error row has no depth)
+    needle = {"task": "niah", "case": "L120-d0.5-number", "library": "kvpress", "press": "pyramidkv",
+              "compression_ratio": 0.5, "kept_tokens": None, "error": "RuntimeError: x", "seconds": 1.0}
+    store = tmp_path / "a.jsonl"
+    with store.open("a") as handle:
+        handle.write(json.dumps(needle) + "\n")
+    assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(tmp_path / "t.md")]) == 0
     with pytest.raises(RuntimeError, match="size of tensor"):
         run_leaderboard(model, tokenizer, [PressEntry("mine", "kvpress-chunk", lambda r: broken)],
                         store=tmp_path / "b.jsonl", **args)

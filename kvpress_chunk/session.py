@@ -527,7 +527,7 @@ class PressSession:
             valid=valid,
             position_embeddings=kwargs.get("position_embeddings"),
             input_ids=self.input_ids.to(keys.device) if self.input_ids is not None and self.input_ids.shape[-1] == length else None,
-            projected_queries=projected if projected is not None and projected.shape[:2] == hidden.shape[:2] else None,
+            projected_queries=projected,  # query_states checks its shape before using it
         )
         if self.press.deferred:
             self._defer_layer(layer_idx, layer, inputs, cache)

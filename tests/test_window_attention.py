@@ -114,7 +114,8 @@ def test_selections_through_a_press_are_unchanged(preset):
 )
 def test_fused_observed_attention_equals_its_reference(batch, kv_heads, groups, observers, length, pad, seed):
     """``observed``'s fused accumulation (``window_attention_sum`` per block of 256 observers)
-    equals the plain probabilities summed, padding and several blocks included; compiled too."""
+    equals the plain probabilities summed, padding and several blocks included (compiled: the
+    next test)."""
     count = length if observers == 0 else min(observers, length)
     queries, keys, valid = inputs(batch, kv_heads, groups, count, length, min(pad, length // 4), seed)
     scorer = ObservedAttentionScorer(queries=observers)

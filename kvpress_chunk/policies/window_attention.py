@@ -55,19 +55,27 @@ def _window_probs(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor
     return torch.softmax(logits, dim=-1)
 
 
+def _query_weighted_sum(probs: torch.Tensor, weight: torch.Tensor, kv_heads: int, columns: int) -> torch.Tensor:
+    """``sum_i weight[b, i] * probs[row of query i, j]`` over the window queries of every head of
+    each GQA group, for the first ``columns`` keys: one mat-vec, ``[B, Hkv, columns]``
+    (``probs`` from :func:`_window_probs`, ``weight[B, w]``)."""
+    batch, window = weight.shape
+    groups = probs.shape[1] // window
+    rows = weight[:, None, None, :].expand(batch, kv_heads, groups, window).reshape(batch * kv_heads, 1, groups * window)
+    return torch.bmm(rows, probs[:, :, :columns]).view(batch, kv_heads, columns)
+
+
 @torch.library.custom_op("kvpress_chunk::window_attention_sum", mutates_args=())
 def window_attention_sum(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Attention every key gets from the valid window queries, summed over them and averaged
     over each GQA group: ``float32[B, Hkv, T]`` (observed attention's accumulation, one block of
     observers). Same kernels as :func:`snapkv_window_mass` (and opaque to ``torch.compile`` for
     the same reason), every column, no pooling."""
-    batch, kv_heads, length, _ = keys.shape
-    q_heads, window = queries.shape[1], queries.shape[2]
-    groups = q_heads // kv_heads
+    _, kv_heads, length, _ = keys.shape
+    window, groups = queries.shape[2], queries.shape[1] // kv_heads
     probs = _window_probs(queries, keys, valid)
     weight = valid[:, length - window :].to(torch.float32) / groups  # [B, w]: padding queries give nothing
-    weight = weight[:, None, None, :].expand(batch, kv_heads, groups, window).reshape(batch * kv_heads, 1, groups * window)
-    return torch.bmm(weight, probs).view(batch, kv_heads, length)
+    return _query_weighted_sum(probs, weight, kv_heads, length)
 
 
 @window_attention_sum.register_fake
@@ -86,16 +94,14 @@ def snapkv_window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.T
     (one matmul writing the logits, the mask edits and the softmax in place, one mat-vec), which
     on the CPU we measured beat inductor's generated softmax and reduction (see the module
     docstring); the grouping and selection around it still compile."""
-    batch, kv_heads, length, head_dim = keys.shape
-    q_heads, window = queries.shape[1], queries.shape[2]
-    groups = q_heads // kv_heads
+    batch, kv_heads, length, _ = keys.shape
+    window, groups = queries.shape[2], queries.shape[1] // kv_heads
     prefix = length - window
     probs = _window_probs(queries, keys, valid)
     query_valid = valid[:, prefix:].to(torch.float32)  # [B, w]
     weight = query_valid / (query_valid.sum(dim=-1, keepdim=True).clamp(min=1.0) * groups)
-    weight = weight[:, None, None, :].expand(batch, kv_heads, groups, window).reshape(batch * kv_heads, 1, groups * window)
-    mass = torch.bmm(weight, probs[:, :, :prefix])  # [B*Hkv, 1, T-w]
-    pooled = F.avg_pool1d(mass, kernel_size=kernel, padding=kernel // 2, stride=1)
+    mass = _query_weighted_sum(probs, weight, kv_heads, prefix)  # [B, Hkv, T-w]
+    pooled = F.avg_pool1d(mass.view(batch * kv_heads, 1, prefix), kernel_size=kernel, padding=kernel // 2, stride=1)
     return pooled.view(batch, kv_heads, prefix)
 
 

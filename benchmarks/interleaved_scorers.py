@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_chunk as kc
-from test_compress_op import RATIO, SCORER_PRESETS, layer_inputs, window_attention_floor, window_queries
+from test_compress_op import FLOOR_LABELS, OWN_FLOORS, RATIO, SCORER_PRESETS, floor_case, layer_inputs
 
 ROUNDS = 25
 
@@ -30,8 +30,7 @@ def main(lengths: list[int]) -> None:
     for length in lengths:
         inputs = layer_inputs(model, 1, length)
         with torch.inference_mode():
-            queries = window_queries(inputs, 64)
-            cases = {"floor-64": lambda: window_attention_floor(queries, inputs.keys)}
+            cases = {name: floor_case(name, inputs) for name in FLOOR_LABELS}
             for name in SCORER_PRESETS:
                 press = kc.make_press(name, compression_ratio=RATIO, compile=True)
                 cases[name] = lambda press=press: press.select(inputs)[:2]
@@ -45,7 +44,8 @@ def main(lengths: list[int]) -> None:
                     times[name].append(time.perf_counter() - start)
         medians = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
         for name, ms in medians.items():
-            print(f"{length:6d}  {name:20s} {ms:8.2f} ms  {ms / medians['floor-64']:5.2f}x the floor", flush=True)
+            own = f"  {ms / medians[OWN_FLOORS[name]]:5.2f}x its own ({OWN_FLOORS[name]})" if name in OWN_FLOORS else ""
+            print(f"{length:6d}  {name:20s} {ms:8.2f} ms  {ms / medians['floor-64']:5.2f}x the floor{own}", flush=True)
 
 
 if __name__ == "__main__":

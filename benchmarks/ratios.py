@@ -15,7 +15,9 @@ Every benchmark puts itself in a ``group`` and says in ``extra_info`` how to rea
   (the compression work of all layers as a percentage of a plain prefill);
 * ``floor``: the label of another case of the same group that bounds this one from below (the
   bare window-attention matmul + softmax of a compression op): the time is also shown as a
-  multiple of that case's, "x the floor".
+  multiple of that case's, "x the floor";
+* ``own_floor``: the same for a scorer whose unavoidable work is not the window attention's
+  (expected attention's statistics, observed's 256 queries): "x its own floor".
 
 The same function renders the terminal summary and the table in ``docs/benchmarks.md``, so the
 two can never disagree on what a ratio means.
@@ -104,9 +106,10 @@ def rows(records: Iterable[Record]) -> list[tuple[str, list[tuple[str, str, str,
             other = baselines.get(record.extra.get("share_of", ""))
             if other is not None:
                 facts[f"= {record.median / other.median * 100:.1f}% of"] = _label(other)
-            floor = next((r for r in members if _label(r) == record.extra.get("floor")), None)
-            if floor is not None:
-                facts["vs floor"] = f"{record.median / floor.median:.2f}x"
+            for key, fact in (("floor", "vs floor"), ("own_floor", "vs own floor")):
+                floor = next((r for r in members if _label(r) == record.extra.get(key)), None)
+                if floor is not None:
+                    facts[fact] = f"{record.median / floor.median:.2f}x"
             tail = _tail_ratio(record, baseline)
             if tail is not None:
                 facts = {**tail, **facts}

@@ -22,7 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_chunk as kc
 from kvpress_chunk.policies import LayerInputs, SnapKVScorer
-from kvpress_chunk.policies.scorers import window_queries
+from kvpress_chunk.policies.expected_attention import expected_attention_floor
+from kvpress_chunk.policies.scorers import query_states, window_queries
 from kvpress_chunk.policies.window_attention import window_attention_floor
 
 try:
@@ -33,6 +34,8 @@ except ImportError:  # the scorer-vs-floor cases below run without it
 RATIO, CHUNK = 0.75, 20
 FLOOR_64 = "floor: window attention matmul + softmax, window 64"
 FLOOR_32 = "floor: window attention matmul + softmax, window 32"
+FLOOR_256 = "own floor: window attention matmul + softmax, window 256"
+FLOOR_EXPECTED = "own floor: query second moments + quadratic form per key + softmax"
 IMPLEMENTATIONS = {
     "kvpress": "kvpress ChunkKVPress(SnapKVPress), a call per row",
     "floor-64": FLOOR_64,
@@ -105,8 +108,7 @@ def implementation(name: str, inputs: LayerInputs):
     if name == "kvpress":
         return (lambda: kvpress_per_row(inputs)), None
     if name.startswith("floor"):
-        queries = window_queries(inputs, int(name.split("-")[1]))
-        return (lambda: window_attention_floor(queries, inputs.keys)), None
+        return floor_case(name, inputs), None
     if name == "chunkkv-unfused-compiled":
         press = unfused(kc.make_press("chunkkv", compression_ratio=RATIO, compile=True))
         # must keep what the eager twin keeps
@@ -155,21 +157,32 @@ def test_chunkkv_layer_op(benchmark, attention_layer, length, batch, impl):
 #: attend (keydiff, knorm, streamingllm) show what grouping and selection cost on their own.
 SCORER_PRESETS = ["snapkv", "chunkkv-kvpress", "tova", "observed", "expected-attention", "chunkkv-expected",
                   "keydiff", "knorm", "streamingllm", "chunkkv-entropy"]
+#: scorers whose unavoidable work is not a 64-query window attention, and the floor of theirs
+OWN_FLOORS = {"observed": "floor-256", "expected-attention": "floor-expected", "chunkkv-expected": "floor-expected"}
+FLOOR_LABELS = {"floor-64": FLOOR_64, "floor-256": FLOOR_256, "floor-expected": FLOOR_EXPECTED}
+
+
+def floor_case(name: str, inputs: LayerInputs):
+    """The bare computation a floor case times, on the op's inputs."""
+    if name == "floor-expected":
+        queries = query_states(inputs.module, inputs.hidden_states, inputs.projected_queries)
+        return lambda: expected_attention_floor(queries, inputs.keys)
+    queries = window_queries(inputs, int(name.split("-")[1]))
+    return lambda: window_attention_floor(queries, inputs.keys)
 
 
 @pytest.mark.parametrize("length, preset", [
     pytest.param(length, preset, marks=[pytest.mark.smoke] if (length, preset) == (2048, "expected-attention") else [])
-    for length in (2048, 8192, 32768) for preset in ["floor-64", *SCORER_PRESETS]
+    for length in (2048, 8192, 32768) for preset in [*FLOOR_LABELS, *SCORER_PRESETS]
 ])
 def test_scorer_op_vs_floor(benchmark, attention_layer, length, preset):
     """Each no-pass scorer's compiled op (score -> group -> select -> gather, batch 1) as a
-    multiple of the bare window attention at the same shapes; its selection must equal the eager
-    twin's first."""
+    multiple of the bare window attention at the same shapes (and of its own floor where its
+    work is another); its selection must equal the eager twin's first."""
     inputs = layer_inputs(attention_layer, 1, length)
     with torch.inference_mode():
-        if preset == "floor-64":
-            queries = window_queries(inputs, 64)
-            fn = lambda: window_attention_floor(queries, inputs.keys)  # noqa: E731
+        if preset in FLOOR_LABELS:
+            fn = floor_case(preset, inputs)
             fn()
         else:
             press = kc.make_press(preset, compression_ratio=RATIO, compile=True)
@@ -177,8 +190,10 @@ def test_scorer_op_vs_floor(benchmark, attention_layer, length, preset):
             got, want = fn(), press.replace(compile=False).select(inputs)[:2]
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), preset
         benchmark.group = f"no-pass scorers per layer vs the floor, {length} tokens, batch 1, 75% removed"
-        label = FLOOR_64 if preset == "floor-64" else f"{preset}, compiled"
+        label = FLOOR_LABELS.get(preset, f"{preset}, compiled")
         benchmark.extra_info.update(label=label, baseline=preset == "floor-64", reading="speedup")
-        if preset != "floor-64":
+        if preset not in FLOOR_LABELS:
             benchmark.extra_info["floor"] = FLOOR_64
+        if preset in OWN_FLOORS:
+            benchmark.extra_info["own_floor"] = FLOOR_LABELS[OWN_FLOORS[preset]]
         benchmark(fn)

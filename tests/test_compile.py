@@ -46,6 +46,7 @@ def test_compiled_equals_eager_over_many_lengths(preset, batch):
     pooled = press.allocator.pools_heads  # chunkkv-adaptive: the heads' pooled path
     compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled)
     eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled)
+    before = graphs_of(compiled)  # the same configuration may have compiled earlier in this process (other shapes)
     lengths = [97, 130, 256, 301, 512, 777, 1000, 1024, 1500, 2048, 3001, 4096]
     for i, length in enumerate(lengths):
         pads = [0] + [(7 * row * (i + 1)) % (length // 2) for row in range(1, batch)]
@@ -54,7 +55,7 @@ def test_compiled_equals_eager_over_many_lengths(preset, batch):
         for name, g, w in zip(("keys", "values", "indices", "slot_valid"), got, want):
             assert torch.equal(g, w), f"{preset} length {length}: compiled {name} differ from eager"
     # 12 lengths, one dynamic graph (plus at most one more for a size-1 specialisation).
-    assert graphs_of(compiled) <= 2
+    assert graphs_of(compiled) - before <= 2
 
 
 def test_same_configuration_shares_compiled_graphs_and_others_do_not():
@@ -74,12 +75,13 @@ def test_a_ratio_sweep_reuses_one_graph():
     press = kc.make_press("knorm", compression_ratio=0.5)
     compiled = compiled_compress(press.scorer, press.grouper, press.selector, "ratio")
     eager = eager_compress(press.scorer, press.grouper, press.selector, "ratio")
+    before = graphs_of(compiled)
     for ratio in (0.1, 0.5, 0.75, 0.9, 0.95):
         swept = press.replace(compression_ratio=ratio)
         args = random_case(swept, 2, 333, [0, 40])
         for g, w in zip(compiled(*args), eager(*args)):
             assert torch.equal(g, w)
-    assert graphs_of(compiled) <= 2
+    assert graphs_of(compiled) - before <= 2
 
 
 def test_per_row_layer_budgets_compile_like_eager():
@@ -87,10 +89,11 @@ def test_per_row_layer_budgets_compile_like_eager():
     press = kc.make_press("pyramidkv", compression_ratio=0.75)
     compiled = compiled_compress(press.scorer, press.grouper, press.selector, "budget")
     eager = eager_compress(press.scorer, press.grouper, press.selector, "budget")
+    before = graphs_of(compiled)
     for i, length in enumerate([130, 257, 600]):
         keys, values, valid, extra, _, _ = random_case(press, 2, length, [0, 31], seed=i)
         budgets = torch.tensor([length // 3, (length - 31) // 5])
         args = (keys, values, valid, extra, length // 3, budgets)
         for g, w in zip(compiled(*args), eager(*args)):
             assert torch.equal(g, w)
-    assert graphs_of(compiled) <= 2
+    assert graphs_of(compiled) - before <= 2

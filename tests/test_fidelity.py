@@ -193,6 +193,24 @@ def test_leaderboard_findings_compare_best_presses_and_chunked_with_token_level(
     assert "## What the table says" in leaderboard_markdown(records)
 
 
+def test_leaderboard_findings_break_needle_ties_on_fidelity():
+    """Presses that keep as many needles are told apart by fidelity KL (lower first), never by
+    name, and a tie with kvpress says both KLs."""
+    from kvpress_chunk.eval.leaderboard import findings, summarise
+
+    def kl(library, press, value):
+        return {"task": "fidelity", "case": "w", "library": library, "press": press, "compression_ratio": 0.5,
+                "kept_tokens": 1, "nll": 1.0, "delta_nll": 0.0, "kl": value, "top1": 1.0, "seconds": 1.0}
+
+    records = [_needle("a", "-", "full", 0.0, 1.0)]
+    for library, press, value in [("kvpress-chunk", "a-press", 0.02), ("kvpress-chunk", "z-press", 0.01),
+                                  ("kvpress", "kvzip", 0.03)]:
+        records += [_needle("a", library, press, 0.5, 1.0), kl(library, press, value)]
+    said = findings(summarise(records))
+    assert said[0] == ("* 50% removed: our best `z-press` keeps 100% of the full cache's needle score; "
+                       "it ties kvpress' best `kvzip` (100%); fidelity KL 0.010 vs 0.030 (lower is better).")
+
+
 def test_leaderboard_findings_never_crown_a_press_run_on_fewer_cases():
     """A press run on 1 of 2 cases (100% there) must not be called the best over one run on both,
     nor be listed above it."""

@@ -96,10 +96,10 @@ def test_expected_attention_statistics_leave_out_sinks_and_padding():
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], dim=-1)
     mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 30, dtype=torch.long)], dim=-1)
     scorer = kc.make_press("expected-attention", compression_ratio=0.5).scorer
-    alone = scorer.prepare(captured_layer(model, ids))
-    with_pad = scorer.prepare(captured_layer(model, padded, mask))
-    for name in ("mean", "cov"):
-        torch.testing.assert_close(with_pad[name], alone[name], atol=1e-5, rtol=1e-4)
+    alone = scorer.statistics(captured_layer(model, ids))
+    with_pad = scorer.statistics(captured_layer(model, padded, mask))
+    for got, want in zip(with_pad, alone):  # mean, covariance
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     # The statistics are those of the queries after the first 4 (plain mean / covariance).
     inputs = captured_layer(model, ids)
     module = inputs.module
@@ -107,12 +107,12 @@ def test_expected_attention_statistics_leave_out_sinks_and_padding():
     mu = q.mean(dim=2)
     centered = q - mu[:, :, None]
     cov = centered.transpose(-1, -2) @ centered / q.shape[2]
-    unrotated = kc.make_press("expected-attention", compression_ratio=0.5).scorer.prepare(
+    unrotated_mean, unrotated_cov = kc.make_press("expected-attention", compression_ratio=0.5).scorer.statistics(
         LayerInputs(**{**inputs.__dict__, "position_embeddings": None})
     )
     scale = module.scaling
-    torch.testing.assert_close(unrotated["mean"].double(), mu * scale, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(unrotated["cov"].double(), cov * scale**2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unrotated_mean.double(), mu * scale, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unrotated_cov.double(), cov * scale**2, atol=1e-5, rtol=1e-4)
 
 
 def test_keydiff_is_minus_the_cosine_with_the_mean_real_unit_key():
@@ -228,7 +228,7 @@ def test_expected_attention_reuses_the_forwards_own_query_projection(family):
         for inputs in list(seen):  # select() below calls prepare again
             reprojected = dataclasses.replace(inputs, projected_queries=None)
             torch.testing.assert_close(
-                Spy().prepare(inputs)["mean"], Spy().prepare(reprojected)["mean"], rtol=1e-6, atol=1e-6
+                Spy().statistics(inputs)[0], Spy().statistics(reprojected)[0], rtol=1e-6, atol=1e-6
             )
             kept = spy.select(inputs)[2].indices
             assert torch.equal(kept, spy.select(reprojected)[2].indices), f"{family} layer {inputs.layer_idx}"

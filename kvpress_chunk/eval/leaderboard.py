@@ -204,6 +204,11 @@ def _policy_of(press: str) -> tuple[str, str] | None:
     return spec["scorer"]["name"], spec["grouper"]["name"]
 
 
+def _fidelity_kl(row: dict[str, float]) -> float:
+    """The row's fidelity KL, ``inf`` when it has none (it never wins a tie on it)."""
+    return row.get("fidelity KL", float("inf"))
+
+
 def _verdict(share: float, other: float) -> str:
     """Shares as printed (whole percents) decide: 99.6% and 100% tie."""
     a, b = round(share), round(other)
@@ -230,18 +235,22 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
         rows = {key: row for key, row in rows.items() if key in complete}
         best = {}
         for library in ("kvpress-chunk", "kvpress"):
-            ranked = sorted(((_needle_share(row), key[1]) for key, row in rows.items() if key[0] == library),
-                            reverse=True)
+            # Needles first; among presses that tie on them, the lower fidelity KL (the continuous
+            # measure), so a tie is never broken by the press's name.
+            ranked = sorted(((_needle_share(row), -_fidelity_kl(row), key[1]) for key, row in rows.items()
+                             if key[0] == library), reverse=True)
             if ranked:
                 best[library] = ranked[0]
         if not best:
             continue
         ours = best.get("kvpress-chunk")
         theirs = best.get("kvpress")
-        text = f"* {ratio:.0%} removed: our best `{ours[1]}` keeps {ours[0]:.0f}% of the full cache's needle score" \
+        text = f"* {ratio:.0%} removed: our best `{ours[2]}` keeps {ours[0]:.0f}% of the full cache's needle score" \
             if ours else f"* {ratio:.0%} removed: none of ours ran"
         if theirs:
-            text += f"; it {_verdict(ours[0], theirs[0]) if ours else 'does not beat'} kvpress' best `{theirs[1]}` ({theirs[0]:.0f}%)"
+            text += f"; it {_verdict(ours[0], theirs[0]) if ours else 'does not beat'} kvpress' best `{theirs[2]}` ({theirs[0]:.0f}%)"
+            if ours and _verdict(ours[0], theirs[0]) == "ties" and -ours[1] < float("inf") and -theirs[1] < float("inf"):
+                text += f"; fidelity KL {-ours[1]:.3f} vs {-theirs[1]:.3f} (lower is better)"
         lines.append(text + ".")
         by_scorer: dict[str, dict[bool, tuple[float, str]]] = {}
         for (library, press, _), row in rows.items():

@@ -79,32 +79,62 @@ class ExpectedAttentionScorer(Scorer):
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
+        """What the compiled op reads: the pre-RoPE queries (a view of the forward's projection),
+        each token's weight in the statistics, the averaged future rotation (times the attention
+        scaling) and the values. The statistics themselves are computed inside the op (see
+        :func:`query_statistics`), where the compiler fuses their passes over the queries."""
         module = inputs.module
-        queries = query_states(module, inputs.hidden_states, inputs.projected_queries).float()  # [B, Hq, T, D], pre-RoPE
+        queries = query_states(module, inputs.hidden_states, inputs.projected_queries)  # [B, Hq, T, D], pre-RoPE
         counted = (inputs.valid & (positions_from_row_start(inputs.valid) >= self.sinks)).float()  # [B, T]
         counted = torch.where(counted.sum(dim=-1, keepdim=True) > 0, counted, inputs.valid.float())
-        weights = (counted / counted.sum(dim=-1, keepdim=True).clamp(min=1))[:, None, :, None]  # [B, 1, T, 1]
-        mean = (queries * weights).sum(dim=2)  # [B, Hq, D]
-        centered = (queries - mean[:, :, None]) * weights.sqrt()
-        cov = centered.transpose(-1, -2) @ centered  # [B, Hq, D, D]
+        weights = counted / counted.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, T], each row sums to 1
+        batch, dim = queries.shape[0], queries.shape[-1]
         if inputs.position_embeddings is not None:
             cos, sin = inputs.position_embeddings
-            rotation = rope_matrix(*averaged_future_rope(cos.float(), sin.float(), self.future))[:, None]  # [B, 1, D, D]
-            mean = (rotation @ mean[..., None])[..., 0]
-            cov = rotation @ cov @ rotation.transpose(-1, -2)
-        scale = attention_scaling(module)
+            rotation = rope_matrix(*averaged_future_rope(cos.float(), sin.float(), self.future))  # [B, D, D]
+        else:
+            rotation = torch.eye(dim, device=queries.device).expand(batch, dim, dim)
         return {
-            "mean": mean * scale,
-            "cov": cov * scale**2,
-            "value_norms": torch.linalg.vector_norm(inputs.values.float(), dim=-1),
+            "queries": queries,
+            "weights": weights,
+            "rotation": rotation * attention_scaling(module),
+            "values": inputs.values,
         }
 
+    def statistics(self, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The future queries' scaled mean ``[B, Hq, D]`` and covariance ``[B, Hq, D, D]`` that
+        :meth:`score` computes (for inspection and tests)."""
+        prepared = self.prepare(inputs)
+        return query_statistics(prepared["queries"], prepared["weights"], prepared["rotation"])
+
     def score(
-        self, keys: torch.Tensor, valid: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, value_norms: torch.Tensor
+        self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
+        rotation: torch.Tensor, values: torch.Tensor,
     ) -> torch.Tensor:
+        mean, cov = query_statistics(queries, weights, rotation)
+        value_norms = torch.linalg.vector_norm(values.float(), dim=-1)
         return expected_attention_scores(
             keys, valid, mean, cov, value_norms, self.covariance, self.value_norm, self.epsilon
         )
+
+
+def query_statistics(
+    queries: torch.Tensor, weights: torch.Tensor, rotation: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean ``[B, Hq, D]`` and covariance ``[B, Hq, D, D]`` of ``queries[B, Hq, T, D]``
+    (``weights[B, T]`` sum to 1 per row; 0 for sinks and padding), both mapped by ``rotation[B,
+    D, D]``: ``R mu`` and ``R Sigma R^T``.
+
+    Why inside the op: these are the passes over all ``T`` queries (a weighted sum, a centred and
+    weighted copy, one ``D x D`` matmul per head); compiled, the elementwise parts fuse into the
+    reductions instead of each writing a ``[B, Hq, T, D]`` temporary."""
+    q = queries.float()
+    w = weights[:, None, :, None]
+    mean = (q * w).sum(dim=2)
+    spread = (q - mean[:, :, None]) * w.sqrt()
+    cov = spread.transpose(-1, -2) @ spread
+    r = rotation[:, None].float()
+    return (r @ mean[..., None])[..., 0], r @ cov @ r.transpose(-1, -2)
 
 
 def expected_attention_scores(
@@ -133,3 +163,17 @@ def expected_attention_scores(
     if value_norm:
         scores = (scores + epsilon) * value_norms
     return scores * valid[:, None, :].to(scores.dtype)
+
+
+def expected_attention_floor(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The floor of expected attention, what any implementation of it must compute: each query
+    head's ``D x D`` second moment over all ``T`` queries (``queries[B, Hq, T, D]``), the
+    quadratic form of every key with it and a softmax over the keys, ``[B, Hkv, G, T]``; no
+    mean, rotation, masks or value norms (what ``benchmarks/test_compress_op.py`` times as its
+    own floor: its work is not the window attention's)."""
+    batch, kv_heads, length, dim = keys.shape
+    q = queries.float()
+    second = q.transpose(-1, -2) @ q  # [B, Hq, D, D]
+    sigma = second.view(batch, kv_heads, -1, dim, dim)
+    k = keys.float()[:, :, None]  # [B, Hkv, 1, T, D]
+    return torch.softmax(((k @ sigma) * k).sum(dim=-1), dim=-1)

@@ -193,6 +193,22 @@ def test_leaderboard_findings_compare_best_presses_and_chunked_with_token_level(
     assert "## What the table says" in leaderboard_markdown(records)
 
 
+def test_leaderboard_task_the_full_cache_never_answers_has_no_share():
+    """A needle task the full cache scored 0 on (a small model and multikey) is shown as n/a and
+    left out of the needle share; the table and findings still render (they crashed on NaN)."""
+    from kvpress_chunk.eval.leaderboard import findings, leaderboard_markdown, summarise
+
+    def multikey(case, library, press, ratio, score):
+        return {**_needle(case, library, press, ratio, score), "task": "multikey"}
+
+    records = [_needle("a", "-", "full", 0.0, 1.0), multikey("a", "-", "full", 0.0, 0.0)]
+    for library in ("kvpress-chunk", "kvpress"):
+        records += [_needle("a", library, "kvzip", 0.5, 1.0), multikey("a", library, "kvzip", 0.5, 0.0)]
+    table = leaderboard_markdown(records)
+    assert "| kvpress-chunk | kvzip | n/a (full 0 of 1) | 100% |" in table
+    assert findings(summarise(records))[0].startswith("* 50% removed: our best `kvzip` keeps 100%")
+
+
 def test_leaderboard_findings_break_needle_ties_on_fidelity():
     """Presses that keep as many needles are told apart by fidelity KL (lower first), never by
     name, and a tie with kvpress says both KLs."""

@@ -187,9 +187,11 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
 
 
 def _needle_share(row: dict[str, float]) -> float | None:
-    """Mean % of the full cache over a row's needle tasks, ``None`` without needle figures."""
+    """Mean % of the full cache over a row's needle tasks, ``None`` without needle figures. A task
+    the full cache never answered on the row's cases has no share (NaN): it is left out, since
+    there was nothing for the press to keep."""
     scores = [v for name, v in row.items()
-              if not name.startswith("fidelity") and not name.endswith(" cases") and name != "s/run"]
+              if not name.startswith("fidelity") and not name.endswith(" cases") and name != "s/run" and v == v]
     return sum(scores) / len(scores) if scores else None
 
 
@@ -303,6 +305,8 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
                     cells.append("-")
                 elif c.startswith("fidelity"):
                     cells.append(f"{value:.3f}")
+                elif value != value:  # NaN: the full cache scored 0 on these cases
+                    cells.append(f"n/a (full 0 of {row[f'{c} cases']})")
                 else:  # a cell on fewer cases than the full cache ran says on how many
                     count = row[f"{c} cases"]
                     cells.append(f"{value:.0f}%" + ("" if count == len(full[c]) else f" (n={count})"))

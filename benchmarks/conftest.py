@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch._dynamo
 
+import machine_load
 from ratios import format_table, records_from_session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,3 +79,33 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _record_machine_load(request: pytest.FixtureRequest):
+    """In a timed run, record in each case's ``extra_info`` the share of the machine's CPU that
+    other processes used while pytest-benchmark ran it (calibration, warm-up and rounds; not the
+    case's setup), so the report can flag figures taken on a busy machine (``machine_load``)."""
+    if "benchmark" not in request.fixturenames or not timed_run(request.config):
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    ticks = machine_load.ticks_per_second()
+
+    def measured(run):
+        def wrapper(*args, **kwargs):
+            before = machine_load.snapshot()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                after = machine_load.snapshot()
+                if before is not None and after is not None:
+                    share = machine_load.others_share(before, after, ticks)
+                    if share is not None:
+                        benchmark.extra_info["others_cpu_share"] = round(share, 3)
+        return wrapper
+
+    # Instance attributes shadow the methods that __call__ and pedantic() call.
+    benchmark._raw = measured(benchmark._raw)
+    benchmark._raw_pedantic = measured(benchmark._raw_pedantic)
+    yield

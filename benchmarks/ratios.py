@@ -17,7 +17,10 @@ Every benchmark puts itself in a ``group`` and says in ``extra_info`` how to rea
   bare window-attention matmul + softmax of a compression op): the time is also shown as a
   multiple of that case's, "x the floor";
 * ``own_floor``: the same for a scorer whose unavoidable work is not the window attention's
-  (expected attention's statistics, observed's 256 queries): "x its own floor".
+  (expected attention's statistics, observed's 256 queries): "x its own floor";
+* ``others_cpu_share`` (written by ``conftest.py`` in every timed case): the share of the
+  machine's CPU other processes used while the case was timed; above
+  :data:`machine_load.BUSY_SHARE` the case is flagged, and the table ends with a warning.
 
 The same function renders the terminal summary and the table in ``docs/benchmarks.md``, so the
 two can never disagree on what a ratio means.
@@ -28,6 +31,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+
+from machine_load import busy_note
 
 
 @dataclass(frozen=True)
@@ -116,13 +121,27 @@ def rows(records: Iterable[Record]) -> list[tuple[str, list[tuple[str, str, str,
             if record.extra.get("tokens"):
                 facts = {"tokens/s": f"{record.extra['tokens'] / record.median:.1f}", **facts}
             fact_text = ", ".join(f"{k} {v}" for k, v in facts.items())
+            busy = busy_note(record.extra.get("others_cpu_share"))
+            if busy is not None:
+                fact_text = f"{busy}, {fact_text}" if fact_text else busy
             table.append((_label(record), _seconds(record.median), compare(record, baseline), fact_text))
         out.append((group, table))
     return out
 
 
+def busy_warning(records: Iterable[Record]) -> str | None:
+    """One line naming how many cases were timed on a busy machine, or None."""
+    records = list(records)
+    busy = [r for r in records if busy_note(r.extra.get("others_cpu_share")) is not None]
+    if not busy:
+        return None
+    return (f"WARNING: {len(busy)} of {len(records)} cases were timed while other processes used the machine "
+            f"(flagged 'machine busy'): their figures and ratios are not comparable; rerun them on an idle machine.")
+
+
 def format_table(records: Iterable[Record], markdown: bool = False) -> str:
     """Plain-text (terminal) or Markdown (docs) rendering of :func:`rows`."""
+    records = list(records)
     lines: list[str] = []
     for group, table in rows(records):
         if markdown:
@@ -134,4 +153,7 @@ def format_table(records: Iterable[Record], markdown: bool = False) -> str:
             width = max(len(case) for case, *_ in table)
             lines += [f"  {case:<{width}}  {median:>10}  {versus:<22} {facts}".rstrip()
                       for case, median, versus, facts in table]
+    warning = busy_warning(records)
+    if warning is not None:
+        lines.append(f"**{warning}**" if markdown else warning)
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,3 +92,64 @@ def test_report_refuses_a_document_without_markers_and_a_missing_run(tmp_path):
     assert doc.read_text() == "no markers here\n"
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "missing.json")])
+
+
+# --- machine load: figures timed on a busy machine are flagged ---------------------------------
+
+import machine_load  # noqa: E402
+
+PROC_STAT_TEXT = """cpu  1000 10 200 5000 40 5 5 40 0 0
+cpu0 500 5 100 2500 20 2 3 20 0 0
+intr 12345
+"""
+
+
+def test_proc_stat_parsing_counts_steal_as_busy_and_iowait_as_idle():
+    busy, total = machine_load.parse_proc_stat(PROC_STAT_TEXT)
+    assert busy == 1000 + 10 + 200 + 5 + 5 + 40
+    assert total == busy + 5000 + 40
+    with pytest.raises(ValueError):
+        machine_load.parse_proc_stat("intr 1\n")
+
+
+def test_others_share_is_the_machines_busy_time_minus_our_own():
+    before = machine_load.CpuSnapshot(busy_ticks=1000, total_ticks=3000, own_seconds=1.0)
+    # 200 ticks passed on all CPUs; 150 busy, of which our process used 0.5 s = 50 ticks at 100 Hz
+    after = machine_load.CpuSnapshot(busy_ticks=1150, total_ticks=3200, own_seconds=1.5)
+    assert machine_load.others_share(before, after, 100.0) == pytest.approx(0.5)
+    # our own time above the machine's (rounding of two clocks) reads as an idle machine, not < 0
+    alone = machine_load.CpuSnapshot(busy_ticks=1040, total_ticks=3200, own_seconds=1.5)
+    assert machine_load.others_share(before, alone, 100.0) == 0.0
+    assert machine_load.others_share(before, before, 100.0) is None  # no time passed: no figure
+
+
+@pytest.mark.skipif(not machine_load.PROC_STAT.exists(), reason="/proc/stat only exists on Linux")
+def test_a_busy_child_process_reads_as_other_load():
+    import subprocess
+    import time
+
+    ticks = machine_load.ticks_per_second()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # the child is running, not waited: its time is not ours
+        before = machine_load.snapshot()
+        time.sleep(1.0)
+        after = machine_load.snapshot()
+    finally:
+        child.wait()
+    share = machine_load.others_share(before, after, ticks)
+    # one core of os.cpu_count() busy with the child; allow for the scheduler and other load
+    assert share is not None and share >= 0.5 / (os.cpu_count() or 1)
+
+
+def test_report_flags_cases_timed_on_a_busy_machine():
+    run = {**RUN, "benchmarks": [
+        bench("op", "test_op[kvpress]", 0.010, label="kvpress", baseline=True, others_cpu_share=0.02),
+        bench("op", "test_op[ours]", 0.002, label="ours", others_cpu_share=0.45, facts={"kept": 512}),
+    ]}
+    table = table_of(run)
+    assert table["kvpress"][1] == ""  # 2%: an idle machine, no flag
+    assert table["ours"][1] == "machine busy: 45% of the CPU to other processes, kept 512"
+    text = ratios.format_table(ratios.records_from_json(run))
+    assert text.splitlines()[-1].startswith("WARNING: 1 of 2 cases were timed while other processes used the machine")
+    assert ratios.format_table(ratios.records_from_json(RUN)).count("WARNING") == 0  # no figure, no flag

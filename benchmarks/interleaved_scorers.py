@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_chunk as kc
+import machine_load
 from test_compress_op import FLOOR_LABELS, OWN_FLOORS, RATIO, SCORER_PRESETS, floor_case, layer_inputs
 
 ROUNDS = 25
@@ -37,11 +38,17 @@ def main(lengths: list[int]) -> None:
             for fn in cases.values():  # compile and warm up
                 fn(), fn()
             times: dict[str, list[float]] = {name: [] for name in cases}
+            before = machine_load.snapshot()
             for _ in range(ROUNDS):
                 for name, fn in cases.items():
                     start = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - start)
+            after = machine_load.snapshot()
+        share = machine_load.others_share(before, after, machine_load.ticks_per_second()) if before and after else None
+        busy = machine_load.busy_note(share)
+        if busy is not None:  # interleaving evens out drift, not a busy machine: the ratios still move
+            print(f"{length:6d}  WARNING: {busy} during these rounds; rerun on an idle machine", flush=True)
         medians = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
         for name, ms in medians.items():
             own = f"  {ms / medians[OWN_FLOORS[name]]:5.2f}x its own ({OWN_FLOORS[name]})" if name in OWN_FLOORS else ""

@@ -36,6 +36,7 @@ from .hf.hooks import (
     padding_mask,
     query_projection,
     unevictable_layer,
+    windowed_layers,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
 from .modes.routing import compressed_attention, routing_active
@@ -177,11 +178,9 @@ class PressSession:
         self.depth = 0  # nesting of the model's / base model's forwards in flight
         self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
         # Layers the allocator counts (sliding-window layers are never compressed): rank -> budget.
-        layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
-        self.compressible = [
-            idx for idx, _ in self.layers
-            if not (idx < len(layer_types) and layer_types[idx] in ("sliding_attention", "chunked_attention"))
-        ]
+        # Decided from the model, not from the cache a caller hands over (``windowed_layers``).
+        self.windowed = windowed_layers(model, self.layers)
+        self.compressible = [idx for idx, _ in self.layers if idx not in self.windowed]
         # Deferred layers (whole-cache stage, context pass): held until the prefill's forward ends.
         self.pending_scores: dict[int, LayerScores] = {}
         self.pending_layers: dict[int, tuple[Any, int, LayerInputs]] = {}
@@ -498,6 +497,7 @@ class PressSession:
         if hidden.shape[1] != seen:
             return  # not a prefill from an empty cache: decoding or a follow-up question
         if is_first:
+            self._check_windowed_cache(cache, layer_idx)
             self.valid_seen = True  # a prefill from an empty cache is under way
             self.selections.clear()
             self.skipped_layers.clear()
@@ -508,9 +508,11 @@ class PressSession:
                 self.valid.sum(dim=-1).to(torch.int64).cpu() if self.valid is not None
                 else torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.int64)
             )
-        if sliding:
+        if sliding or layer_idx in self.windowed:
             # A sliding-window layer already bounds its memory; its own length bookkeeping
-            # (cumulative_length) would disagree with an evicted cache.
+            # (cumulative_length) would disagree with an evicted cache. A layer the model windows
+            # in a cache built full-length is left alone too: routing it through a view would
+            # replace the model's window mask by full attention.
             self.skipped_layers.add(layer_idx)
             return
         valid = self.valid
@@ -533,6 +535,27 @@ class PressSession:
             self._defer_layer(layer_idx, layer, inputs, cache)
             return
         self._select_and_apply(layer_idx, layer, inputs)
+
+    def _check_windowed_cache(self, cache: Any, first_layer: int) -> None:
+        """Refuse a cache whose layers are all full-length for a model with sliding-window layers
+        when the model's first layer is compressed.
+
+        Why: with no sliding layer in the cache (``DynamicCache()`` without ``config=``),
+        transformers sizes the sliding layers' masks from the cache's first layer; once that
+        layer is compressed the masks no longer fit the full-length sliding layers (a shape
+        error deep in the attention at best). Gemma 2/3, whose first layer slides, are fine: the
+        windowed layers are left alone (``windowed_layers``) and their masks are sized from one."""
+        if not self.windowed or first_layer not in self.compressible:
+            return
+        if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])):
+            return
+        raise ValueError(
+            f"layers {sorted(self.windowed)} of this {type(self.model).__name__} attend over a sliding window, but "
+            f"the cache ({type(cache).__name__}) keeps every layer full-length (built without config=, or "
+            "cache_implementation='dynamic_full'): transformers would size those layers' masks from the compressed "
+            "first layer. Build it with DynamicCache(config=model.config) (what model.generate and "
+            "kvpress_chunk.new_cache do)"
+        )
 
     def _select_and_apply(self, layer_idx: int, layer: Any, inputs: LayerInputs) -> None:
         """Planner, allocator budget, fused op, apply mode: one layer compressed now."""

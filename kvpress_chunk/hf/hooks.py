@@ -38,6 +38,41 @@ def find_attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return sorted(found.items())
 
 
+#: ``config.layer_types`` entries whose attention sees only a bounded span of the past
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def windowed_layers(model: nn.Module, layers: list[tuple[int, nn.Module]]) -> set[int]:
+    """Indices of the attention layers that see only a window of the past, *as the model
+    computes them* (not as the cache is built).
+
+    Why from the model: a user may hand over a ``DynamicCache()`` built without ``config=``
+    (or, on transformers < 5.3, ask ``generate`` for ``cache_implementation="dynamic_full"``),
+    whose layers are all full-length and say ``is_sliding=False`` while the model still masks
+    those layers to their window. Compressing such a layer and routing it through a view would
+    replace the model's window mask by full attention: wrong logits, no error. Sources, any of
+    which marks a layer: ``config.layer_types`` (Gemma 2/3, Qwen2/3, Cohere2...), a config
+    ``sliding_window`` with no ``layer_types`` (Mistral: every layer slides, unless
+    ``use_sliding_window`` is False), or the attention module's own ``sliding_window`` /
+    ``attention_chunk_size``."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    everywhere = (
+        not layer_types
+        and getattr(config, "sliding_window", None) is not None
+        and getattr(config, "use_sliding_window", True) is not False
+    )
+    windowed = set()
+    for idx, module in layers:
+        by_type = idx < len(layer_types) and layer_types[idx] in WINDOWED_LAYER_TYPES
+        by_module = getattr(module, "sliding_window", None) is not None or getattr(module, "attention_chunk_size", None) is not None
+        if by_type or everywhere or by_module:
+            windowed.add(idx)
+    return windowed
+
+
 def call_argument(args: tuple, kwargs: dict[str, Any], name: str, position: int) -> Any:
     """An argument of a forward call, whether passed by keyword or by position."""
     if name in kwargs:

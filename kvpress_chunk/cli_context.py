@@ -72,6 +72,33 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return _run(_ask, args)
 
 
+DEFAULT_RATIO = 0.75
+
+
+def _press_from_args(make_press, args: argparse.Namespace):
+    """The press ``compress`` runs: the spec as written, changed only by the options given.
+
+    Why: ``--ratio`` and ``--compile`` used to be passed always, so their defaults silently
+    replaced a budget, a ratio or ``compile`` written in the user's spec (a TOML with
+    ``budget = 64`` was saved at 75% removed). A spec that sets neither a ratio nor a budget
+    (a preset name) gets ``DEFAULT_RATIO``."""
+    from .registry import SpecError
+
+    overrides: dict = {}
+    if args.apply:
+        overrides["apply"] = args.apply
+    if args.compile:
+        overrides["compile"] = True
+    if args.ratio is not None:
+        return make_press(args.press, compression_ratio=args.ratio, **overrides)
+    try:
+        return make_press(args.press, **overrides)
+    except SpecError as exc:
+        if "exactly one of compression_ratio" not in str(exc):
+            raise
+        return make_press(args.press, compression_ratio=DEFAULT_RATIO, **overrides)
+
+
 def _compress(args: argparse.Namespace) -> int:
     from . import make_press
     from .generation import encode_context, prefill, prompt_parts
@@ -91,8 +118,7 @@ def _compress(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise _CommandError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'context.safetensors')!r}")
     try:
-        settings = {"apply": args.apply} if args.apply else {}
-        press = make_press(args.press, compression_ratio=args.ratio, compile=args.compile, **settings)
+        press = _press_from_args(make_press, args)
     except SpecError as exc:
         raise _CommandError(str(exc)) from None
 
@@ -109,7 +135,7 @@ def _compress(args: argparse.Namespace) -> int:
         written = save_context(
             context, out, model, press,
             model_name=model_name, chat_template=chat, chat_suffix=suffix, source=str(source), preset=args.press,
-            compression_ratio=args.ratio,
+            compression_ratio=press.compression_ratio, budget=press.budget,
         )
     except OSError as exc:
         raise _CommandError(f"cannot write {str(out)!r}: {exc}") from None
@@ -157,11 +183,13 @@ def add_context_commands(subparsers) -> None:
     )
     compress.add_argument("file", help="a UTF-8 text file (the document)")
     compress.add_argument("--press", default="chunkkv", help="preset name or 'name(k=v, ...)' (default chunkkv; see `presets`)")
-    compress.add_argument("--ratio", type=_ratio, default=0.75, help="fraction of tokens removed, in [0, 1) (default 0.75)")
+    compress.add_argument("--ratio", type=_ratio, default=None,
+                          help="fraction of tokens removed, in [0, 1) (default: the spec's ratio or budget, else 0.75)")
     compress.add_argument("--out", required=True, help="the .safetensors file to write")
     compress.add_argument("--model", default=None, help="a local HF model folder (default: embedded SmolLM2)")
     compress.add_argument("--apply", default=None, choices=mode_names(), help="apply mode (default: the preset's, evict)")
-    compress.add_argument("--compile", action="store_true", help="run the press op through torch.compile (slow first call)")
+    compress.add_argument("--compile", action="store_true",
+                          help="run the press op through torch.compile (slow first call; default: the spec's setting)")
     compress.add_argument("--no-chat-template", action="store_true", help="plain text, no chat template around it")
     compress.set_defaults(func=cmd_compress)
 

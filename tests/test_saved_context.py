@@ -499,3 +499,26 @@ def test_cli_compress_then_ask_matches_generate_answers(tmp_path, capsys):
     expected = kc.generate_answers(model, tokenizer, text, question, press=kc.make_press(
         "chunkkv", compression_ratio=0.5, compile=False), max_new_tokens=8)
     assert answer == expected[0]
+
+
+def test_cli_compress_keeps_the_specs_own_budget_ratio_and_compile(tmp_path):
+    """``--ratio`` / ``--compile`` change the spec only when given: their defaults once silently
+    replaced a TOML's ``budget = 64`` by 75% removed (and its ``compile`` by False)."""
+    from kvpress_chunk import make_press
+    from kvpress_chunk.cli import build_parser
+    from kvpress_chunk.cli_context import DEFAULT_RATIO, _press_from_args
+
+    budget_file, ratio_file = tmp_path / "budget.toml", tmp_path / "ratio.toml"
+    budget_file.write_text('preset = "snapkv"\nbudget = 64\ncompile = true\n')
+    ratio_file.write_text('preset = "chunkkv"\ncompression_ratio = 0.3\n')
+
+    def press_for(*options):
+        return _press_from_args(make_press, build_parser().parse_args(["compress", "doc.txt", "--out", "x", *options]))
+
+    from_budget = press_for("--press", str(budget_file))
+    assert (from_budget.budget, from_budget.compression_ratio, from_budget.compile) == (64, None, True)
+    assert press_for("--press", str(ratio_file)).compression_ratio == 0.3
+    assert press_for("--press", "chunkkv").compression_ratio == DEFAULT_RATIO  # a preset names no budget
+    assert press_for("--press", str(ratio_file), "--ratio", "0.5").compression_ratio == 0.5  # given: it wins
+    assert press_for("--press", "chunkkv", "--compile").compile is True
+    assert press_for("--press", "chunkkv").compile == "auto"

@@ -165,11 +165,29 @@ def _model(args: argparse.Namespace):
         return 2
 
 
+def _fidelity_ignored_options(args: argparse.Namespace) -> str | None:
+    """Needle options ``eval fidelity`` would otherwise accept and ignore (it scores a prose
+    continuation, query-agnostic): an error message, or None."""
+    if args.depths:
+        return "eval fidelity has no needle: --depths does not apply"
+    if args.query_aware:
+        return "eval fidelity has no question (it is query-agnostic): --query-aware does not apply"
+    if args.haystack != "noise":
+        return "eval fidelity always reads the shipped prose: --haystack does not apply"
+    if args.needle != "number":
+        return "eval fidelity has no needle: --needle does not apply"
+    return None
+
+
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """``kvpress-chunk eval fidelity``: NLL / KL / top-1 of a held-out continuation per press and ratio."""
     from .eval.fidelity import format_fidelity_table, make_windows, run_fidelity
     from .eval.report import plot_fidelity
 
+    ignored = _fidelity_ignored_options(args)
+    if ignored:
+        print(f"error: {ignored}", file=sys.stderr)
+        return 2
     settings = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
     loaded = _entries_and_model(args, settings)
     if isinstance(loaded, int):

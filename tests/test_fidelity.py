@@ -130,6 +130,9 @@ def test_cli_refuses_bad_fidelity_and_leaderboard_input_before_loading_the_model
     assert "ratios must be in [0, 1)" in capsys.readouterr().err
     assert cli.main(["eval", "fidelity", "--presses", "chunky"]) == 2
     assert "unknown preset 'chunky'" in capsys.readouterr().err
+    for option in (["--depths", "0.5"], ["--query-aware"], ["--haystack", "prose"], ["--needle", "hex"]):
+        assert cli.main(["eval", "fidelity", *option]) == 2  # accepted and ignored before: refused
+        assert "does not apply" in capsys.readouterr().err
     assert cli.main(["leaderboard", "--tasks", "niah,fidelty", "--store", str(tmp_path / "s.jsonl")]) == 2
     assert "unknown task(s) fidelty" in capsys.readouterr().err
     assert cli.main(["leaderboard", "--render-only", "--store", str(tmp_path / "none.jsonl")]) == 2

@@ -50,6 +50,7 @@ from .hf.hooks import cache_argument, call_argument
 from .policies.layer_inputs import LayerInputs
 from .registry import SpecError
 from .modes.block_masks import KV_BLOCK_SIZE
+from .modes.routing import attach_views
 from .selection import Selection, gather_kv
 
 if TYPE_CHECKING:
@@ -223,9 +224,10 @@ class DecodingCompressor:
                 self.since = 0
         self._remember(layer_idx, hidden, rope, fresh=False)
         router = session.router
-        views = router.views.get(cache)
+        views = router.live_views(cache)
         if views is None:
             views = router.views[cache] = {}
+            attach_views(cache, views)
         valid = self._valid(layer.keys.shape[-2], views.get(layer_idx), layer.keys.device, layer.keys.shape[0])
         start = self.prompt_width.get(layer_idx, 0) if self.policy.protect_prompt else 0
         start = min(start, valid.shape[-1])

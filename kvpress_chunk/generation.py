@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .hf.hooks import cache_keyword
-from .modes.routing import LayerView, compressed_attention, router_of
+from .modes.routing import LayerView, attached_views, compressed_attention, router_of
 from .press import Press
 
 
@@ -46,9 +46,11 @@ class CompressedContext:
 
     def copy(self) -> "CompressedContext":
         """An independent copy, so several questions can start from the same context."""
+        cache = copy.deepcopy(self.cache)  # carries its own views and continuation state
+        carried = attached_views(cache)
         return CompressedContext(
-            copy.deepcopy(self.cache), self.next_positions.clone(), self.attention_mask.clone(), self.last_logits,
-            dict(self.layer_views),
+            cache, self.next_positions.clone(), self.attention_mask.clone(), self.last_logits,
+            carried if carried is not None else dict(self.layer_views),
         )
 
     def kept_per_row(self) -> torch.Tensor:
@@ -119,7 +121,9 @@ def prefill(
     with applied(press, model, tokenizer):
         out = model(**kwargs)
         router = router_of(model)
-        views = router.views_of(cache) if router is not None else {}
+        # The live table (not a snapshot): decoding-time compression updates it later, and a
+        # context continued after the block must route through what the cache holds then.
+        views = (router.live_views(cache) if router is not None else None) or {}
     return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views)
 
 
@@ -145,8 +149,7 @@ def greedy_continue(
     mask = context.attention_mask
     positions = context.next_positions.to(device)
     step_ids = input_ids
-    routing = compressed_attention(model) if context.layer_views else contextlib.nullcontext()
-    with routing as router, (router.using(context.cache, context.layer_views) if router else contextlib.nullcontext()):
+    with routed(model, context) as router:
         for _ in range(max_new_tokens):
             out, mask, positions = forward_after(model, context.cache, mask, positions, step_ids, logits_to_keep=1)
             next_token = out.logits[:, -1].argmax(dim=-1)
@@ -171,12 +174,23 @@ def teacher_forced_logits(model: nn.Module, context: CompressedContext, input_id
     ``context`` like :func:`greedy_continue`."""
     device = model.device
     input_ids = input_ids.to(device)
-    routing = compressed_attention(model) if context.layer_views else contextlib.nullcontext()
-    with routing as router, (router.using(context.cache, context.layer_views) if router else contextlib.nullcontext()):
+    with routed(model, context) as router:
         out, context.attention_mask, context.next_positions = forward_after(
             model, context.cache, context.attention_mask, context.next_positions.to(device), input_ids, logits_to_keep=0
         )
     return out.logits.float()
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module, context: CompressedContext):
+    """Route ``context``'s compressed layers through their views for the block (the views the
+    context holds, else those its cache carries); no router when nothing was compressed."""
+    views = context.layer_views or attached_views(context.cache)
+    if not views:
+        yield None
+        return
+    with compressed_attention(model) as router, router.using(context.cache, views):
+        yield router
 
 
 def forward_after(model: nn.Module, cache, mask: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, logits_to_keep: int):

@@ -206,6 +206,12 @@ def save_context(context: Any, path: str | os.PathLike, model: nn.Module, press:
     for index, view in sorted(context.layer_views.items()):
         if not 0 <= index < len(layers) or not records[index]["initialized"]:
             raise SavedContextError(f"the context has a view for layer {index}, which its cache does not hold")
+        slots = layers[index].keys.shape[-2]
+        if view.prefix_length > slots:
+            raise SavedContextError(
+                f"the view of layer {index} covers {view.prefix_length} slots, its cache layer holds {slots}: the "
+                "context's views are stale (the cache was compressed again after they were taken)"
+            )
         tensors[f"view.{index}.visible"] = _export(view.visible.to(torch.bool), seen)
         views[str(index)] = {"flex_block_size": view.flex_block_size, "all_visible": bool(view.all_visible)}
 
@@ -471,5 +477,15 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
         _expect(path, block is None or (isinstance(block, int) and block > 0), f"view of layer {index}: bad flex_block_size {block!r}")
         views[index] = LayerView(visible.to(layer_keys.device), block, bool(spec.get("all_visible", False)))
 
+    from .modes.routing import attach_views
+    from .session import record_compressed, views_hide_slots
+
     device = getattr(model, "device", torch.device("cpu"))
-    return CompressedContext(cache, positions.to(device), mask.to(device), logits.to(device), views)
+    positions, mask = positions.to(device), mask.to(device)
+    # Routed, checked and guarded like the cache it was saved from: a loaded cache continued
+    # outside the press, or handed to model.generate, was once neither refused nor warned about.
+    attach_views(cache, views)
+    if views:
+        record_compressed(cache, length, positions, list(views), padded=not bool(mask.bool().all()),
+                          hidden=views_hide_slots(views))
+    return CompressedContext(cache, positions, mask, logits.to(device), views)

@@ -39,7 +39,7 @@ from .hf.hooks import (
     windowed_layers,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
-from .modes.routing import compressed_attention, routing_active
+from .modes.routing import attached_views, compressed_attention, routing_active
 from .policies.layer_inputs import LayerInputs
 from .selection import Selection
 from .registry import SpecError
@@ -94,7 +94,43 @@ class _Continuation:
     next_positions: torch.Tensor  # int64[B]: RoPE position of each row's next token
 
 
-_CONTINUATIONS: "weakref.WeakKeyDictionary[Any, _Continuation]" = weakref.WeakKeyDictionary()
+#: instance attribute of a compressed cache: its :class:`_Continuation`. On the cache (not in a
+#: table keyed by the object) so that copies and loaded contexts are checked like the original:
+#: ``model.generate`` handed a *copy* of a compressed cache was once not refused.
+CONTINUATION_ATTR = "_kvpress_chunk_continuation"
+
+
+def continuation_of(cache: Any) -> "_Continuation | None":
+    state = getattr(cache, "__dict__", None)
+    return state.get(CONTINUATION_ATTR) if state is not None else None
+
+
+def views_hide_slots(views) -> bool:
+    """Whether a view hides a slot (mask mode's evicted tokens, ragged heads' padding slots):
+    attention is then right only through the press's routing."""
+    return any(not bool(view.visible.all()) for view in views.values())
+
+
+def record_compressed(cache: Any, logical: int, next_positions: torch.Tensor, layers, padded: bool, hidden: bool) -> None:
+    """Remember what a compressed cache stands for (``logical`` tokens of text, each compressed
+    layer's offset to its slots, the rows' next positions) and guard it against continuations
+    outside the press: refused when rows are padded or views hide slots (never right without
+    routing), warned about when tokens were evicted (right only with the caller's positions).
+    Used after a prefill or continuation under a press and by ``load_context``."""
+    offsets = {}
+    for layer_idx in layers:
+        keys = getattr(cache.layers[layer_idx], "keys", None) if layer_idx < len(cache.layers) else None
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            offsets[layer_idx] = logical - keys.shape[-2]
+    try:
+        setattr(cache, CONTINUATION_ATTR, _Continuation(logical, offsets, next_positions))
+    except (AttributeError, TypeError):  # pragma: no cover - a cache class with __slots__
+        pass
+    if padded or hidden:
+        guard_outside_the_press(cache, refuse=True)
+    elif any(offset > 0 for offset in offsets.values()):
+        guard_outside_the_press(cache, refuse=False)
+    # (a keep-all press on unpadded rows leaves a cache that plain HF continues right)
 
 
 class ContinuationError(ValueError):
@@ -121,7 +157,11 @@ def guard_outside_the_press(cache: Any, refuse: bool) -> None:
     Done by switching the instance to a subclass of its own class rather than by an instance
     attribute: ``copy.deepcopy`` (``CompressedContext.copy``) keeps the class, so copies stay
     guarded, and a bound-method attribute would have pointed the copy at the original's tensors."""
-    cache._kvpress_chunk_outside = "refuse" if refuse else "warn"
+    # Never relaxed: a cache once refused stays refused (a later continuation forward, whose own
+    # call is unpadded, must not turn a padded cache's refusal into a warning).
+    current = cache.__dict__.get("_kvpress_chunk_outside")
+    if refuse or current not in ("refuse", "warned"):
+        cache._kvpress_chunk_outside = "refuse" if refuse else "warn"
     cls = type(cache)
     if getattr(cls, "_kvpress_chunk_guarded", False) or not hasattr(cls, "update"):
         return
@@ -190,7 +230,6 @@ class PressSession:
         self.prefill_positions: torch.Tensor | None = None
         # Caches compressed under a press -> what they stand for (checked on every later forward
         # under any press: shared, so a cache compressed in an earlier `with` block is known too).
-        self.continuations = _CONTINUATIONS
         self.continuing: tuple[Any, int, torch.Tensor] | None = None  # (cache, logical, positions) after the forward in flight
         # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
         self.decoder = DecodingCompressor(self) if press.decoding is not None else None
@@ -340,7 +379,7 @@ class PressSession:
         prefill from an empty cache is compressed, so the answers are right but nothing is saved.
         A question after a compressed (or keep-all) context is not warned about: that cache
         carries the mark of its prefill, copies and saved contexts included."""
-        if self.warned_append or getattr(cache, PREFILLED_MARK, False) or self.continuations.get(cache) is not None:
+        if self.warned_append or getattr(cache, PREFILLED_MARK, False) or continuation_of(cache) is not None:
             return
         inputs = _forward_inputs(args, kwargs)
         added = inputs.shape[1] if inputs is not None else 0
@@ -363,7 +402,7 @@ class PressSession:
         cache (it slices the prompt at ``cache.get_seq_length()``, the *compressed* length),
         assisted / prompt-lookup decoding and ``DynamicCache.crop`` (cuts in slot coordinates) all
         break that, and would otherwise run on wrong keys and positions without an error."""
-        state = self.continuations.get(cache)
+        state = continuation_of(cache)
         if state is None:
             return
         inputs = _forward_inputs(args, kwargs)
@@ -409,26 +448,11 @@ class PressSession:
             cache, logical, positions = self.continuing
         else:
             return
-        state = self.continuations.get(cache)
+        state = continuation_of(cache)
         layers = list(self.views) if state is None else list(state.offsets)
-        offsets = {}
-        for layer_idx in layers:
-            keys = getattr(cache.layers[layer_idx], "keys", None) if layer_idx < len(cache.layers) else None
-            if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-                offsets[layer_idx] = logical - keys.shape[-2]
-        self.continuations[cache] = _Continuation(logical, offsets, positions)
         padded = self.valid is not None and not bool(self.valid.all())
-        hidden = self._views_hide_tokens()
-        if padded or hidden:  # never right without the press's routing
-            guard_outside_the_press(cache, refuse=True)
-        elif any(offset > 0 for offset in offsets.values()):  # right only with the caller's positions
-            guard_outside_the_press(cache, refuse=False)
-        # (a keep-all press on unpadded rows leaves a cache that plain HF continues right)
-
-    def _views_hide_tokens(self) -> bool:
-        """Whether a view of the last prefill hides a slot (mask mode's evicted tokens, ragged
-        heads' padding slots): attention is then right only through the press's routing."""
-        return any(not bool(view.visible.all()) for view in self.views.values())
+        views = attached_views(cache)
+        record_compressed(cache, logical, positions, layers, padded, views_hide_slots(self.views if views is None else views))
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         try:

@@ -103,6 +103,28 @@ _ROUTERS: "weakref.WeakKeyDictionary[nn.Module, CompressedAttention]" = weakref.
 _REGISTERED: set[str] = set()
 
 
+#: instance attribute of a compressed cache: its live view table (``layer_idx -> LayerView``)
+VIEWS_ATTR = "_kvpress_chunk_views"
+
+
+def attached_views(cache: Any) -> "Views | None":
+    """The view table a compressed cache carries, or None.
+
+    Why on the cache: a copy (``CompressedContext.copy``, ``copy.deepcopy``), a context loaded
+    from a file or continued in a later press block is routed from its own views. Kept only in
+    the router, they were found for the original object alone, and the copy was continued with
+    plain attention over its padding and hidden slots (wrong logits, no error)."""
+    state = getattr(cache, "__dict__", None)
+    return state.get(VIEWS_ATTR) if state is not None else None
+
+
+def attach_views(cache: Any, views: "Views") -> None:
+    try:
+        setattr(cache, VIEWS_ATTR, views)
+    except (AttributeError, TypeError):  # pragma: no cover - a cache class with __slots__
+        pass
+
+
 def routing_active() -> bool:
     """Whether any model of this process routes attention through compressed views right now
     (inside a press block, or a compressed context's continuation)."""
@@ -169,18 +191,29 @@ class CompressedAttention:
         """A fresh, empty view table for ``cache`` (called when its prefill begins compressing)."""
         fresh: Views = {}
         self.views[cache] = fresh
+        attach_views(cache, fresh)
         return fresh
 
+    def live_views(self, cache: Any) -> Views | None:
+        """The view table ``cache`` is routed through: the router's, else the one it carries."""
+        if cache is None:
+            return None
+        views = self.views.get(cache)
+        return views if views is not None else attached_views(cache)
+
     def views_of(self, cache: Any) -> Views:
-        return dict(self.views.get(cache, {})) if cache is not None else {}
+        return dict(self.live_views(cache) or {})
 
     @contextlib.contextmanager
     def using(self, cache: Any, views: Mapping[int, LayerView]) -> Iterator[None]:
         """Route ``cache``'s compressed layers through ``views`` for the block (e.g. a copied context)."""
-        if not views or cache in self.views:
+        if cache in self.views or (not views and attached_views(cache) is None):
             yield
             return
-        self.views[cache] = dict(views)
+        # The cache's own table when it has one: it follows decoding-time compression, a
+        # snapshot taken at prefill would not.
+        carried = attached_views(cache)
+        self.views[cache] = carried if carried is not None else dict(views)
         try:
             yield
         finally:
@@ -190,7 +223,7 @@ class CompressedAttention:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         cache = cache_argument(args, kwargs, position=3)
-        views = self.views.get(cache) if cache is not None and cache_length(cache) > 0 else None
+        views = self.live_views(cache) if cache is not None and cache_length(cache) > 0 else None
         self.active = views or None
         mask = call_argument(args, kwargs, "attention_mask", 1)
         self.forward_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None

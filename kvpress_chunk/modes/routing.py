@@ -18,8 +18,9 @@ Layers that were not compressed (sliding-window layers, other models) keep the m
 :class:`CompressedAttention` installs this for one model: an attention implementation registered
 with transformers' ``AttentionInterface`` that delegates to the model's own (``sdpa`` or
 ``eager``) with the substituted mask, plus a forward pre-hook that records the 2-D mask of the
-call in flight. Views are kept per cache object, so a context copied or decoded later never
-meets another prefill's masks.
+call in flight. Views are kept per cache object, on the cache itself (``attached_views``), so a
+context copied, loaded from a file or continued in a later block is routed from its own views and
+never meets another prefill's masks.
 """
 
 from __future__ import annotations

@@ -40,8 +40,7 @@ the decoding passes (a whole-cache pass per step would hold every layer's scores
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -153,9 +152,58 @@ def decode_press(press: "Press") -> "Press":
     return press.replace(**changes)
 
 
+#: instance attribute of a cache decoded under a press with ``decoding``: its :class:`CacheDecoding`
+DECODING_ATTR = "_kvpress_chunk_decoding"
+
+
+@dataclass
+class CacheDecoding:
+    """Decoding-time compression state of *one cache*: each layer's observation window (hidden
+    states and RoPE of its last tokens), its prompt slots (``protect_prompt``) and the tokens each
+    row generated since its last compression.
+
+    Why on the cache: it was per session and per layer, so continuing context A after context B
+    was prefilled in the same block scored A with B's window and protected B's prompt width, and a
+    context prefilled in an earlier block (or loaded from a file) lost ``protect_prompt``
+    silently. On the cache, a copy (deepcopy) continues from its original's state; a cache met for
+    the first time while decoding (loaded, an earlier block) counts every slot it holds then as its
+    prompt and fills its window from the tokens it decodes."""
+
+    hidden: dict = field(default_factory=dict)  # layer -> hidden states of the last tokens
+    rope: dict = field(default_factory=dict)  # layer -> (cos, sin) of the same tokens
+    prompt_width: dict = field(default_factory=dict)  # layer -> prompt slots
+    since: Any = 0  # int64[B]: tokens generated per row since its last compression
+
+    def remember(self, layer_idx: int, hidden: torch.Tensor, rope: Any, window: int, fresh: bool) -> None:
+        if not fresh and layer_idx in self.hidden and self.hidden[layer_idx].shape[0] == hidden.shape[0]:
+            hidden = torch.cat([self.hidden[layer_idx], hidden], dim=1)
+        self.hidden[layer_idx] = hidden[:, -window:].detach()
+        if isinstance(rope, tuple) and len(rope) == 2:
+            cos, sin = rope
+            if not fresh and layer_idx in self.rope and self.rope[layer_idx][0].shape[0] == cos.shape[0]:
+                old_cos, old_sin = self.rope[layer_idx]
+                cos, sin = torch.cat([old_cos, cos], dim=1), torch.cat([old_sin, sin], dim=1)
+            self.rope[layer_idx] = (cos[:, -window:].detach(), sin[:, -window:].detach())
+        else:
+            self.rope.pop(layer_idx, None)
+
+
+def decoding_state(cache: Any, fresh: bool = False) -> CacheDecoding:
+    """``cache``'s decoding state, created (and attached) when it has none or ``fresh``."""
+    state = None if fresh else getattr(cache, "__dict__", {}).get(DECODING_ATTR)
+    if state is None:
+        state = CacheDecoding()
+        try:
+            setattr(cache, DECODING_ATTR, state)
+        except (AttributeError, TypeError):  # pragma: no cover - a cache class with __slots__
+            pass
+    return state
+
+
 class DecodingCompressor:
-    """Per-session state of decoding-time compression (created by the session when the press has
-    ``decoding``). :meth:`after_layer` runs after every attention layer's forward."""
+    """Per-session driver of decoding-time compression (created by the session when the press
+    has ``decoding``). :meth:`after_layer` runs after every attention layer's forward; what must
+    follow a cache lives on the cache (:class:`CacheDecoding`), only the forward in flight here."""
 
     def __init__(self, session: "PressSession"):
         self.session = session
@@ -163,33 +211,12 @@ class DecodingCompressor:
         self.policy: Decoding = session.press.decoding
         self.inner = decode_press(session.press)
         self.window = max(1, self.inner.scorer.window)
-        self.hidden: dict[int, torch.Tensor] = {}  # layer -> hidden states of the last tokens
-        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.seed: dict[int, tuple] = {}  # layer -> (hidden, rope) of the prefill's last tokens
-        self.cache_of: dict[int, Any] = {}  # layer -> weakref to the cache decoded last
-        self.prompt_width: dict[int, int] = {}  # layer -> prompt slots (protect_prompt)
-        self.since: Any = 0  # int64[B]: tokens generated per row since its last compression
+        self.state: CacheDecoding | None = None  # the state of the cache of the forward in flight
         self.fire: Any = None  # bool[B]: rows compressing in the forward in flight
         self.firing = False  # some row compresses in this forward
         self.earlier: dict[int, Selection] = {}  # selections of the pass in flight (layer reuse)
         self.compressions = 0  # passes run (for tests and reports)
         self.max_seen = 0  # largest per-row token count after any decode forward (for tests)
-
-    # -- observation window --------------------------------------------------------------------------
-
-    def _remember(self, layer_idx: int, hidden: torch.Tensor, rope: Any, fresh: bool) -> None:
-        w = self.window
-        if not fresh and layer_idx in self.hidden and self.hidden[layer_idx].shape[0] == hidden.shape[0]:
-            hidden = torch.cat([self.hidden[layer_idx], hidden], dim=1)
-        self.hidden[layer_idx] = hidden[:, -w:].detach()
-        if isinstance(rope, tuple) and len(rope) == 2:
-            cos, sin = rope
-            if not fresh and layer_idx in self.rope and self.rope[layer_idx][0].shape[0] == cos.shape[0]:
-                old_cos, old_sin = self.rope[layer_idx]
-                cos, sin = torch.cat([old_cos, cos], dim=1), torch.cat([old_sin, sin], dim=1)
-            self.rope[layer_idx] = (cos[:, -w:].detach(), sin[:, -w:].detach())
-        else:
-            self.rope.pop(layer_idx, None)
 
     # -- the hook ------------------------------------------------------------------------------------
 
@@ -203,49 +230,44 @@ class DecodingCompressor:
             return
         layer = cache.layers[layer_idx]
         rope = kwargs.get("position_embeddings")
+        first = layer_idx == session.compressible[0]
         if session.valid_seen:  # a prefill: start afresh (this layer was just compressed, if at all)
-            self._remember(layer_idx, hidden, rope, fresh=True)
-            self.seed[layer_idx] = (self.hidden[layer_idx], self.rope.get(layer_idx))
-            self.cache_of[layer_idx] = weakref.ref(cache)
-            self.prompt_width[layer_idx] = layer.keys.shape[-2]
-            if layer_idx == session.compressible[0]:
-                self.since = 0
+            state = decoding_state(cache, fresh=first)
+            state.remember(layer_idx, hidden, rope, self.window, fresh=True)
+            state.prompt_width[layer_idx] = layer.keys.shape[-2]
+            if first:
                 guard_against_beam_search(cache)
             return
-        known = self.cache_of.get(layer_idx)
-        if (known() if known is not None else None) is not cache and layer_idx in self.seed:
-            # Another cache than the last one decoded (e.g. generate_answers' copy of the context
-            # for the next question): its window starts again from the prefill's.
-            self.hidden[layer_idx], rope_seed = self.seed[layer_idx]
-            if rope_seed is not None:
-                self.rope[layer_idx] = rope_seed
-            self.cache_of[layer_idx] = weakref.ref(cache)
-            if layer_idx == session.compressible[0]:
-                self.since = 0
-        self._remember(layer_idx, hidden, rope, fresh=False)
+        state = decoding_state(cache)
+        if layer_idx not in state.prompt_width:
+            # First met while decoding (loaded, prefilled in an earlier block): what it held
+            # before this forward is its prompt.
+            state.prompt_width[layer_idx] = layer.keys.shape[-2] - hidden.shape[1]
+        state.remember(layer_idx, hidden, rope, self.window, fresh=False)
+        self.state = state
         router = session.router
         views = router.live_views(cache)
         if views is None:
             views = router.views[cache] = {}
             attach_views(cache, views)
         valid = self._valid(layer.keys.shape[-2], views.get(layer_idx), layer.keys.device, layer.keys.shape[0])
-        start = self.prompt_width.get(layer_idx, 0) if self.policy.protect_prompt else 0
+        start = state.prompt_width[layer_idx] if self.policy.protect_prompt else 0
         start = min(start, valid.shape[-1])
-        if layer_idx == session.compressible[0]:
+        if first:
             # Rows decide alone (a row compresses exactly when it would in a batch of one).
             count = valid[:, start:].sum(dim=-1)
-            if not isinstance(self.since, torch.Tensor) or self.since.shape != count.shape:
-                self.since = torch.zeros_like(count)
-            self.since = self.since + hidden.shape[1]
+            if not isinstance(state.since, torch.Tensor) or state.since.shape != count.shape:
+                state.since = torch.zeros_like(count)
+            state.since = state.since + hidden.shape[1]
             m, n = self.policy.max_cache, self.policy.every
-            self.fire = (count > m) & ((self.since >= n) | (count >= m + n))
+            self.fire = (count > m) & ((state.since >= n) | (count >= m + n))
             self.firing = bool(self.fire.any())
             self.earlier = {}
         if not self.firing:
             self.max_seen = max(self.max_seen, int(valid.sum(dim=-1).max()))
             return
         if layer_idx == session.compressible[-1]:
-            self.since = torch.where(self.fire, torch.zeros_like(self.since), self.since)
+            state.since = torch.where(self.fire, torch.zeros_like(state.since), state.since)
             self.compressions += 1
         self._compress(layer_idx, module, layer, views, valid, start)
         self.max_seen = max(self.max_seen, int(views[layer_idx].visible[:, 0].sum(dim=-1).max()))
@@ -299,9 +321,9 @@ class DecodingCompressor:
             kept_keys, kept_values = reused.apply(sub_keys, sub_values)
             selection = reused
         else:
-            rope = self.rope.get(layer_idx)
+            rope = self.state.rope.get(layer_idx)
             inputs = LayerInputs(
-                module=module, layer_idx=layer_idx, hidden_states=self.hidden[layer_idx],
+                module=module, layer_idx=layer_idx, hidden_states=self.state.hidden[layer_idx],
                 keys=sub_keys, values=sub_values, valid=sub_valid, position_embeddings=rope, input_ids=None,
             )
             compressible = self.session.compressible

@@ -9,10 +9,14 @@ What is stored (everything decoding reads, nothing executable: tensors plus a st
     cache.{i}.keys           [B, H, T_i, D] layer i's cached keys (T_i < L when compressed)
     cache.{i}.values         [B, H, T_i, D]
     view.{i}.visible         bool [B, Hs, P_i]  LayerView of compressed layer i
+    decoding.{i}.hidden      [B, w, H]      decoding-time compression's observation window
+    decoding.{i}.cos / .sin  [B, w, d]      (only for a press with ``decoding``, see below)
 
 plus header metadata (strings; JSON where structured): ``format``, ``format_version``,
 ``layers`` (type and length bookkeeping of every cache layer: ``cumulative_length`` and
 ``sliding_window`` of sliding-window layers), ``views`` (``flex_block_size``, ``all_visible``),
+``decoding`` (optional: each layer's protected prompt width and the tokens generated since the
+last compression, so a loaded context decodes under a ``decoding`` press exactly as the original),
 ``model_config`` / ``model_fingerprint`` (the config keys that shape the cache),
 ``weights_fingerprint`` (a sample of every parameter), ``dtype``, ``batch_size``,
 ``text_length``, ``kept_tokens``, ``press`` / ``press_spec``, versions, ``created``, the
@@ -215,6 +219,8 @@ def save_context(context: Any, path: str | os.PathLike, model: nn.Module, press:
         tensors[f"view.{index}.visible"] = _export(view.visible.to(torch.bool), seen)
         views[str(index)] = {"flex_block_size": view.flex_block_size, "all_visible": bool(view.all_visible)}
 
+    decoding = _export_decoding(cache, tensors, seen)
+
     import transformers
 
     from . import __version__
@@ -233,6 +239,7 @@ def save_context(context: Any, path: str | os.PathLike, model: nn.Module, press:
         "num_layers": str(len(layers)),
         "layers": json.dumps(records),
         "views": json.dumps(views, sort_keys=True),
+        **({"decoding": json.dumps(decoding, sort_keys=True)} if decoding else {}),
         "press": press.describe() if press is not None else "",
         "press_spec": json.dumps(to_spec(), sort_keys=True, default=str) if callable(to_spec) else "",
         "transformers_version": transformers.__version__,
@@ -255,6 +262,44 @@ def save_context(context: Any, path: str | os.PathLike, model: nn.Module, press:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _export_decoding(cache: Any, tensors: dict[str, torch.Tensor], seen: set[int]) -> dict | None:
+    """Decoding-time compression state of ``cache`` (:class:`~kvpress_chunk.decoding.CacheDecoding`)
+    into ``tensors``; its header entry, or None when the cache has none."""
+    from .decoding import DECODING_ATTR
+
+    state = getattr(cache, "__dict__", {}).get(DECODING_ATTR)
+    if state is None:
+        return None
+    layers = {}
+    for index, hidden in sorted(state.hidden.items()):
+        tensors[f"decoding.{index}.hidden"] = _export(hidden, seen)
+        rope = state.rope.get(index)
+        if rope is not None:
+            tensors[f"decoding.{index}.cos"], tensors[f"decoding.{index}.sin"] = _export(rope[0], seen), _export(rope[1], seen)
+        layers[str(index)] = {"rope": rope is not None, "prompt_width": state.prompt_width.get(index)}
+    since = state.since.tolist() if isinstance(state.since, torch.Tensor) else int(state.since)
+    return {"layers": layers, "since": since}
+
+
+def _restore_decoding(path: Path, spec: Any, tensors: Mapping[str, torch.Tensor], cache: Any, batch: int) -> None:
+    from .decoding import decoding_state
+
+    _expect(path, isinstance(spec, dict) and isinstance(spec.get("layers"), dict), "the 'decoding' header entry is malformed")
+    state = decoding_state(cache, fresh=True)
+    for key, record in spec["layers"].items():
+        index = int(key)
+        device = cache.layers[index].keys.device if getattr(cache.layers[index], "keys", None) is not None else "cpu"
+        hidden = tensors[f"decoding.{index}.hidden"]
+        _expect(path, hidden.dim() == 3 and hidden.shape[0] == batch, f"decoding.{index}.hidden is {tuple(hidden.shape)}, not [B={batch}, w, H]")
+        state.hidden[index] = hidden.to(device)
+        if record.get("rope"):
+            state.rope[index] = (tensors[f"decoding.{index}.cos"].to(device), tensors[f"decoding.{index}.sin"].to(device))
+        if isinstance(record.get("prompt_width"), int):
+            state.prompt_width[index] = record["prompt_width"]
+    since = spec.get("since", 0)
+    state.since = torch.tensor(since, dtype=torch.int64) if isinstance(since, list) else int(since)
 
 
 # -- load ----------------------------------------------------------------------------------------------
@@ -399,6 +444,15 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
         if record.get("initialized"):
             expected |= {f"cache.{index}.keys", f"cache.{index}.values"}
     expected |= {f"view.{index}.visible" for index in views_meta}
+    decoding_meta = _field(path, metadata, "decoding") if "decoding" in metadata else None
+    if decoding_meta is not None:
+        _expect(path, isinstance(decoding_meta, dict) and isinstance(decoding_meta.get("layers"), dict)
+                and all(key.isdigit() and int(key) < num_layers for key in decoding_meta["layers"]),
+                "the 'decoding' header entry is malformed")
+        for key, record in decoding_meta["layers"].items():
+            expected.add(f"decoding.{key}.hidden")
+            if isinstance(record, dict) and record.get("rope"):
+                expected |= {f"decoding.{key}.cos", f"decoding.{key}.sin"}
     present = set(handle.keys())
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     _expect(path, not missing, f"tensor(s) missing: {', '.join(missing)} (truncated or edited file)")
@@ -485,6 +539,8 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
     # Routed, checked and guarded like the cache it was saved from: a loaded cache continued
     # outside the press, or handed to model.generate, was once neither refused nor warned about.
     attach_views(cache, views)
+    if decoding_meta is not None:
+        _restore_decoding(path, decoding_meta, tensors, cache, batch)
     if views:
         record_compressed(cache, length, positions, list(views), padded=not bool(mask.bool().all()),
                           hidden=views_hide_slots(views))

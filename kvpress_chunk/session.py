@@ -39,7 +39,7 @@ from .hf.hooks import (
     windowed_layers,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
-from .modes.routing import attached_views, compressed_attention, routing_active
+from .modes.routing import attached_views, compressed_attention, routing_cache
 from .policies.layer_inputs import LayerInputs
 from .selection import Selection
 from .registry import SpecError
@@ -168,7 +168,7 @@ def guard_outside_the_press(cache: Any, refuse: bool) -> None:
     guarded = _GUARDED.get(cls)
     if guarded is None:
         def update(self, *args, **kwargs):
-            if not routing_active():
+            if not routing_cache(self):
                 rule = self.__dict__.get("_kvpress_chunk_outside")
                 if rule == "refuse":
                     raise ContinuationError(OUTSIDE_MESSAGE)

@@ -106,3 +106,42 @@ def test_after_decoding_time_compression_the_context_routes_through_the_current_
         loaded = teacher_forced_logits(model, CompressedContext.load(tmp_path / "decoded.safetensors", model), asked)
     torch.testing.assert_close(after, inside, atol=1e-5, rtol=0)
     torch.testing.assert_close(loaded, inside, atol=1e-5, rtol=0)
+
+
+def test_another_models_press_block_does_not_unguard_a_compressed_cache(model):
+    """Growing a padded compressed cache outside its own press is refused even while *another*
+    model is inside a press block (the guard once asked "is any router installed?")."""
+    other = make_tiny_model("llama", seed=1)
+    ids, mask, _ = left_padded([120, 70], seed=3)
+    press = kc.make_press("chunkkv", compression_ratio=0.75, compile=False)
+    with press(model), torch.no_grad():
+        context = prefill(model, ids, mask)
+    with press(other), torch.no_grad(), pytest.raises(ContinuationError, match="outside the press"):
+        manual_forward(model, context.copy(), question(2))
+    with press(other), torch.no_grad():  # the library's own loop still routes it there
+        assert greedy_continue(model, context.copy(), question(2), 2).shape == (2, 2)
+
+
+@pytest.mark.parametrize("protect_prompt", [True, False])
+def test_decoding_time_compression_state_follows_its_cache(model, protect_prompt, tmp_path):
+    """A context continued after another was prefilled in the same block, in a later block, or
+    after a save and load decodes as if continued right after its own prefill (the observation
+    window and the protected prompt width were once the session's last prefill's, and
+    ``protect_prompt`` was silently dropped for a context not prefilled in the block)."""
+    document = torch.randint(3, 120, (1, 120), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(7))
+    asked = question(1)
+    press = kc.make_press("chunkkv(window=8)", compression_ratio=0.5, compile=False,
+                          decoding={"every": 4, "max_cache": 16, "protect_prompt": protect_prompt})
+    with press(model), torch.no_grad():
+        context = prefill(model, document)
+        context.save(tmp_path / "document.safetensors", model, press)
+        alone = greedy_continue(model, context.copy(), asked, 30)
+        prefill(model, other)  # another document in between
+        after_other = greedy_continue(model, context.copy(), asked, 30)
+    with press(model), torch.no_grad():
+        later_block = greedy_continue(model, context.copy(), asked, 30)
+        loaded = greedy_continue(model, CompressedContext.load(tmp_path / "document.safetensors", model), asked, 30)
+    assert torch.equal(after_other, alone)
+    assert torch.equal(later_block, alone)
+    assert torch.equal(loaded, alone)

@@ -132,6 +132,14 @@ def routing_active() -> bool:
     return bool(_ROUTERS)
 
 
+def routing_cache(cache: Any) -> bool:
+    """Whether the forward in flight on ``cache`` is routed: a router installed on the model
+    running it (inside its press block, or a compressed context's continuation) saw this very
+    cache. Not "any router anywhere": another model's press block does not route this cache, and
+    counting it let a compressed cache grow outside its own press unrefused."""
+    return any(router.forwarding is cache for router in list(_ROUTERS.values()))
+
+
 def router_of(model: nn.Module) -> "CompressedAttention | None":
     """The router installed on ``model``, if any."""
     return _ROUTERS.get(model)
@@ -144,6 +152,7 @@ class CompressedAttention:
         self.model = model
         self.views: "weakref.WeakKeyDictionary[Any, Views]" = weakref.WeakKeyDictionary()
         self.active: Views | None = None
+        self.forwarding: Any = None  # the cache of the forward in flight (``routing_cache``)
         self.forward_mask: torch.Tensor | None = None
         self.trailing_valid = 0  # trailing columns of forward_mask that are real in every row
         self._depth = 0
@@ -224,6 +233,7 @@ class CompressedAttention:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         cache = cache_argument(args, kwargs, position=3)
+        self.forwarding = cache
         views = self.live_views(cache) if cache is not None and cache_length(cache) > 0 else None
         self.active = views or None
         mask = call_argument(args, kwargs, "attention_mask", 1)
@@ -260,7 +270,7 @@ class CompressedAttention:
         return None
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.active = self.forward_mask = None
+        self.active = self.forward_mask = self.forwarding = None
 
     @property
     def forward_mask_full(self) -> bool:

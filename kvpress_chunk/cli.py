@@ -165,29 +165,11 @@ def _model(args: argparse.Namespace):
         return 2
 
 
-def _fidelity_ignored_options(args: argparse.Namespace) -> str | None:
-    """Needle options ``eval fidelity`` would otherwise accept and ignore (it scores a prose
-    continuation, query-agnostic): an error message, or None."""
-    if args.depths:
-        return "eval fidelity has no needle: --depths does not apply"
-    if args.query_aware:
-        return "eval fidelity has no question (it is query-agnostic): --query-aware does not apply"
-    if args.haystack != "noise":
-        return "eval fidelity always reads the shipped prose: --haystack does not apply"
-    if args.needle != "number":
-        return "eval fidelity has no needle: --needle does not apply"
-    return None
-
-
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """``kvpress-chunk eval fidelity``: NLL / KL / top-1 of a held-out continuation per press and ratio."""
     from .eval.fidelity import format_fidelity_table, make_windows, run_fidelity
     from .eval.report import plot_fidelity
 
-    ignored = _fidelity_ignored_options(args)
-    if ignored:
-        print(f"error: {ignored}", file=sys.stderr)
-        return 2
     settings = {key: getattr(args, key) or (QUICK if args.quick else DEFAULTS)[key] for key in DEFAULTS}
     loaded = _entries_and_model(args, settings)
     if isinstance(loaded, int):
@@ -325,6 +307,15 @@ def cmd_decoding(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _model_label(name: str | None) -> str:
+    """How a store names the model: an embedded model's name, else the folder's absolute path."""
+    from .hf.models import EMBEDDED_MODELS
+
+    if name is None:
+        return "smollm2-135m-instruct"
+    return name if name in EMBEDDED_MODELS else str(Path(name).resolve())
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
     from .eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
@@ -358,7 +349,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         try:
             records = run_leaderboard(model, tokenizer, entries, settings["ratios"], args.tasks, store,
                                       settings["lengths"], settings["depths"], tuple(args.formats), args.windows or 4,
-                                      args.seed)
+                                      args.seed, max_new_tokens=args.max_new_tokens,
+                                      model_name=_model_label(args.model))
         except ValueError as exc:  # a corrupt store, a window longer than the prose, a bad needle case
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -435,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--store", default="out/leaderboard.jsonl", help="JSON-lines store of finished runs (resumable)")
     board.add_argument("--render-only", action="store_true", help="only render the table from the store")
     board.add_argument("--title", default="Leaderboard (embedded SmolLM2-135M, query-agnostic)")
-    board.set_defaults(func=cmd_leaderboard)
+    board.set_defaults(func=cmd_leaderboard, max_new_tokens=24)  # what the committed stores were run with
     board.set_defaults(out="out/leaderboard.md")
     from .cli_context import add_context_commands
 
@@ -443,8 +435,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SWEEP = {"presses", "seed", "out", "model", "compile", "compare_kvpress"}
+#: the options each command reads; any other option given a non-default value is refused (the
+#: parsers share their sweep options, and an accepted-but-ignored flag gives a result that looks
+#: like the one asked for: `eval niah --apply mask` ran in evict mode, `leaderboard --needle hex`
+#: on numbers, `leaderboard --max-new-tokens 2` with 24)
+_APPLICABLE = {
+    "needles": _SWEEP | {"ratios", "lengths", "depths", "quick", "query_aware", "haystack", "needle", "max_new_tokens"},
+    "fidelity": _SWEEP | {"ratios", "lengths", "quick", "windows", "continuation"},
+    "decoding": _SWEEP | {"quick", "max_caches", "every", "new_tokens", "compression_ratio", "length", "protect_prompt",
+                          "reference", "apply"},
+    "leaderboard": _SWEEP | {"ratios", "lengths", "depths", "max_new_tokens", "tasks", "formats", "windows", "store",
+                             "render_only", "title"},
+}
+_HINTS = {("decoding", "ratios"): "it takes one prefill ratio, --compression-ratio",
+          ("decoding", "lengths"): "it takes one prompt length, --length",
+          ("leaderboard", "needle"): "use --formats", ("leaderboard", "haystack"): "needles are always on prose",
+          ("leaderboard", "query_aware"): "the leaderboard is query-agnostic",
+          ("leaderboard", "quick"): "choose --presses, --ratios, --lengths and --depths"}
+
+
+def ignored_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """Error lines for options given (a value other than their default) that ``args``' command
+    does not read."""
+    command = args.func.__name__
+    if command == "cmd_eval":
+        kind = args.task if args.task in ("fidelity", "decoding") else "needles"
+    elif command == "cmd_leaderboard":
+        kind = "leaderboard"
+    else:
+        return []
+    label = {"niah": "niah", "eval": f"eval {getattr(args, 'task', '')}"}.get(getattr(args, "command", None), "leaderboard")
+    problems = []
+    for action in parser._actions:
+        dest = action.dest
+        if dest in ("help", "func", "task") or not action.option_strings or dest in _APPLICABLE[kind]:
+            continue
+        if getattr(args, dest, action.default) != action.default:
+            hint = _HINTS.get((kind, dest))
+            problems.append(f"{action.option_strings[-1]} does not apply to `{label}`" + (f": {hint}" if hint else ""))
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    subparser = next((p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                      for name, p in a.choices.items() if name == getattr(args, "command", None)), None)
+    problems = ignored_options(args, subparser) if subparser is not None else []
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -89,6 +91,16 @@ def test_leaderboard_store_resumes_and_renders(tmp_path):
     assert [r["press"] for r in again].count("knorm") == 1
     table = leaderboard_markdown(again)
     assert "## 50% removed" in table and "| kvpress-chunk | keydiff |" in table and "fidelity KL" in table
+    assert {(r["model"], r["max_new_tokens"]) for r in again} == {("smollm2-135m-instruct", 24)}
+    # Resuming with another model (or answer length) would mix two models in one table: refused.
+    for other in (dict(model_name="/some/other/model"), dict(max_new_tokens=8)):
+        with pytest.raises(ValueError, match="use another --store"):
+            run_leaderboard(model, tokenizer, our_entries(["knorm"]), **args, **other)
+    legacy = tmp_path / "legacy.jsonl"  # records written before they carried their settings
+    legacy.write_text(json.dumps({"task": "fidelity", "case": "x", "library": "-", "press": "full",
+                                  "compression_ratio": 0.0}) + "\n")
+    with pytest.raises(ValueError, match="model='smollm2-135m-instruct'"):
+        run_leaderboard(model, tokenizer, our_entries(["knorm"]), **{**args, "store": legacy}, model_name="/other")
 
 
 def test_kvpress_presses_run_on_the_same_windows():
@@ -130,9 +142,17 @@ def test_cli_refuses_bad_fidelity_and_leaderboard_input_before_loading_the_model
     assert "ratios must be in [0, 1)" in capsys.readouterr().err
     assert cli.main(["eval", "fidelity", "--presses", "chunky"]) == 2
     assert "unknown preset 'chunky'" in capsys.readouterr().err
-    for option in (["--depths", "0.5"], ["--query-aware"], ["--haystack", "prose"], ["--needle", "hex"]):
-        assert cli.main(["eval", "fidelity", *option]) == 2  # accepted and ignored before: refused
-        assert "does not apply" in capsys.readouterr().err
+    # Options a command does not read were accepted and ignored (a mask-mode niah ran in evict
+    # mode, a leaderboard asked for hex needles ran numbers): refused before the model loads.
+    for argv in (["eval", "fidelity", "--depths", "0.5"], ["eval", "fidelity", "--query-aware"],
+                 ["eval", "fidelity", "--haystack", "prose"], ["eval", "fidelity", "--needle", "hex"],
+                 ["eval", "fidelity", "--apply", "mask"], ["eval", "fidelity", "--max-new-tokens", "3"],
+                 ["eval", "niah", "--apply", "mask"], ["eval", "niah", "--every", "3"], ["eval", "niah", "--windows", "7"],
+                 ["eval", "decoding", "--max-new-tokens", "3"], ["eval", "decoding", "--needle", "hex"],
+                 ["eval", "decoding", "--ratios", "0.5"], ["leaderboard", "--needle", "hex"],
+                 ["leaderboard", "--query-aware"], ["leaderboard", "--quick"], ["leaderboard", "--haystack", "prose"]):
+        assert cli.main(argv) == 2, argv
+        assert f"{argv[-1] if argv[-1].startswith('--') else argv[-2]} does not apply" in capsys.readouterr().err
     assert cli.main(["leaderboard", "--tasks", "niah,fidelty", "--store", str(tmp_path / "s.jsonl")]) == 2
     assert "unknown task(s) fidelty" in capsys.readouterr().err
     assert cli.main(["leaderboard", "--render-only", "--store", str(tmp_path / "none.jsonl")]) == 2

@@ -44,6 +44,27 @@ def load_store(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     return records
 
 
+#: what a store's records were made with when they do not say (the stores written before
+#: records carried it: the embedded SmolLM2, 24 answer tokens)
+LEGACY_SETTINGS = {"model": "smollm2-135m-instruct", "max_new_tokens": 24}
+
+
+def check_store_settings(path: Path, records: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """Refuse to resume a store whose runs were made with another model or answer length.
+
+    Why: runs are looked up by task, case, press and ratio only; resuming a store with another
+    ``--model`` kept the first model's needle answers beside the second model's new runs, one
+    table mixing two models with nothing to show it."""
+    for record in records:
+        for name, value in settings.items():
+            theirs = record.get(name, LEGACY_SETTINGS.get(name))
+            if theirs != value:
+                raise ValueError(
+                    f"{path} holds runs made with {name}={theirs!r}, this run has {name}={value!r}: a table must not "
+                    "mix them; use another --store"
+                )
+
+
 def _key(record: dict[str, Any]) -> tuple:
     return (record["task"], record["case"], record["library"], record["press"], float(record["compression_ratio"]))
 
@@ -70,13 +91,19 @@ def run_leaderboard(
     seed: int = 0,
     max_new_tokens: int = 24,
     progress: bool = True,
+    model_name: str = LEGACY_SETTINGS["model"],
 ) -> list[dict[str, Any]]:
-    """Run what ``store`` lacks (full cache first, then every entry x ratio) and return the store."""
+    """Run what ``store`` lacks (full cache first, then every entry x ratio) and return the store.
+    ``model_name`` and ``max_new_tokens`` are written into every record, and a store made with
+    others is refused (:func:`check_store_settings`)."""
     from tqdm import tqdm
 
     entries = list(entries)
     store.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(r) for r in load_store(store, repair=True)}
+    existing = load_store(store, repair=True)
+    settings = {"model": model_name, "max_new_tokens": max_new_tokens}
+    check_store_settings(store, existing, settings)
+    done = {_key(r) for r in existing}
     tag = f"-s{seed}" if seed else ""  # seed 0 keeps the names of earlier stores
     per_task = []
     for task in tasks:
@@ -112,7 +139,7 @@ def run_leaderboard(
                 kept, figures = None, {"error": f"{type(error).__name__}: {str(error)[:200]}"}
             record = {
                 "task": task, "case": name, "library": library, "press": label, "compression_ratio": float(ratio),
-                "kept_tokens": kept, **figures, "seconds": round(time.perf_counter() - start, 3),
+                "kept_tokens": kept, **figures, "seconds": round(time.perf_counter() - start, 3), **settings,
             }
             out.write(json.dumps(record) + "\n")
             out.flush()

@@ -228,8 +228,8 @@ class PressSession:
         self.prefill_cache: Any = None  # the cache of the prefill in flight
         self.prefill_length = 0
         self.prefill_positions: torch.Tensor | None = None
-        # Caches compressed under a press -> what they stand for (checked on every later forward
-        # under any press: shared, so a cache compressed in an earlier `with` block is known too).
+        # What a compressed cache stands for lives on the cache (``continuation_of``), so copies,
+        # loaded contexts and later blocks are checked like the original.
         self.continuing: tuple[Any, int, torch.Tensor] | None = None  # (cache, logical, positions) after the forward in flight
         # Decoding-time compression (issue 12, kvpress_chunk/decoding.py), when the press asks for it.
         self.decoder = DecodingCompressor(self) if press.decoding is not None else None

@@ -23,7 +23,7 @@ import torch
 import kvpress_chunk as kc
 from kvpress_chunk.generation import applied
 from kvpress_chunk.hf.hooks import cache_keyword
-from kvpress_chunk.session import _CONTINUATIONS
+from kvpress_chunk.session import CONTINUATION_ATTR, continuation_of
 from workloads import new_cache, prompt_ids, smollm2
 
 STEPS = 8
@@ -50,7 +50,7 @@ def prepare(model, length: int, mode: str, ratio: float):
     kept = cache.get_seq_length()
     # What the session recorded the compressed cache to stand for: a crop back to the prefill is
     # refused as a non-continuation (rightly, for users); this benchmark rewinds that record too.
-    record = _CONTINUATIONS.get(cache)
+    record = continuation_of(cache)
     feed = prompt_ids(length)[:, :STEPS]  # any fixed tokens: every round does the same work
     positions = torch.arange(length, length + STEPS)[None]
 
@@ -62,7 +62,7 @@ def prepare(model, length: int, mode: str, ratio: float):
         # tokens to drop: transformers >= 5.3 refuses a positive target length.)
         cache.crop(kept - cache.get_seq_length())
         if record is not None:
-            _CONTINUATIONS[cache] = record
+            setattr(cache, CONTINUATION_ATTR, record)
         return logits
 
     return decode_round, kept, stack

@@ -202,7 +202,8 @@ def test_pooled_scores_take_the_best_real_neighbour(lengths, radius, seed):
 
 
 @pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("kvzip(pool=2)", "evict"), ("kvzip(observe=8)", "evict"),
-                                           ("chunkkv-kvzip", "evict"), ("chunkkv-kvzip", "mask")])
+                                           ("kvzip-observe(observe=8)", "evict"), ("chunkkv-kvzip", "evict"),
+                                           ("chunkkv-kvzip", "mask")])
 def test_padded_batch_rows_answer_as_alone(preset, apply):
     model = make_tiny_model("llama", num_layers=3)
     tokenizer = ByteTokenizer()
@@ -270,3 +271,10 @@ def test_observed_window_scores_are_the_largest_attention_of_either(padded):
                 want[b, h // groups, : pos + 1] = torch.maximum(want[b, h // groups, : pos + 1], probs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert (got > context).any() and (got == context).any()  # both sides win somewhere
+
+
+def test_kvzip_observe_preset_is_kvzip_with_32_observed_queries():
+    ours, spelled = make_press("kvzip-observe", compression_ratio=0.5), make_press("kvzip(observe=32)", compression_ratio=0.5)
+    assert (ours.scorer, ours.grouper, ours.selector, ours.allocator) == (spelled.scorer, spelled.grouper,
+                                                                          spelled.selector, spelled.allocator)
+    assert make_press("kvzip-observe(observe=8, recent=4)", compression_ratio=0.5).scorer.observe == 8

@@ -105,6 +105,15 @@ def continuation_of(cache: Any) -> "_Continuation | None":
     return state.get(CONTINUATION_ATTR) if state is not None else None
 
 
+def forget_compression(cache: Any) -> None:
+    """Drop what an earlier prefill of ``cache`` recorded (what it stood for, its outside-the-press
+    rule): the cache was emptied and is being prefilled again."""
+    state = getattr(cache, "__dict__", None)
+    if state is not None:
+        state.pop(CONTINUATION_ATTR, None)
+        state.pop("_kvpress_chunk_outside", None)
+
+
 def views_hide_slots(views) -> bool:
     """Whether a view hides a slot (mask mode's evicted tokens, ragged heads' padding slots):
     attention is then right only through the press's routing."""
@@ -528,6 +537,7 @@ class PressSession:
             self.views = self.router.start_prefill(cache)
             self.prefill_cache, self.prefill_length = cache, hidden.shape[1]
             mark_prefilled(cache)
+            forget_compression(cache)  # a cache emptied and prefilled again starts afresh
             self.prefill_positions = (
                 self.valid.sum(dim=-1).to(torch.int64).cpu() if self.valid is not None
                 else torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.int64)

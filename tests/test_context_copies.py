@@ -145,3 +145,26 @@ def test_decoding_time_compression_state_follows_its_cache(model, protect_prompt
     assert torch.equal(after_other, alone)
     assert torch.equal(later_block, alone)
     assert torch.equal(loaded, alone)
+
+
+def test_a_cache_emptied_and_prefilled_again_forgets_its_earlier_compression(model):
+    """What a cache stood for travels with it, so a cache emptied (``crop``) and prefilled again
+    must start afresh: its earlier padded prefill's refusal once outlived it."""
+    from kvpress_chunk.generation import new_cache
+
+    keyword = cache_keyword(model)
+    ids, mask, _ = left_padded([120, 70], seed=3)
+    cache = new_cache(model)
+    with kc.make_press("chunkkv", compression_ratio=0.75, compile=False)(model), torch.no_grad():
+        model(ids, attention_mask=mask, **{keyword: cache})
+    cache.crop(-cache.get_seq_length())
+    rows = torch.randint(3, 120, (2, 50), generator=torch.Generator().manual_seed(4))
+    step = dict(input_ids=torch.tensor([[5], [6]]), position_ids=torch.tensor([[50], [50]]))
+    with kc.make_press("chunkkv", compression_ratio=0.0, compile=False)(model), torch.no_grad():
+        model(rows, **{keyword: cache})  # keep-all, unpadded: plain attention continues it right
+    fresh = new_cache(model)
+    with torch.no_grad():
+        model(rows, **{keyword: fresh})
+        want = model(**step, **{keyword: fresh}).logits
+        got = model(**step, **{keyword: cache}).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

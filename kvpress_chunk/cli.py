@@ -318,7 +318,7 @@ def _model_label(name: str | None) -> str:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
-    from .eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
+    from .eval.leaderboard import leaderboard_markdown, load_store, rescore, run_leaderboard, save_store
     from .eval.report import plot_press_grid
     from .eval.tasks import task_names
 
@@ -330,15 +330,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         print(f"error: unknown task(s) {', '.join(unknown)}; known: {', '.join((*task_names(), 'fidelity'))}",
               file=sys.stderr)
         return 2
-    if args.render_only:
+    if args.render_only or args.rescore:
         try:
             records = load_store(store)
+            if args.rescore:  # the needle scores again from the stored answers; no model is loaded
+                records, changed = rescore(records)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if not records:
             print(f"error: {store} holds no runs", file=sys.stderr)
             return 2
+        if args.rescore:
+            for record, old in changed:
+                print(f"rescored: {record['library']} {record['press']} r={record['compression_ratio']} {record['task']} "
+                      f"{record['case']}: {old:g} -> {record['score']:g} (answer {record['answer']!r})")
+            print(f"rescored {store}: {len(changed)} score(s) changed")
+            if changed:
+                save_store(store, records)
     else:
         loaded = _entries_and_model(args, settings)
         if isinstance(loaded, int):
@@ -426,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--windows", type=int, help="fidelity windows per length (default 4)")
     board.add_argument("--store", default="out/leaderboard.jsonl", help="JSON-lines store of finished runs (resumable)")
     board.add_argument("--render-only", action="store_true", help="only render the table from the store")
+    board.add_argument("--rescore", action="store_true",
+                       help="score the store's needle answers again (no model run), rewrite the store, then render")
     board.add_argument("--title", default="Leaderboard (embedded SmolLM2-135M, query-agnostic)")
     board.set_defaults(func=cmd_leaderboard, max_new_tokens=24)  # what the committed stores were run with
     board.set_defaults(out="out/leaderboard.md")
@@ -446,7 +457,7 @@ _APPLICABLE = {
     "decoding": _SWEEP | {"quick", "max_caches", "every", "new_tokens", "compression_ratio", "length", "protect_prompt",
                           "reference", "apply"},
     "leaderboard": _SWEEP | {"ratios", "lengths", "depths", "max_new_tokens", "tasks", "formats", "windows", "store",
-                             "render_only", "title"},
+                             "render_only", "rescore", "title"},
 }
 _HINTS = {("decoding", "ratios"): "it takes one prefill ratio, --compression-ratio",
           ("decoding", "lengths"): "it takes one prompt length, --length",

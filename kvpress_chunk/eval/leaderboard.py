@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Iterable
 
 from .fidelity import compare, continuation_logprobs, make_windows
 from .runner import PressEntry, answer_case
-from .tasks import NEEDLE_FORMATS, make_case, score_answer
+from .tasks import NEEDLE_FORMATS, draw_case, make_case, score_answer
 
 
 def load_store(path: Path, repair: bool = False) -> list[dict[str, Any]]:
@@ -40,7 +41,7 @@ def load_store(path: Path, repair: bool = False) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: line {number} is not a JSON record; fix or delete it") from None
             print(f"warning: {path}: dropping a truncated last line (an interrupted run)", file=sys.stderr)
             if repair:
-                path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+                save_store(path, records)
     return records
 
 
@@ -155,8 +156,44 @@ def _run_case(model, tokenizer, task, name, case, press, is_full, references, ma
             references[name] = logprobs if is_full else continuation_logprobs(model, tokenizer, case)[0]
         return kept, compare(references[name], logprobs, case.continuation_ids[0].to(logprobs.device))
     answer, kept = answer_case(model, tokenizer, case, press, False, max_new_tokens)
-    return kept, {"score": score_answer(answer, case.answers), "answer": answer, "depth": case.depth,
-                  "target_tokens": case.target_tokens, "needle_format": case.needle_format}
+    return kept, {"score": score_answer(answer, case.answers), "answer": answer, "answers": list(case.answers),
+                  "depth": case.depth, "target_tokens": case.target_tokens, "needle_format": case.needle_format}
+
+
+def expected_answers(record: dict[str, Any]) -> tuple[str, ...]:
+    """A needle record's expected answers: its ``answers``, or (records written before 2026-12-05
+    kept only the model's answer) drawn again from its case name ``L{length}-d{depth}-{format}[-s{seed}]``
+    as :func:`run_leaderboard` made it (prose haystack, seeded: :func:`~.tasks.draw_case`)."""
+    if "answers" in record:
+        return tuple(record["answers"])
+    match = re.fullmatch(r"L(\d+)-d([0-9.]+)-(\w+?)(?:-s(\d+))?", record["case"])
+    if match is None:
+        raise ValueError(f"case {record['case']!r} is not a leaderboard case name; its answers cannot be drawn again")
+    length, depth, fmt, seed = match.groups()
+    return draw_case(record["task"], int(length), float(depth), "prose", fmt, int(seed or 0))[0].answers
+
+
+def rescore(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], float]]]:
+    """``(records, changed)``: every needle record's ``score`` computed again from its stored
+    ``answer`` with today's :func:`~.tasks.score_answer`, no model run; ``changed`` lists the new
+    records whose score moved, each with its old score. Fidelity records and failed runs are kept
+    as they are. Why: the scorer was a bare substring test until 2026-12-05 (it took
+    "128466537810" for 1284665); a store keeps the answers, so its figures can be corrected."""
+    out: list[dict[str, Any]] = []
+    changed: list[tuple[dict[str, Any], float]] = []
+    for record in records:
+        if record["task"] != "fidelity" and "answer" in record:
+            score = score_answer(record["answer"], expected_answers(record))
+            if score != record["score"]:
+                changed.append(({**record, "score": score}, record["score"]))
+                record = changed[-1][0]
+        out.append(record)
+    return out, changed
+
+
+def save_store(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` as the store ``path``, one JSON line each, in their order."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 def failures(records: list[dict[str, Any]]) -> dict[tuple[str, str, float], tuple[int, str]]:

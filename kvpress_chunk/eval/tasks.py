@@ -17,6 +17,7 @@ Tasks (RULER, arXiv 2404.06654):
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -59,8 +60,15 @@ class Case:
 
 
 def score_answer(answer: str, expected: tuple[str, ...]) -> float:
-    """Fraction of expected strings found verbatim (exact substring match) in the answer."""
-    return sum(item in answer for item in expected) / len(expected)
+    """Fraction of expected strings found verbatim in the answer as a whole word: case-sensitive,
+    and with no letter or digit touching it on either side (start or end of the answer, spaces,
+    punctuation and ``_`` are boundaries; any Unicode letter or digit, as ``str.isalnum``, is not).
+
+    Why: a bare substring test scored "128466537810" right for the number 1284665 (knorm at 50% in
+    ``docs/leaderboard.jsonl``), as it would a longer hex code around the expected one or "Maria
+    Lopezberg" for "Maria Lopez". ``\\b`` is not used: it takes ``_`` for a letter. (So "0x" glued
+    before a hex code makes it a miss too.)"""
+    return sum(bool(re.search(rf"(?<![^\W_]){re.escape(item)}(?![^\W_])", answer)) for item in expected) / len(expected)
 
 
 @lru_cache(maxsize=1)
@@ -282,6 +290,20 @@ def make_case(
 ) -> Case:
     """Generate one case. ``depth`` places the asked needle; other needles (distractors, extra
     values, chain links) are spread over the rest of the context, seeded."""
+    made, rng = draw_case(task, context_tokens, depth, haystack, needle_format, seed, n_extra)
+    context = build_context(tokenizer, context_tokens, made.needles, haystack, rng)
+    return Case(
+        task=task, context=context, question=made.question, answers=made.answers, depth=depth,
+        context_tokens=_count(tokenizer, context), target_tokens=context_tokens, haystack=haystack,
+        needle_format=needle_format, seed=seed, needles=tuple(text for _, text in made.needles),
+    )
+
+
+def draw_case(task: str, context_tokens: int, depth: float, haystack: str, needle_format: str, seed: int,
+              n_extra: int = 3) -> tuple[TaskCase, random.Random]:
+    """What :func:`make_case` draws before it builds the haystack, and without a tokenizer: the
+    task's needles, question and expected answers, and the seeded generator left for the haystack
+    (how a store that kept only the model's answers is re-scored, :func:`.leaderboard.rescore`)."""
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(_TASKS)}")
     if not 0 <= depth <= 1:
@@ -296,10 +318,4 @@ def make_case(
     draw = Draw(rng, _FORMAT_NOUN[needle_format], needle_format, depth, [round(rng.uniform(0.05, 0.95), 3) for _ in range(n_extra)])
     draw.key = draw.new_key()
     draw.value = draw.new_value()
-    made = _TASKS[task](draw)
-    context = build_context(tokenizer, context_tokens, made.needles, haystack, rng)
-    return Case(
-        task=task, context=context, question=made.question, answers=made.answers, depth=depth,
-        context_tokens=_count(tokenizer, context), target_tokens=context_tokens, haystack=haystack,
-        needle_format=needle_format, seed=seed, needles=tuple(text for _, text in made.needles),
-    )
+    return _TASKS[task](draw), rng

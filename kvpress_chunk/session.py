@@ -28,6 +28,7 @@ from .decoding import DecodingCompressor
 from .hf.hooks import (
     CACHE_ARGUMENT_NAMES,
     CacheNotFoundError,
+    UnsupportedModelError,
     cache_argument,
     cache_length,
     call_argument,
@@ -35,6 +36,7 @@ from .hf.hooks import (
     has_cache_argument,
     padding_mask,
     query_projection,
+    remixed_value_heads,
     unevictable_layer,
     windowed_layers,
 )
@@ -216,6 +218,12 @@ class PressSession:
                     f"config.name_or_path={getattr(model.config, 'name_or_path', None)!r})"
                 )
         self.layers = find_attention_layers(model)
+        remixed = remixed_value_heads(self.layers) if press.selector.per_head and press.apply == "evict" else None
+        if remixed is not None:
+            raise UnsupportedModelError(
+                f"{remixed} mixes value heads across KV heads (differential attention), so per-head eviction would "
+                "pair each head's keys with other tokens' values: use apply='mask' or a shared selection (per_head=False)"
+            )
         self.valid: torch.Tensor | None = None
         self.input_ids: torch.Tensor | None = None  # tokens of the prefill in flight
         self.selections: dict[int, Selection] = {}

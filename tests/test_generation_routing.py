@@ -16,7 +16,7 @@ import torch._dynamo
 
 import kvpress_chunk as kc
 from kvpress_chunk.generation import greedy_continue, new_cache, prefill
-from kvpress_chunk.hf.hooks import CacheNotFoundError, cache_keyword
+from kvpress_chunk.hf.hooks import CacheNotFoundError, UnsupportedModelError, cache_keyword
 from tiny_models import make_tiny_model
 
 @pytest.fixture(autouse=True)
@@ -77,6 +77,23 @@ def test_generate_on_a_padded_batch_gives_each_row_its_answer_alone(family, mode
         first = context.last_logits.argmax(dim=-1, keepdim=True)
         rest = greedy_continue(model, context, first, max_new_tokens=5)
     assert torch.equal(torch.cat([first, rest], dim=-1), batched)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evict_and_mask_mode_generate_the_same_tokens(family):
+    """The same selection, two layouts: mask mode keeps every slot (the cache's lengths stay the
+    text's), evict mode shortens the compressed layers. On transformers 5.3 up to the release
+    with ``Cache.get_query_offset`` the masks place queries at the *first* layer's length: a
+    compressed first layer (Qwen2, full layers below sliding ones) gave the sliding layers masks
+    for the wrong positions, alone and in a padded batch alike (so the row-alone oracle agreed)."""
+    model = tiny(family)
+    ids, mask, rows = left_padded([150, 60])
+    for inputs, attention in ((ids, mask), (rows[0][None], None)):
+        out = {
+            mode: generate(model, inputs, attention, kc.make_press("chunkkv", compression_ratio=0.7, compile=False, apply=mode))
+            for mode in ("evict", "mask")
+        }
+        assert torch.equal(out["evict"], out["mask"]), f"{family} batch {inputs.shape[0]}: {out}"
 
 
 @pytest.mark.parametrize("family", SLIDING + ("llama",))
@@ -236,3 +253,92 @@ def test_a_prompt_longer_than_the_models_positions_warns_once():
         for _ in range(2):
             model(torch.randint(3, 120, (1, 150)), use_cache=True)
     assert sum("positions" in str(w.message) for w in record) == 1
+
+
+def _auto_model(model_type: str, **config):
+    """A tiny random model of a family tests/tiny_models.py does not build (skipped if this
+    transformers release lacks the family)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=128, num_hidden_layers=2, max_position_embeddings=4096, pad_token_id=0)
+    try:
+        built = AutoConfig.for_model(model_type, **{**settings, **config})
+    except (KeyError, ValueError) as exc:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type}: {exc}")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(built, attn_implementation="eager").eval()
+
+
+def _rows_alone_and_modes_agree(model, new=5, per_head=False):
+    """Padded rows = rows alone, mask mode = evict mode (logits: random tiny models tie tokens)."""
+    ids, mask, rows = left_padded([80, 50], seed=3)
+    # knorm reads no queries: these tests are about reading compressed caches, not about scoring
+    presses = {mode: kc.make_press("knorm", per_head=per_head, compression_ratio=0.5, compile=False, apply=mode)
+               for mode in ("evict", "mask")}
+
+    def run(press, inputs, attention):
+        with torch.no_grad(), press(model):
+            out = model.generate(inputs, attention_mask=attention, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits, 1)
+
+    batched = run(presses["evict"], ids, mask)
+    for r, row in enumerate(rows):
+        alone = run(presses["evict"], row[None], None)
+        assert torch.allclose(batched[r], alone[0], atol=1e-4), f"row {r}: {(batched[r] - alone[0]).abs().max()}"
+        masked = run(presses["mask"], row[None], None)
+        assert torch.allclose(masked, alone, atol=1e-4), f"row {r} mask vs evict: {(masked - alone).abs().max()}"
+
+
+@pytest.mark.parametrize("model_type,config", [("diffllama", {}), ("nemotron", {"partial_rotary_factor": 1.0})])
+def test_a_model_whose_attention_ignores_the_attention_interface_is_refused_or_exact(model_type, config):
+    """DiffLlama and Nemotron on transformers 5.2 fix their attention classes when built:
+    ``set_attn_implementation`` only warned, our routed attention never ran, and padded rows and
+    mask mode decoded through the model's own mask (other tokens, no error)."""
+    model = _auto_model(model_type, **config)
+    try:
+        _rows_alone_and_modes_agree(model)
+    except UnsupportedModelError as exc:
+        assert "AttentionInterface" in str(exc)
+
+
+def test_per_head_eviction_of_a_model_that_remixes_value_heads_is_refused():
+    """DiffLlama's value head h carries another KV head's values: per-head eviction keeps other
+    tokens in each head's slots, so keys met other tokens' values (transformers 5.25: mask and
+    evict mode differed by 0.37 in the logits, no error). On 5.2 the model is refused anyway."""
+    model = _auto_model("diffllama")
+    with pytest.raises(UnsupportedModelError, match="mixes value heads|AttentionInterface"):
+        _rows_alone_and_modes_agree(model, per_head=True)
+
+
+def test_gemma3n_kv_shared_layers_read_their_store_layers_compressed_cache_or_are_refused():
+    """Gemma 3n's KV-shared layers attend over the last "store" layer's keys. On transformers
+    >= 5.3 they have no key projection of their own, so they had no route: with the store layer
+    compressed, a padded row was off by 1.57 in the logits and mask mode attended to hidden
+    tokens. They now read through the store layer's view (on 5.2 the press refuses the model)."""
+    model = _auto_model("gemma3n_text", vocab_size_per_layer_input=128, num_hidden_layers=4,
+                        layer_types=["full_attention"] * 4, num_kv_shared_layers=2, initializer_range=0.2,
+                        activation_sparsity_pattern=[0.0] * 4)
+    try:
+        _rows_alone_and_modes_agree(model)
+    except (UnsupportedModelError, CacheNotFoundError) as exc:
+        assert "cannot compress layer" in str(exc) or "not supported" in str(exc)
+
+
+def test_a_compressed_layer_that_skips_the_routed_attention_is_an_error_not_a_silent_pass_through(monkeypatch):
+    """The safety net behind the build-time check: a model that accepts the implementation but
+    whose attention still calls its own kernel (simulated on a tiny Llama) is refused at the
+    first forward that reads a compressed cache."""
+    from transformers.models.llama import modeling_llama
+
+    class OwnKernel:
+        def get_interface(self, name, default):
+            return modeling_llama.eager_attention_forward
+
+    model = tiny("llama")
+    ids, mask, _ = left_padded([60, 40])
+    press = kc.make_press("knorm", compression_ratio=0.5, compile=False)
+    monkeypatch.setattr(modeling_llama, "ALL_ATTENTION_FUNCTIONS", OwnKernel())
+    with pytest.raises(UnsupportedModelError, match="did not attend through"):
+        generate(model, ids, mask, press)

@@ -148,6 +148,21 @@ def unevictable_layer(cache: Any, layer_indices: "list[int] | None" = None) -> s
     return None
 
 
+#: attributes of attention layers whose value heads are not their key heads: DiffLlama splits
+#: the values in two halves and repeats each across the KV heads (differential attention)
+REMIXED_VALUE_HEADS = ("lambda_init",)
+
+
+def remixed_value_heads(layers: list[tuple[int, nn.Module]]) -> str | None:
+    """The class name of the first attention layer whose value head ``h`` carries another KV
+    head's values, or ``None``. Per-head eviction keeps other tokens in each head's slots, so
+    such a layer would pair one head's keys with another head's values (wrong, no error)."""
+    for _, module in layers:
+        if any(hasattr(module, name) for name in REMIXED_VALUE_HEADS):
+            return type(module).__name__
+    return None
+
+
 def query_projection(module: nn.Module) -> nn.Module | None:
     """The submodule of an attention layer whose output holds its queries (``q_proj``, or the
     fused ``qkv_proj`` of Phi-3, queries first), or ``None`` when the layer has neither."""

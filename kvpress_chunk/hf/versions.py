@@ -1,6 +1,7 @@
 """Which transformers releases the library is proven on, and a clear refusal of the others.
 
-CI runs the whole suite on two lines (``.ci/run``): the newest release, and the newest one
+CI runs the whole suite on two lines (``.ci/run``, plus the mask and cache suites on 5.12.1,
+whose masks read the first layer's length): the newest release, and the newest one
 NVIDIA kvpress allows (< 5.3, i.e. 5.2). Releases before 5.2 are refused at import: their
 caches and attention interfaces differ, and on 4.57 a padded Gemma 3 batch decoded through the
 base model gave a row other hidden states than the row alone (wrong answers, no error). A

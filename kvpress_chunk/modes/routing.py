@@ -155,6 +155,7 @@ class CompressedAttention:
         self.forwarding: Any = None  # the cache of the forward in flight (``routing_cache``)
         self.forward_mask: torch.Tensor | None = None
         self.trailing_valid = 0  # trailing columns of forward_mask that are real in every row
+        self.shadowed: Any = None  # the cache whose get_seq_length the forward in flight shadows
         self._depth = 0
         self._handles: list = []
         self._saved_implementation: str | None = None
@@ -175,13 +176,24 @@ class CompressedAttention:
             )
         layers = find_attention_layers(model)
         name = register_routed_attention(current)
-        self._saved_implementation = current
         model.set_attn_implementation(name)
+        if model.config._attn_implementation != name:
+            # transformers only warns when a model's attention classes were fixed at build time
+            # (DiffLlama, Nemotron on 5.2); its compressed layers would read their caches through
+            # the model's own masks: wrong for padded rows and mask mode, without an error.
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not take an attention implementation after it is built (its "
+                "attention does not dispatch through transformers' AttentionInterface on this release), so a "
+                "press cannot read its compressed caches correctly; newer transformers releases may support it"
+            )
+        self._saved_implementation = current
         self.takes_cache_position = takes_argument(model, "cache_position")
         self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
         for layer_idx, module in layers:
             _ROUTES[module] = (self, layer_idx)
+        for module, source_idx in kv_reading_layers(model, layers).items():
+            _ROUTES[module] = (self, source_idx)
         _ROUTERS[model] = self
 
     def _remove(self) -> None:
@@ -236,6 +248,7 @@ class CompressedAttention:
         self.forwarding = cache
         views = self.live_views(cache) if cache is not None and cache_length(cache) > 0 else None
         self.active = views or None
+        self.routed_layers: set[int] = set()
         mask = call_argument(args, kwargs, "attention_mask", 1)
         self.forward_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.trailing_valid = 0
@@ -251,26 +264,55 @@ class CompressedAttention:
         if self.forward_mask is not None:
             real = self.forward_mask.to(torch.bool)
             self.trailing_valid = int(real.all(dim=0).flip(-1).to(torch.int64).cumprod(-1).sum())
-        if self.takes_cache_position and kwargs.get("cache_position") is None:
+        inputs = call_argument(args, kwargs, "input_ids", 0)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            return None
+        start = self._original_positions(inputs, position_ids)
+        if self.takes_cache_position:
             # transformers < 5.3 derives cache_position from cache.get_seq_length(), which a
             # compressed first layer makes too small; sliding-window layers build their masks
-            # from it. The original coordinates: the 2-D mask's width, or the positions.
-            inputs = call_argument(args, kwargs, "input_ids", 0)
-            if inputs is None:
-                inputs = kwargs.get("inputs_embeds")
-            if inputs is not None:
-                length = inputs.shape[1]
-                if self.forward_mask is not None:
-                    width = self.forward_mask.shape[-1]
-                    start = torch.arange(width - length, width, device=inputs.device)
-                else:
-                    start = position_ids.reshape(-1, position_ids.shape[-1])[0].to(inputs.device)
+            # from it.
+            if kwargs.get("cache_position") is None:
                 kwargs["cache_position"] = start
                 return args, kwargs
+        elif 0 in self.active and not hasattr(cache, "get_query_offset"):
+            # transformers 5.3 to the release that added Cache.get_query_offset place every
+            # mask's queries at cache.get_seq_length(), the *first* layer's length: when that
+            # layer was compressed, the uncompressed sliding-window layers got masks for queries
+            # at the wrong positions (a padded Qwen2 row with full layers below sliding ones
+            # answered other tokens on 5.12). For the forward, the first layer reports the
+            # original length, as every uncompressed layer does.
+            self.shadowed = cache
+            cache.get_seq_length = _first_layer_reports(cache, int(start[0]))
         return None
 
+    def _original_positions(self, inputs: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Positions of the forward's tokens in the original text's coordinates: the 2-D mask's
+        width (it covers the whole text), else the positions (one row: unpadded)."""
+        length = inputs.shape[1]
+        if self.forward_mask is not None:
+            width = self.forward_mask.shape[-1]
+            return torch.arange(width - length, width, device=inputs.device)
+        return position_ids.reshape(-1, position_ids.shape[-1])[0].to(inputs.device)
+
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.active = self.forward_mask = self.forwarding = None
+        if self.shadowed is not None:
+            self.shadowed.__dict__.pop("get_seq_length", None)
+        unrouted = sorted(set(self.active or ()) - self.routed_layers)
+        self.active = self.forward_mask = self.forwarding = self.shadowed = None
+        if unrouted:
+            # Checked after the fact because only the forward shows it: a model whose attention
+            # does not dispatch through transformers' AttentionInterface (DiffLlama, Nemotron on
+            # 5.2: their attention classes are fixed when the model is built) ignores
+            # set_attn_implementation, so its compressed layers ran with the model's own mask
+            # (padded rows and mask mode silently wrong).
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: compressed layers {unrouted} did not attend through transformers' "
+                "AttentionInterface, so their compressed caches cannot be read correctly; this model (on this "
+                "transformers release) is not supported by a press"
+            )
 
     @property
     def forward_mask_full(self) -> bool:
@@ -306,6 +348,41 @@ def compressed_attention(model: nn.Module) -> Iterator[CompressedAttention]:
             router._remove()
 
 
+def kv_reading_layers(model: nn.Module, layers: list[tuple[int, nn.Module]]) -> dict[nn.Module, int]:
+    """Attention modules that attend over another layer's keys and values -> that layer's index.
+
+    Gemma 3n's KV-shared layers (``config.num_kv_shared_layers``; transformers >= 5.3) have no
+    key projection of their own and read the keys of the last "store" layer of their type. When
+    that layer is compressed, they must see its cache through its view: with the model's own
+    mask a padded row read other rows' slot layout (off by 1.57 in the logits) and mask mode
+    attended to the hidden tokens.
+    """
+    producers = {getattr(m, "layer_type", None): idx for idx, m in layers if getattr(m, "store_full_length_kv", False)}
+    readers: dict[nn.Module, int] = {}
+    for module in model.modules():
+        if getattr(module, "is_kv_shared_layer", False) is not True:
+            continue
+        layer_type = getattr(module, "layer_type", None)
+        if layer_type not in producers:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) reuses another layer's keys, "
+                "but no layer of its type stores them: this KV-sharing layout is not supported by a press"
+            )
+        readers[module] = producers[layer_type]
+    return readers
+
+
+def _first_layer_reports(cache: Any, original_length: int):
+    """``cache.get_seq_length`` for one forward: the first layer answers ``original_length``
+    (the text's length before this forward), every other layer its own length."""
+    own = type(cache).get_seq_length
+
+    def get_seq_length(layer_idx: int = 0) -> int:
+        return original_length if layer_idx == 0 else own(cache, layer_idx)
+
+    return get_seq_length
+
+
 def _delegate(implementation: str, module: nn.Module):
     if implementation == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -323,6 +400,8 @@ def _make_routed_attention(implementation: str):
         delegate = _delegate(implementation, module)
         router, layer_idx = _ROUTES.get(module, (None, -1))
         view = router.active.get(layer_idx) if router is not None and router.active else None
+        if view is not None:
+            router.routed_layers.add(layer_idx)
         if view is None or key.shape[2] < view.prefix_length:
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         appended = router.appended_valid(key.shape[2] - view.prefix_length)

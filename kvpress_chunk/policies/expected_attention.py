@@ -10,9 +10,12 @@ over the context (a softmax), averaged over the query heads of each KV head, tim
 
 The future rotation is extrapolated from the last two prefill positions' ``(cos, sin)``: RoPE
 rotates each frequency by ``position x theta``, so two consecutive positions give ``theta`` and
-the phase, whatever the model's RoPE scaling (no need to find its rotary module). Rows of a
-left-padded batch use their own positions and statistics (padding is excluded), so a row gets
-its solo scores.
+the phase, whatever the model's RoPE scaling (no need to find its rotary module); the rotation
+matrix is the model's own rotation function applied to the unit vectors
+(:func:`~.queries.rotation_matrix`), so interleaved, partial and NoPE layouts match the model.
+Rows of a left-padded batch use their own positions and statistics (padding is excluded), so a
+row gets its solo scores. Gemma 2's logit soft cap is not modelled (the expectation of a capped
+exponential has no closed form): its scores stay those of the uncapped logits.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from ..registry import register
 from .groupers import positions_from_row_start
 from .layer_inputs import LayerInputs
+from .queries import rotation_matrix
 from .scorers import Scorer, attention_scaling, query_states
 
 
@@ -45,7 +49,8 @@ def averaged_future_rope(cos: torch.Tensor, sin: torch.Tensor, future: int) -> t
 
 
 def rope_matrix(mean_cos: torch.Tensor, mean_sin: torch.Tensor) -> torch.Tensor:
-    """``R[B, D, D]`` with ``R x = x * cos + rotate_half(x) * sin`` (the averaged rotation)."""
+    """``R[B, D, D]`` with ``R x = x * cos + rotate_half(x) * sin`` (the averaged rotation, Llama's
+    layout; the scorer uses :func:`~.queries.rotation_matrix`, the model's own rotation)."""
     batch, dim = mean_cos.shape
     half = dim // 2
     swap = torch.zeros(dim, dim, dtype=mean_cos.dtype, device=mean_cos.device)  # rotate_half as a matrix
@@ -91,7 +96,8 @@ class ExpectedAttentionScorer(Scorer):
         batch, dim = queries.shape[0], queries.shape[-1]
         if inputs.position_embeddings is not None:
             cos, sin = inputs.position_embeddings
-            rotation = rope_matrix(*averaged_future_rope(cos.float(), sin.float(), self.future))  # [B, D, D]
+            # The model's own rotation (halves, interleaved pairs, partial, none on NoPE layers).
+            rotation = rotation_matrix(module, *averaged_future_rope(cos.float(), sin.float(), self.future), dim)
         else:
             rotation = torch.eye(dim, device=queries.device).expand(batch, dim, dim)
         return {

@@ -33,6 +33,7 @@ import torch
 from ..registry import register
 from .groupers import positions_from_row_start
 from .layer_inputs import LayerInputs
+from .queries import apply_softcap, logit_softcap, softcap_extra
 from .scorers import Scorer, observation_window_attention, rotated_queries, window_queries
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -167,6 +168,7 @@ class KVzipScorer(Scorer):
         queries = rotated_queries(module, hidden, position_embeddings).float()
         return reconstruction_attention_max(
             queries, keys.float(), context_valid, chunk.valid, chunk.start, chunk.end, self.sinks,
+            softcap=logit_softcap(module),
             hidden_norm=hidden.float().norm(dim=-1) if self.plus_normalization else None,
             value_out_norm=value_output_norm(module, values[:, :, :length]) if self.plus_normalization else None,
         )
@@ -183,25 +185,29 @@ class KVzipScorer(Scorer):
         observed = min(self.observe, inputs.keys.shape[-2] - 1)
         if observed > 0:
             extra["window_queries"] = window_queries(inputs, observed)
+            extra.update(softcap_extra(inputs.module, inputs.keys.device))
         return extra
 
     def score(
-        self, keys: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor, window_queries: torch.Tensor | None = None
+        self, keys: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor, window_queries: torch.Tensor | None = None,
+        softcap: torch.Tensor | None = None,
     ) -> torch.Tensor:
         scores = max_pool_scores(scores.float(), valid, self.pool)
         if window_queries is not None:
-            scores = torch.maximum(scores, window_attention_max(window_queries, keys, valid))
+            scores = torch.maximum(scores, window_attention_max(window_queries, keys, valid, softcap))
         return scores
 
 
-def window_attention_max(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def window_attention_max(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, softcap: torch.Tensor | None = None
+) -> torch.Tensor:
     """The largest attention each key gets from the last ``w`` prefill queries, over the query
     heads of its GQA group: ``float32[B, Hkv, T]`` (``queries[B, Hq, w, D]`` post-RoPE, scaled).
     Causal inside the window; padding keys get 0; padding queries (a row shorter than the
     window) give nothing."""
     batch, kv_heads, length, _ = keys.shape
     window = queries.shape[2]
-    probs = observation_window_attention(queries, keys, valid)  # [B, Hkv, G, w, T]
+    probs = observation_window_attention(queries, keys, valid, softcap)  # [B, Hkv, G, w, T]
     real_query = valid[:, length - window :][:, None, None, :, None]
     return probs.masked_fill(~real_query, 0.0).amax(dim=(2, 3)) * valid[:, None, :].to(probs.dtype)
 
@@ -223,7 +229,9 @@ def max_pool_scores(scores: torch.Tensor, valid: torch.Tensor, radius: int) -> t
 MASKED = -1e30  # additive bias of a masked key: finite, so a row with no allowed key stays finite
 
 
-def attention_logsumexp(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def attention_logsumexp(
+    queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, causal: bool, softcap: float | None = None
+) -> torch.Tensor:
     """``logsumexp_j(q_i . k_j + bias_j)`` per query: ``[B, H, q]`` from ``queries[B, H, q, D]``,
     ``keys[B, H, K, D]`` and an additive ``bias[B, 1, 1, K]`` (``causal``: query ``i`` sees keys
     ``<= i``).
@@ -231,25 +239,26 @@ def attention_logsumexp(queries: torch.Tensor, keys: torch.Tensor, bias: torch.T
     Why: KVzip's score needs each reconstruction query's softmax normaliser and nothing else of
     its probabilities. On CPU, torch's flash-attention kernel returns it as a by-product without
     materialising the ``[q, K]`` logits (65 ms instead of ~1 s per SmolLM2 layer at 2k tokens);
-    elsewhere the logits are reduced block by block (the reference the CPU path is tested on).
+    elsewhere, and for soft-capped logits (``softcap``, Gemma 2: the kernel cannot cap them), the
+    logits are reduced block by block (the reference the CPU path is tested on).
     """
-    if queries.device.type == "cpu" and queries.dtype == torch.float32 and not torch.is_grad_enabled():
+    if softcap is None and queries.device.type == "cpu" and queries.dtype == torch.float32 and not torch.is_grad_enabled():
         _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             queries, keys, keys, 0.0, causal, attn_mask=bias, scale=1.0
         )
         return lse
-    return attention_logsumexp_reference(queries, keys, bias, causal)
+    return attention_logsumexp_reference(queries, keys, bias, causal, softcap)
 
 
 def attention_logsumexp_reference(
-    queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, causal: bool
+    queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, causal: bool, softcap: float | None = None
 ) -> torch.Tensor:
     """:func:`attention_logsumexp` in plain torch, ``QUERY_BLOCK`` queries at a time."""
     n, width = queries.shape[2], keys.shape[2]
     parts = []
     for lo in range(0, n, QUERY_BLOCK):
         hi = min(n, lo + QUERY_BLOCK)
-        logits = torch.matmul(queries[:, :, lo:hi], keys.transpose(-1, -2))
+        logits = apply_softcap(torch.matmul(queries[:, :, lo:hi], keys.transpose(-1, -2)), softcap)
         if bias is not None:
             logits = logits + bias
         if causal:
@@ -269,6 +278,7 @@ def reconstruction_attention_max(
     sinks: int,
     hidden_norm: torch.Tensor | None = None,
     value_out_norm: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Max attention each context key gets from the reconstruction queries: ``[B, Hkv, T]``.
 
@@ -301,10 +311,10 @@ def reconstruction_attention_max(
     )  # [B, Hkv, C, D]
     grouped = queries.float().reshape(batch, kv_heads, groups * n, head_dim)  # head h = kv * G + g
     context_bias = torch.zeros(batch, 1, 1, width, device=device).masked_fill_(~context_ok[:, None, None, :], MASKED)
-    lse_context = attention_logsumexp(grouped, context_keys, context_bias, causal=False)  # [B, Hkv, G * n]
+    lse_context = attention_logsumexp(grouped, context_keys, context_bias, causal=False, softcap=softcap)  # [B, Hkv, G * n]
     appended = keys[:, :, length:].float().repeat_interleave(groups, dim=1)  # [B, Hq, n, D]
     # Right padding: a valid query never sees a padding key under the causal mask.
-    lse_appended = attention_logsumexp(queries.float().contiguous(), appended, None, causal=True)
+    lse_appended = attention_logsumexp(queries.float().contiguous(), appended, None, causal=True, softcap=softcap)
     lse = torch.logaddexp(lse_context, lse_appended.reshape(batch, kv_heads, groups * n))
     lse = lse.view(batch, kv_heads, groups, n)
     if hidden_norm is not None:  # KVzip+: each query's probabilities divided by ||h_i||
@@ -317,11 +327,12 @@ def reconstruction_attention_max(
     for lo in range(0, n, QUERY_BLOCK):
         hi = min(n, lo + QUERY_BLOCK)
         rows = groups * (hi - lo)
-        shifted = torch.baddbmm(
-            -lse[..., lo:hi].reshape(batch * kv_heads, rows, 1),
-            grouped[:, :, :, lo:hi].reshape(batch * kv_heads, rows, head_dim),
-            flat_keys,
-        )  # [B * Hkv, G * q, C]: q_i . k_j - lse_i
+        shift = -lse[..., lo:hi].reshape(batch * kv_heads, rows, 1)
+        block = grouped[:, :, :, lo:hi].reshape(batch * kv_heads, rows, head_dim)
+        if softcap is None:
+            shifted = torch.baddbmm(shift, block, flat_keys)  # [B * Hkv, G * q, C]: q_i . k_j - lse_i
+        else:
+            shifted = apply_softcap(torch.bmm(block, flat_keys), softcap) + shift
         block_best = shifted.view(batch, kv_heads, groups, hi - lo, width).amax(dim=3)
         best = torch.maximum(best, block_best)
     probs = best.exp()

@@ -15,13 +15,22 @@ a batch row gets exactly the selection it would get alone.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
 from ..registry import register
 from .layer_inputs import LayerInputs
+from .queries import (  # noqa: F401  (re-exported: the scorers' module-aware helpers live there)
+    apply_softcap,
+    attention_scaling,
+    check_queries_supported,
+    head_dim_of,
+    query_states,
+    rotate_half,
+    rotated_queries,
+    softcap_extra,
+)
 from .window_attention import snapkv_scores, window_attention_sum
 
 
@@ -58,73 +67,21 @@ class Scorer:
         raise NotImplementedError
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The RoPE helper used by Llama-family models (the two halves of the head dim are swapped)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def head_dim_of(module) -> int:
-    config = module.config
-    return getattr(module, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def attention_scaling(module) -> float:
-    """The softmax scaling the module applies to ``q . k`` (Gemma's differs from 1/sqrt(d))."""
-    return getattr(module, "scaling", None) or 1.0 / math.sqrt(head_dim_of(module))
-
-
-def query_states(module, hidden: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
-    """Pre-RoPE queries ``[B, Hq, n, D]`` of ``hidden[B, n, hidden]``.
-
-    HF attention modules do not expose their queries, so (like kvpress) we re-project the layer's
-    input hidden states, unless ``projected`` (the projection's output as the forward computed
-    it, ``[B, n, >= Hq * D]``) is given. Handles Llama-like ``q_proj``, fused ``qkv_proj``
-    (Phi-3) and the query norm of Qwen3 / Gemma3.
-    """
-    batch, length, _ = hidden.shape
-    head_dim, num_heads = head_dim_of(module), module.config.num_attention_heads
-    if projected is not None and projected.shape[:2] == (batch, length) and projected.shape[-1] >= num_heads * head_dim:
-        queries = projected[..., : num_heads * head_dim]
-    elif hasattr(module, "q_proj"):
-        queries = module.q_proj(hidden)
-    elif hasattr(module, "qkv_proj"):
-        queries = module.qkv_proj(hidden)[..., : num_heads * head_dim]
-    else:
-        raise NotImplementedError(
-            f"cannot find the query projection of {type(module).__name__} (expected q_proj or qkv_proj)"
-        )
-    queries = queries.reshape(batch, length, num_heads, head_dim).transpose(1, 2)
-    if hasattr(module, "q_norm"):
-        queries = module.q_norm(queries)
-    return queries
-
-
-def rotated_queries(module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """Post-RoPE queries of ``hidden``, with the attention scaling folded in: ``[B, Hq, n, D]``.
-
-    ``position_embeddings`` is the ``(cos, sin)`` pair of exactly these ``n`` tokens (``None``
-    for models without RoPE). Folding the scaling into the queries keeps the compiled scorers
-    from specialising on a Python float.
-    """
-    queries = query_states(module, hidden)
-    if position_embeddings is not None:
-        cos, sin = position_embeddings
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        queries = queries * cos + rotate_half(queries) * sin
-    return queries * attention_scaling(module)
-
-
 def window_queries(inputs: LayerInputs, window: int) -> torch.Tensor:
     """Post-RoPE, pre-scaled queries of the last ``window`` tokens: ``[B, Hq, window, D]``."""
+    check_queries_supported(inputs.module)  # before reading position_embeddings (Llama 4's are not (cos, sin))
     rope = inputs.position_embeddings
     if rope is not None:
         rope = (rope[0][:, -window:], rope[1][:, -window:])
     return rotated_queries(inputs.module, inputs.hidden_states[:, -window:], rope)
 
 
-def observation_window_attention(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def observation_window_attention(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, softcap: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention of the window queries over all keys, fp32: ``[B, Hkv, G, w, T]``.
+
+    ``softcap``: the model's logit soft cap (Gemma 2, :func:`~.queries.logit_softcap`), if any.
 
     GQA-aware without copying keys: the ``G`` query heads sharing a KV head are folded into the
     query axis. Causal inside the window; padding keys get zero weight; padding *queries* (rows
@@ -135,6 +92,7 @@ def observation_window_attention(queries: torch.Tensor, keys: torch.Tensor, vali
     groups = q_heads // kv_heads
     q = queries.float().reshape(batch, kv_heads, groups * window, head_dim)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(batch, kv_heads, groups, window, length)
+    logits = apply_softcap(logits, softcap)
     key_pos = torch.arange(length, device=keys.device)
     query_pos = torch.arange(length - window, length, device=keys.device)
     allowed = (key_pos[None, :] <= query_pos[:, None])[None] & valid[:, None, :]  # [B, w, T]
@@ -169,19 +127,23 @@ class SnapKVScorer(Scorer):
             raise ValueError(f"window_scores must be 'zero' or 'max+1', got {self.window_scores!r}")
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
-        return {"queries": window_queries(inputs, self.window)}
+        return {"queries": window_queries(inputs, self.window), **softcap_extra(inputs.module, inputs.keys.device)}
 
-    def score(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor, softcap: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # One matmul, in-place masks and softmax, one mat-vec (see window_attention.py): about
         # the cost of the bare window attention; score_reference is the plain twin it is tested on.
-        return snapkv_scores(queries, keys, valid, self.kernel, self.window_scores)
+        return snapkv_scores(queries, keys, valid, self.kernel, self.window_scores, softcap)
 
-    def score_reference(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def score_reference(
+        self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor, softcap: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """:meth:`score` written plainly: softmax probabilities, mean over the window queries,
         pool, mean over the GQA group (equal up to float summation order)."""
         batch, kv_heads, length, _ = keys.shape
         window = queries.shape[2]
-        probs = observation_window_attention(queries, keys, valid)[..., : length - window]
+        probs = observation_window_attention(queries, keys, valid, softcap)[..., : length - window]
         query_valid = valid[:, length - window :].to(probs.dtype)[:, None, None, :, None]
         n_queries = query_valid.sum(dim=3).clamp(min=1.0)
         per_query_head = (probs * query_valid).sum(dim=3) / n_queries  # [B, Hkv, G, T - w]
@@ -268,11 +230,13 @@ class TOVAScorer(Scorer):
     window: int = 1
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
-        return {"queries": window_queries(inputs, 1)}
+        return {"queries": window_queries(inputs, 1), **softcap_extra(inputs.module, inputs.keys.device)}
 
-    def score(self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, keys: torch.Tensor, valid: torch.Tensor, queries: torch.Tensor, softcap: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, kv_heads, length, _ = keys.shape
-        probs = observation_window_attention(queries, keys, valid)[..., 0, :]  # [B, Hkv, G, T]
+        probs = observation_window_attention(queries, keys, valid, softcap)[..., 0, :]  # [B, Hkv, G, T]
         shared = probs.mean(dim=(1, 2))  # [B, T]
         return shared[:, None, :].expand(batch, kv_heads, length).contiguous()
 
@@ -298,18 +262,24 @@ class ObservedAttentionScorer(Scorer):
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         length = inputs.keys.shape[-2]
         count = length if self.queries == 0 else min(self.queries, length)
-        return {"observers": window_queries(inputs, count)}
+        return {"observers": window_queries(inputs, count), **softcap_extra(inputs.module, inputs.keys.device)}
 
-    def score(self, keys: torch.Tensor, valid: torch.Tensor, observers: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, keys: torch.Tensor, valid: torch.Tensor, observers: torch.Tensor, softcap: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fused: each block of observers' attention summed by :func:`window_attention_sum` (one
         matmul, softmax in place, one mat-vec) instead of materialising and reducing the
         probabilities; equal to :meth:`score_reference` up to float rounding (tested)."""
-        return self._accumulate(keys, valid, observers, fused=True)
+        return self._accumulate(keys, valid, observers, softcap, fused=True)
 
-    def score_reference(self, keys: torch.Tensor, valid: torch.Tensor, observers: torch.Tensor) -> torch.Tensor:
-        return self._accumulate(keys, valid, observers, fused=False)
+    def score_reference(
+        self, keys: torch.Tensor, valid: torch.Tensor, observers: torch.Tensor, softcap: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._accumulate(keys, valid, observers, softcap, fused=False)
 
-    def _accumulate(self, keys: torch.Tensor, valid: torch.Tensor, observers: torch.Tensor, fused: bool) -> torch.Tensor:
+    def _accumulate(
+        self, keys: torch.Tensor, valid: torch.Tensor, observers: torch.Tensor, softcap: torch.Tensor | None, fused: bool
+    ) -> torch.Tensor:
         batch, kv_heads, length, _ = keys.shape
         count = observers.shape[2]
         total = keys.new_zeros(batch, kv_heads, length, dtype=torch.float32)
@@ -318,9 +288,9 @@ class ObservedAttentionScorer(Scorer):
             hi = min(count, lo + block)
             end = length - count + hi
             if fused:
-                total[..., :end] += window_attention_sum(observers[:, :, lo:hi], keys[:, :, :end], valid[:, :end])
+                total[..., :end] += window_attention_sum(observers[:, :, lo:hi], keys[:, :, :end], valid[:, :end], softcap)
                 continue
-            probs = observation_window_attention(observers[:, :, lo:hi], keys[:, :, :end], valid[:, :end])
+            probs = observation_window_attention(observers[:, :, lo:hi], keys[:, :, :end], valid[:, :end], softcap)
             query_valid = valid[:, end - (hi - lo) : end].to(probs.dtype)
             total[..., :end] += (probs * query_valid[:, None, None, :, None]).sum(dim=3).mean(dim=2)
         # Observers of token j: the real queries at positions >= j (a reverse cumulative count).

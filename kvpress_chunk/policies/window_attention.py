@@ -27,15 +27,20 @@ Equal to ``SnapKVScorer.score`` up to float rounding (sums in another order):
 ``tests/test_window_attention.py`` checks 1e-6 relative, padding, ``max+1`` and selections.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 
-def _window_probs(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _window_probs(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, softcap: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Softmax of the window ``queries[B, Hq, w, D]`` over every key, ``float32[B * Hkv, G * w, T]``
     (row ``g * w + i``: query ``i`` of head ``g`` of its KV group), written once: one batched
     matmul for the logits, then the masks (padding keys, causal inside the window) and the
-    softmax in place."""
+    softmax in place. ``softcap``: the model's logit soft cap (Gemma 2), applied in place to
+    the logits before the masks, as the model does."""
     batch, kv_heads, length, head_dim = keys.shape
     q_heads, window = queries.shape[1], queries.shape[2]
     groups = q_heads // kv_heads
@@ -44,6 +49,8 @@ def _window_probs(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor
     q = queries.float().reshape(batch * kv_heads, groups * window, head_dim)
     k = keys.float().reshape(batch * kv_heads, length, head_dim)
     logits = torch.bmm(q, k.transpose(-1, -2))  # [B*Hkv, G*w, T]: the one big write
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
     view = logits.view(batch, kv_heads, groups * window, length)
     if not bool(valid.all()):  # padding keys: zero weight (rows of padding queries go uniform)
         view.masked_fill_(~valid[:, None, None, :], lowest)
@@ -66,26 +73,30 @@ def _query_weighted_sum(probs: torch.Tensor, weight: torch.Tensor, kv_heads: int
 
 
 @torch.library.custom_op("kvpress_chunk::window_attention_sum", mutates_args=())
-def window_attention_sum(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def window_attention_sum(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, softcap: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Attention every key gets from the valid window queries, summed over them and averaged
     over each GQA group: ``float32[B, Hkv, T]`` (observed attention's accumulation, one block of
     observers). Same kernels as :func:`snapkv_window_mass` (and opaque to ``torch.compile`` for
     the same reason), every column, no pooling."""
     _, kv_heads, length, _ = keys.shape
     window, groups = queries.shape[2], queries.shape[1] // kv_heads
-    probs = _window_probs(queries, keys, valid)
+    probs = _window_probs(queries, keys, valid, softcap)
     weight = valid[:, length - window :].to(torch.float32) / groups  # [B, w]: padding queries give nothing
     return _query_weighted_sum(probs, weight, kv_heads, length)
 
 
 @window_attention_sum.register_fake
-def _(queries, keys, valid):
+def _(queries, keys, valid, softcap=None):
     batch, kv_heads, length, _ = keys.shape
     return keys.new_empty(batch, kv_heads, length, dtype=torch.float32)
 
 
 @torch.library.custom_op("kvpress_chunk::snapkv_window_mass", mutates_args=())
-def snapkv_window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
+def snapkv_window_mass(
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int, softcap: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Pooled attention mass ``float32[B, Hkv, T - w]`` of the prefix keys: the window queries'
     softmax probabilities averaged over the valid window queries and the GQA group, then
     average-pooled over ``kernel`` tokens (zero padding counted, as ``F.avg_pool1d``).
@@ -97,7 +108,7 @@ def snapkv_window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.T
     batch, kv_heads, length, _ = keys.shape
     window, groups = queries.shape[2], queries.shape[1] // kv_heads
     prefix = length - window
-    probs = _window_probs(queries, keys, valid)
+    probs = _window_probs(queries, keys, valid, softcap)
     query_valid = valid[:, prefix:].to(torch.float32)  # [B, w]
     weight = query_valid / (query_valid.sum(dim=-1, keepdim=True).clamp(min=1.0) * groups)
     mass = _query_weighted_sum(probs, weight, kv_heads, prefix)  # [B, Hkv, T-w]
@@ -106,25 +117,27 @@ def snapkv_window_mass(queries: torch.Tensor, keys: torch.Tensor, valid: torch.T
 
 
 @snapkv_window_mass.register_fake
-def _(queries, keys, valid, kernel):
+def _(queries, keys, valid, kernel, softcap=None):
     batch, kv_heads, length, _ = keys.shape
     return keys.new_empty(batch, kv_heads, length - queries.shape[2], dtype=torch.float32)
 
 
 def snapkv_scores(
-    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int = 5, window_scores: str = "zero"
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int = 5, window_scores: str = "zero",
+    softcap: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """SnapKV scores ``float32[B, Hkv, T]`` of ``keys[B, Hkv, T, D]`` seen by the (pre-scaled)
     window ``queries[B, Hq, w, D]``; ``valid[B, T]`` marks real tokens. Same contract as
     ``SnapKVScorer(window=w, kernel=kernel, window_scores=window_scores).score``."""
     batch, kv_heads = keys.shape[:2]
-    pooled = snapkv_window_mass(queries, keys, valid, kernel)
+    pooled = snapkv_window_mass(queries, keys, valid, kernel, softcap)
     pad_value = pooled.amax() + 1 if window_scores == "max+1" else pooled.new_zeros(())
     return torch.cat([pooled, pad_value.expand(batch, kv_heads, queries.shape[2])], dim=-1)
 
 
 def snapkv_scores_traced(
-    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int = 5, window_scores: str = "zero"
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int = 5, window_scores: str = "zero",
+    softcap: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`snapkv_scores` in plain traceable tensor code (no custom op, no in-place softmax):
     the same algebra for inductor to fuse. Kept for the measurement; slower than
@@ -139,8 +152,12 @@ def snapkv_scores_traced(
 
     # 1. logits: prefix columns (padding only) and the window block (causal + padding)
     prefix_logits = torch.matmul(q, k[:, :, :prefix].transpose(-1, -2))  # [B, Hkv, G*w, T-w]
+    if softcap is not None:
+        prefix_logits = torch.tanh(prefix_logits / softcap) * softcap
     prefix_logits = prefix_logits.masked_fill(~valid[:, None, None, :prefix], lowest)
     window_logits = torch.matmul(q, k[:, :, prefix:].transpose(-1, -2))  # [B, Hkv, G*w, w]
+    if softcap is not None:
+        window_logits = torch.tanh(window_logits / softcap) * softcap
     causal = torch.ones(window, window, dtype=torch.bool, device=keys.device).tril()
     allowed = causal[None] & valid[:, None, prefix:]  # [B, w (queries), w (keys)]
     allowed = allowed[:, None, None].expand(batch, 1, groups, window, window).reshape(batch, 1, groups * window, window)

@@ -265,6 +265,10 @@ class PressSession:
         guard = None
         _ACTIVE_SESSIONS[self.model] = self
         try:
+            check = getattr(self.press.scorer, "check_module", None)  # refuse a model the scorer cannot score
+            for layer_idx, module in self.layers:
+                if check is not None and layer_idx in self.compressible:
+                    check(module)
             with compressed_attention(self.model) as router:
                 self.router = router
                 handles.append(self.model.register_forward_pre_hook(self._enter, prepend=True))

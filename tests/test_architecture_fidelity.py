@@ -46,6 +46,8 @@ FAMILIES = {
     "hunyuan_v1_dense": ("hunyuan_v1_dense", {}),
     # gated q_proj: (query, gate) per head
     "qwen3_next": ("qwen3_next", {**TWO_FULL, "num_experts": 2, "num_experts_per_tok": 1}),
+    "qwen3_5_text": ("qwen3_5_text", TWO_FULL),  # transformers >= 5.2x
+    "cohere2_moe": ("cohere2_moe", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16}),
     # raw shape errors before: full-width query norm, partial rotary
     "olmo2": ("olmo2", {}),
     "phi-partial": ("phi", {"partial_rotary_factor": 0.5}),
@@ -60,6 +62,7 @@ REFUSED = {
     "gpt_oss": ("gpt_oss", {**TWO_FULL, "num_local_experts": 2, "num_experts_per_tok": 1}, "attention sinks"),
     "llama4_text": ("llama4_text", {"no_rope_layers": [1, 0], "attention_chunk_size": 10000, "num_local_experts": 2,
                                     "interleave_moe_layer_step": 1, "intermediate_size_mlp": 64}, "Llama4"),
+    "zaya": ("zaya", {}, "query projection"),  # its q_proj reads the cache
 }
 
 
@@ -120,7 +123,8 @@ def test_window_attention_is_the_models(name, monkeypatch):
 # Expected attention rotates the mean and covariance of the pre-RoPE queries by a matrix: it must
 # be the model's rotation (interleaved, partial, none on NoPE layers) and read the gated projection
 # right. future=1: the rotation of the next position, which the model's rotary embedding gives.
-EXPECTED = ["cohere", "helium", "ernie4_5", "glm", "phi-partial", "phi3-partial", "smollm3", "cohere2", "qwen3_next", "llama"]
+EXPECTED = ["cohere", "helium", "ernie4_5", "glm", "phi-partial", "phi3-partial", "smollm3", "cohere2", "qwen3_next",
+            "qwen3_5_text", "llama"]
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -138,7 +142,7 @@ def test_expected_attention_rotation_is_the_models(name, monkeypatch):
             queries = query_states(module, inputs.hidden_states)  # no projection reuse: the reference
             pre = queries.float().mean(dim=2, keepdim=True)  # [B, Hq, 1, D]
             cos, sin = rotary(inputs.hidden_states, torch.tensor([[LENGTH]]))
-        nope = (name == "smollm3" and idx == 1) or (name == "cohere2" and idx == 1)
+        nope = name in ("smollm3", "cohere2") and idx == 1
         if nope:
             expected = pre
         elif getattr(module, "rotary_ndims", None):  # Phi: the first dims, outside the function
@@ -165,6 +169,13 @@ def test_unrebuildable_families_are_refused(name, monkeypatch):
     with pytest.raises(kc.UnsupportedModelError, match=reason) as info:
         prefill(model, {"name": "snapkv", "window": WINDOW}, monkeypatch)
     assert "knorm" in str(info.value)  # says what to use instead
+    for scorer in ("tova", "observed", "expected-attention", "kvzip"):  # every query-reading scorer, at entry
+        press = kc.make_press({"scorer": scorer, "grouper": "token", "selector": "topk", "compression_ratio": 0.5})
+        with pytest.raises(kc.UnsupportedModelError, match=reason):
+            with press(model, tokenizer=object()):
+                pass
+    with kc.make_press("knorm", compression_ratio=0.5)(model):  # a query-free scorer is welcome
+        pass
 
 
 def test_softcap_reaches_the_fused_ops():

@@ -27,7 +27,7 @@ import torch
 from ..registry import register
 from .groupers import positions_from_row_start
 from .layer_inputs import LayerInputs
-from .queries import rotation_matrix
+from .queries import check_linear_rotation, rotation_matrix
 from .scorers import Scorer, attention_scaling, query_states
 
 
@@ -76,6 +76,11 @@ class ExpectedAttentionScorer(Scorer):
     epsilon: float = 0.0
 
     reads_queries = True  # the statistics read every prefill query: reuse the forward's projection
+    rebuilds_queries = True
+
+    def check_module(self, module) -> None:
+        super().check_module(module)
+        check_linear_rotation(module)
 
     def __post_init__(self) -> None:
         if self.future < 1:

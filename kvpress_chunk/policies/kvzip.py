@@ -87,6 +87,7 @@ class KVzipScorer(Scorer):
     observe: int = 0
 
     context_pass = True
+    rebuilds_queries = True
 
     def __post_init__(self) -> None:
         if self.chunk_size <= OVERLAP_TOKENS:

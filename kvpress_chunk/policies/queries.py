@@ -92,15 +92,30 @@ def check_queries_supported(module: nn.Module) -> None:
     if isinstance(getattr(module, "sinks", None), torch.Tensor):
         raise refusal(module, "adds learned attention sinks to its softmax (gpt-oss), which the rebuilt window "
                               "attention leaves out")
+    _gated(module, head_dim_of(module) * module.config.num_attention_heads)  # refuses an unknown q_proj width
+    projection = getattr(module, "q_proj", None) or getattr(module, "qkv_proj", None)
+    if isinstance(projection, nn.Module):
+        try:
+            required = [p for p in inspect.signature(projection.forward).parameters.values()
+                        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            required = []
+        if len(required) > 1:  # ZAYA's CCA projection reads the cache: not a function of the hidden states
+            raise refusal(module, f"has a query projection ({type(projection).__name__}) that takes more than the "
+                                  "hidden states")
+
+
+#: Attention classes (name prefixes) whose ``q_proj`` emits ``(query, gate)`` per head.
+GATED_QUERY_FAMILIES = ("Qwen3Next", "Qwen3_5")
 
 
 def _gated(module: nn.Module, width: int) -> bool:
-    """Whether ``q_proj`` emits ``(query, gate)`` per head (Qwen3-Next's gated attention)."""
+    """Whether ``q_proj`` emits ``(query, gate)`` per head (Qwen3-Next's, Qwen3.5's gated attention)."""
     projection = getattr(module, "q_proj", None)
     out = getattr(projection, "out_features", None)
     if out is None or out == width:
         return False
-    if out == 2 * width and (type(module).__name__.startswith("Qwen3Next") or getattr(module.config, "attn_output_gate", False)):
+    if out == 2 * width and (type(module).__name__.startswith(GATED_QUERY_FAMILIES) or getattr(module.config, "attn_output_gate", False)):
         return True
     raise refusal(module, f"has a q_proj of {out} outputs for {width} query dims (an unknown query layout)")
 
@@ -163,6 +178,8 @@ _ROPE_GUARDS = {
     "if self.is_sliding:": lambda module: bool(module.is_sliding),
     # EXAONE 4: NoPE global layers when the model has sliding ones
     "if self.sliding_window is None or self.is_sliding:": lambda module: module.sliding_window is None or bool(module.is_sliding),
+    # Cohere 2 MoE: NoPE full layers unless forced
+    "if self.sliding_window is not None or self.force_rope:": lambda module: module.sliding_window is not None or bool(module.force_rope),
 }
 
 
@@ -279,14 +296,20 @@ def rotated_queries(module: nn.Module, hidden: torch.Tensor, position_embeddings
     return queries * attention_scaling(module)
 
 
-def rotation_matrix(module: nn.Module, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
-    """``R[B, D, D]`` with ``R q`` = the module's rotation of ``q`` under ``(cos, sin)`` ``[B, *]``
-    (one position each; RoPE is linear in ``q``): the rotation applied to the ``D`` unit
-    vectors. Identity on NoPE layers. Refuses a query norm after RoPE (not linear)."""
+def check_linear_rotation(module: nn.Module) -> None:
+    """Refuse a layer whose post-RoPE queries are not a linear map of its pre-RoPE ones (a query
+    norm after RoPE): expected attention rotates their Gaussian statistics by a matrix."""
     if post_rope_norm(module) is not None:
         raise refusal(module, "normalises its queries after RoPE (HunYuan), which expected attention's Gaussian "
                               "model of the rotated queries cannot represent",
                       hint="The window scorers (snapkv/chunkkv, tova, observed) and kvzip support it.")
+
+
+def rotation_matrix(module: nn.Module, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+    """``R[B, D, D]`` with ``R q`` = the module's rotation of ``q`` under ``(cos, sin)`` ``[B, *]``
+    (one position each; RoPE is linear in ``q``): the rotation applied to the ``D`` unit
+    vectors. Identity on NoPE layers. Refuses a query norm after RoPE (not linear)."""
+    check_linear_rotation(module)
     batch = cos.shape[0]
     basis = torch.eye(dim, dtype=cos.dtype, device=cos.device)[None, None].expand(batch, 1, dim, dim)
     per_row = (cos[:, None, :].expand(batch, dim, cos.shape[-1]), sin[:, None, :].expand(batch, dim, sin.shape[-1]))

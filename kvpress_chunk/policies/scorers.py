@@ -51,6 +51,16 @@ class Scorer:
     #: whole prompt again: at SmolLM2's shape and 8k tokens that second projection was 33 ms of
     #: the op's 73 ms per layer.
     reads_queries: bool = False
+    #: Whether :meth:`prepare` rebuilds the model's queries from the hidden states
+    #: (:mod:`~.queries`): the session then checks every compressed layer when the press is
+    #: entered (:meth:`check_module`), so a model they cannot rebuild is refused before a forward.
+    rebuilds_queries: bool = False
+
+    def check_module(self, module) -> None:
+        """Raise :class:`~kvpress_chunk.UnsupportedModelError` if this scorer cannot score the
+        attention ``module`` faithfully (called once per compressed layer when a press is entered)."""
+        if self.rebuilds_queries:
+            check_queries_supported(module)
 
     def deferred_hidden(self) -> int:
         """How many trailing hidden states :meth:`prepare` reads when it runs after the prefill
@@ -113,6 +123,8 @@ class SnapKVScorer(Scorer):
     by the selector, paper Algorithm 1) or ``"max+1"`` (kvpress: larger than every prefix score,
     so token-level selection keeps them; chunk-level selection may not).
     """
+
+    rebuilds_queries = True
 
     window: int = 32
     kernel: int = 5
@@ -227,6 +239,8 @@ class TOVAScorer(Scorer):
     score for all KV heads, as the paper's single head-agnostic policy). The last token is the
     observation window (``window = 1``): a selector with ``keep_window`` keeps it."""
 
+    rebuilds_queries = True
+
     window: int = 1
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
@@ -252,6 +266,8 @@ class ObservedAttentionScorer(Scorer):
     score is what the prefill itself attended to. Every query costs ``T`` dot products per head,
     so ``queries=0`` is quadratic in the prompt; the default observes the last 256.
     """
+
+    rebuilds_queries = True
 
     queries: int = 256
 

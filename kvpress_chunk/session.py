@@ -253,6 +253,7 @@ class PressSession:
         # layer_idx -> the query projection's output of the forward in flight (scorers that read
         # every query, Scorer.reads_queries); taken by that layer's attention hook right after.
         self.projected_queries: dict[int, torch.Tensor] = {}
+        self.attended: set[int] | None = None  # layers whose attention ran in the forward in flight
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:
@@ -361,6 +362,7 @@ class PressSession:
     # Model-level hooks: capture the padding mask of a prefill (attention layers never see it in
     # 2-D form) and forget it afterwards so that it cannot leak into a later call.
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.attended = set()
         self.valid = self.input_ids = None
         self.continuing = None
         cache = cache_argument(args, kwargs, position=3)
@@ -476,6 +478,7 @@ class PressSession:
         record_compressed(cache, logical, positions, layers, padded, views_hide_slots(self.views if views is None else views))
 
     def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.attended = None  # the context pass (KVzip) runs the layers again, on purpose
         try:
             if self.pending_layers and output is not None:
                 self._finish_deferred()
@@ -498,11 +501,27 @@ class PressSession:
 
     def _make_attention_hook(self, layer_idx: int, is_first: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self._refuse_a_second_call(layer_idx, module)
             self._compress_layer(layer_idx, module, args, kwargs, is_first)
             if self.decoder is not None:  # decoding-time compression
                 self.decoder.after_layer(layer_idx, module, args, kwargs)
 
         return hook
+
+    def _refuse_a_second_call(self, layer_idx: int, module: nn.Module) -> None:
+        """A layer's attention runs once per forward in every model a press supports. Looped
+        models (HRM: each layer runs H_cycles x (L_cycles + 1) times) would have the press score
+        the first call's inputs while later calls read and rewrite the cache: selections for other
+        hidden states than the ones cached (window attention off by ~1.0, no error)."""
+        if self.attended is None:
+            return
+        if layer_idx in self.attended:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (layer {layer_idx}) ran more than once in one forward of "
+                f"{type(self.model).__name__} (a looped or weight-shared model): a press scores and evicts a layer "
+                "once per forward, so it cannot compress this model"
+            )
+        self.attended.add(layer_idx)
 
     def _make_query_capture(self, layer_idx: int):
         def capture(projection: nn.Module, args: tuple, output: Any) -> None:

@@ -342,3 +342,13 @@ def test_a_compressed_layer_that_skips_the_routed_attention_is_an_error_not_a_si
     monkeypatch.setattr(modeling_llama, "ALL_ATTENTION_FUNCTIONS", OwnKernel())
     with pytest.raises(UnsupportedModelError, match="did not attend through"):
         generate(model, ids, mask, press)
+
+
+def test_a_model_that_runs_a_layer_twice_in_one_forward_is_refused():
+    """HRM (transformers >= 5.2x) loops its layers H_cycles x (L_cycles + 1) times per forward:
+    the press scored the first call's inputs while later calls read and rewrote the cache
+    (window attention off by ~1.0 against the model's, no error)."""
+    model = _auto_model("hrm_text", num_hidden_layers=2)
+    ids = torch.randint(3, 120, (1, 60), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedModelError, match="ran more than once in one forward"):
+        generate(model, ids, None, kc.make_press("snapkv", compression_ratio=0.5, compile=False))

@@ -202,7 +202,8 @@ def test_pooled_scores_take_the_best_real_neighbour(lengths, radius, seed):
 
 
 @pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("kvzip(pool=2)", "evict"), ("kvzip(observe=8)", "evict"),
-                                           ("kvzip-observe(observe=8)", "evict"), ("chunkkv-kvzip", "evict"),
+                                           ("kvzip-observe(observe=8)", "evict"), ("kvzip(aligned=True)", "evict"),
+                                           ("chunkkv-kvzip", "evict"),
                                            ("chunkkv-kvzip", "mask")])
 def test_padded_batch_rows_answer_as_alone(preset, apply):
     model = make_tiny_model("llama", num_layers=3)
@@ -278,3 +279,37 @@ def test_kvzip_observe_preset_is_kvzip_with_32_observed_queries():
     assert (ours.scorer, ours.grouper, ours.selector, ours.allocator) == (spelled.scorer, spelled.grouper,
                                                                           spelled.selector, spelled.allocator)
     assert make_press("kvzip-observe(observe=8, recent=4)", compression_ratio=0.5).scorer.observe == 8
+
+
+def test_aligned_reconstruction_continues_positions_across_chunks():
+    """``continue_positions``: chunk c's first copied token sits c * chunk_size after chunk 0's
+    (the copy distance is the same for every chunk, whatever each chunk's prompt); the tokens and
+    the spans scored do not change."""
+    tokenizer = ByteTokenizer()
+    tokens = list(range(1, 41))
+    ids, valid = torch.tensor([tokens]), torch.ones(1, 40, dtype=torch.bool)
+    restart = KVzipScorer(chunk_size=16).pass_chunks(tokenizer, ids, valid)
+    aligned = KVzipScorer(chunk_size=16, continue_positions=True).pass_chunks(tokenizer, ids, valid)
+    assert len(restart) == len(aligned) == 3
+    for c, (r, a) in enumerate(zip(restart, aligned)):
+        assert torch.equal(a.input_ids, r.input_ids) and torch.equal(a.start, r.start) and torch.equal(a.end, r.end)
+        assert torch.equal(a.positions[:, 1:] - a.positions[:, :-1], r.positions[:, 1:] - r.positions[:, :-1])
+    # the copy distance (query position - copied token's position) is the same in every chunk
+    distances = set()
+    for chunk in aligned:
+        width = int(chunk.end[0] - chunk.start[0])
+        copied = torch.arange(int(chunk.start[0]), int(chunk.end[0]))
+        distances |= set((chunk.positions[0, -width:] - copied).tolist())
+    assert len(distances) == 1
+
+
+def test_aligned_kvzip_equals_kvzip_on_a_context_of_one_chunk():
+    model = make_tiny_model("llama", num_layers=2)
+    tokenizer = ByteTokenizer()
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    kept = {}
+    for spec in ("kvzip", "kvzip(aligned=True)"):
+        with make_press(spec, compression_ratio=0.5, chunk_size=64)(model, tokenizer=tokenizer) as session:
+            prefill(model, ids)
+        kept[spec] = {layer: sel.indices.tolist() for layer, sel in session.selections.items()}
+    assert kept["kvzip"] == kept["kvzip(aligned=True)"]

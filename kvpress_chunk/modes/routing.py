@@ -300,7 +300,8 @@ class CompressedAttention:
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.shadowed is not None:
             self.shadowed.__dict__.pop("get_seq_length", None)
-        unrouted = sorted(set(self.active or ()) - self.routed_layers)
+        # ``output`` is None when the forward raised (a refusal before any layer ran): nothing to check
+        unrouted = sorted(set(self.active or ()) - self.routed_layers) if output is not None else []
         self.active = self.forward_mask = self.forwarding = self.shadowed = None
         if unrouted:
             # Checked after the fact because only the forward shows it: a model whose attention

@@ -39,7 +39,8 @@ def random_case(press, batch, length, pads=None, heads=3, q_heads=9, dim=16, see
 
 @pytest.mark.parametrize(
     "preset,batch",
-    [("chunkkv", 1), ("chunkkv", 3), ("chunkkv-kvpress", 1), ("snapkv", 2), ("streamingllm", 1), ("chunkkv-adaptive", 2)],
+    [("chunkkv", 1), ("chunkkv", 3), ("chunkkv-kvpress", 1), ("snapkv", 2), ("streamingllm", 1), ("chunkkv-adaptive", 2),
+     ("chunkkv(reduce='max', per_head=True)", 2)],
 )
 def test_compiled_equals_eager_over_many_lengths(preset, batch):
     press = kc.make_press(preset, compression_ratio=0.75)

@@ -38,6 +38,8 @@ def oracle(row_scores: list[float], chunk: int, selector: TopKSelector, budget: 
         if t not in protected:
             members.setdefault(t // chunk, []).append(t)
     def group_score(g):
+        if reduce == "max":
+            return max(row_scores[t] for t in members[g])
         total = sum(row_scores[t] for t in members[g])
         return total / len(members[g]) if reduce == "mean" else total
     ranked = sorted(members, key=lambda g: (-group_score(g), g))
@@ -73,7 +75,7 @@ def cases(draw):
     else:
         budget = Budget(budget=draw(st.integers(1, 100)))
     chunk = draw(st.integers(1, 12))
-    grouper = ChunkGrouper(size=chunk, reduce=draw(st.sampled_from(["sum", "mean"]))) if chunk > 1 else TokenGrouper()
+    grouper = ChunkGrouper(size=chunk, reduce=draw(st.sampled_from(["sum", "mean", "max"]))) if chunk > 1 else TokenGrouper()
     window = draw(st.integers(0, 20))
     heads = draw(st.integers(1, 3))
     pads = [draw(st.integers(0, length - 1)) for _ in range(batch)]

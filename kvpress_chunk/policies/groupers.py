@@ -4,9 +4,12 @@ Group ids run from 0 to ``num_groups(T) - 1``; padding tokens get the extra buck
 ``num_groups(T)``, which selectors ignore. Groups are laid out from each row's first *real*
 token, so a left-padded batch row is cut into exactly the chunks it would get alone.
 
-``reduce`` says how token scores become a group score: ``"sum"`` (ChunkKV paper, Algorithm 1)
-or ``"mean"`` (kvpress' ChunkKVPress). They rank full chunks identically; they differ on partial
-chunks (the tail chunk, chunks overlapping protected tokens), where ``"sum"`` penalises size.
+``reduce`` says how token scores become a group score: ``"sum"`` (ChunkKV paper, Algorithm 1),
+``"mean"`` (kvpress' ChunkKVPress) or ``"max"`` (a group is as important as its best token).
+Sum and mean rank full chunks identically; they differ on partial chunks (the tail chunk, chunks
+overlapping protected tokens), where ``"sum"`` penalises size. ``"max"`` suits peaked scores
+(KVzip's largest attention from any query), where a sum ranks a chunk of five lukewarm tokens
+above a chunk holding the one token a copy step needs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from ..registry import register
 from .layer_inputs import LayerInputs
 
-REDUCTIONS = ("sum", "mean")
+REDUCTIONS = ("sum", "mean", "max")
 
 
 class Grouper:

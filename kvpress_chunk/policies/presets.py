@@ -242,12 +242,18 @@ def kvzip_observe(
 @preset("chunkkv-kvzip")
 def chunkkv_kvzip(
     chunk_size: int = 10, sinks: int = 4, plus: bool = False, allocator: str = "uniform", reduce: str = "sum",
-    per_head: bool = False, pass_chunk_size: int = 2048, recent: int = 0,
+    per_head: bool = False, pass_chunk_size: int = 2048, recent: int = 0, observe: int = 0, aligned: bool = False,
 ) -> dict[str, Any]:
-    """ChunkKV chunks ranked by KVzip reconstruction scores (no other library combines them)."""
+    """ChunkKV chunks ranked by KVzip reconstruction scores (no other library combines them).
+
+    ``observe`` and ``aligned`` are :func:`kvzip`'s (the last prefill queries as extra
+    reconstruction queries; positions continued across pass chunks); ``reduce='max'`` ranks a
+    chunk by its best token, which suits KVzip's peaked scores.
+    """
     return {
         "scorer": {
             "name": "kvzip", "chunk_size": pass_chunk_size, "sinks": sinks, "plus_normalization": plus, "window": recent,
+            "observe": observe, "continue_positions": aligned,
         },
         "grouper": {"name": "chunk", "size": chunk_size, "reduce": reduce},
         **_allocated({"name": "topk", "per_head": per_head, "sinks": sinks, "keep_window": recent > 0}, allocator),

@@ -96,7 +96,7 @@ def protected_mask(valid: torch.Tensor, sinks: int, recent: int) -> torch.Tensor
 def rank_groups(
     scores: torch.Tensor, group_ids: torch.Tensor, num_groups: int, candidates: torch.Tensor, reduce: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank groups by the sum/mean of their candidates' scores.
+    """Rank groups by the sum, mean or max of their candidates' scores.
 
     Returns ``(order, rank, sizes)``: ``order[..., i]`` is the group ranked ``i``;
     ``rank[..., g]`` the rank of group ``g``; ``sizes[B, 1, G+1]`` the candidate count per group.
@@ -105,9 +105,15 @@ def rank_groups(
     batch, heads, _ = scores.shape
     ids = group_ids.unsqueeze(1)
     weight = candidates.unsqueeze(1).to(scores.dtype)
-    totals = scores.new_zeros(batch, heads, num_groups + 1).scatter_add_(-1, ids.expand_as(scores), scores * weight)
     sizes = scores.new_zeros(batch, 1, num_groups + 1).scatter_add_(-1, ids, weight)
-    group_scores = totals / sizes.clamp(min=1) if reduce == "mean" else totals
+    if reduce == "max":
+        candidate_scores = torch.where(candidates.unsqueeze(1), scores, float("-inf"))
+        group_scores = scores.new_full((batch, heads, num_groups + 1), float("-inf")).scatter_reduce_(
+            -1, ids.expand_as(scores), candidate_scores, reduce="amax"
+        )
+    else:
+        totals = scores.new_zeros(batch, heads, num_groups + 1).scatter_add_(-1, ids.expand_as(scores), scores * weight)
+        group_scores = totals / sizes.clamp(min=1) if reduce == "mean" else totals
     group_scores = group_scores.masked_fill(sizes == 0, float("-inf"))
     order = torch.argsort(group_scores, dim=-1, descending=True, stable=True)
     ranks = torch.arange(num_groups + 1, device=scores.device).expand_as(order)

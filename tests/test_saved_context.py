@@ -485,16 +485,24 @@ def test_cli_errors(tmp_path, capsys, saved):
     assert "cannot load model" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_cli_compress_then_ask_matches_generate_answers(tmp_path, capsys):
+LIGHTHOUSE = ("The lighthouse keeper wrote in the log every night. " * 12) + "The secret code is 4817. " + (
+    "Waves broke on the rocks below the tower. " * 12)
+
+
+def smollm2_or_skip():
+    """The embedded SmolLM2 and its tokenizer, or a skip saying why it is not installed."""
     from kvpress_chunk.hf.models import ModelNotInstalledError, load_default_model
 
     try:
-        model, tokenizer = load_default_model()
+        return load_default_model()
     except ModelNotInstalledError as exc:
         pytest.skip(str(exc))
-    text = ("The lighthouse keeper wrote in the log every night. " * 12) + "The secret code is 4817. " + (
-        "Waves broke on the rocks below the tower. " * 12)
+
+
+@pytest.mark.slow
+def test_cli_compress_then_ask_matches_generate_answers(tmp_path, capsys):
+    model, tokenizer = smollm2_or_skip()
+    text = LIGHTHOUSE
     question = "What is the secret code?"
     document = tmp_path / "doc.txt"
     document.write_text(text)
@@ -512,14 +520,8 @@ def test_cli_compress_then_ask_matches_generate_answers(tmp_path, capsys):
 def test_cli_ask_compresses_while_decoding_when_the_saved_press_does(tmp_path, capsys):
     """A press with ``[decoding]`` saved by ``compress``: ``ask`` once answered outside the press,
     exactly as the press without decoding compression would (the cache grew past max_cache)."""
-    from kvpress_chunk.hf.models import ModelNotInstalledError, load_default_model
-
-    try:
-        model, tokenizer = load_default_model()
-    except ModelNotInstalledError as exc:
-        pytest.skip(str(exc))
-    text = ("The lighthouse keeper wrote in the log every night. " * 12) + "The secret code is 4817. " + (
-        "Waves broke on the rocks below the tower. " * 12)
+    model, tokenizer = smollm2_or_skip()
+    text = LIGHTHOUSE
     question = "Summarise the text in detail, sentence by sentence."
     document, spec, out = tmp_path / "doc.txt", tmp_path / "dec.toml", tmp_path / "doc.ctx.safetensors"
     document.write_text(text)

@@ -59,9 +59,11 @@ def test_flex_block_mask_matches_dense_sdpa(batch, kv_heads, groups, per_head, p
     block_mask = selection_block_mask(kept, query_heads, kv_length, block)
     want_mask = dense_oracle(kept, query_heads, q_length, kv_length)
     # The mask_mod states exactly the intended mask...
+    # (device named: on a CUDA build of torch, create_mask defaults to CUDA even without a GPU)
     from torch.nn.attention.flex_attention import create_mask
 
-    assert torch.equal(create_mask(block_mask.mask_mod, batch, query_heads, q_length, kv_length).expand_as(want_mask), want_mask)
+    stated = create_mask(block_mask.mask_mod, batch, query_heads, q_length, kv_length, device=kept.device)
+    assert torch.equal(stated.expand_as(want_mask), want_mask)
     # ...and the block lists never skip an allowed token nor call a block full that is not.
     blocks = block_mask.to_dense()[..., 0, :]  # [B, Hm, n_kv_blocks]: any listed block
     n_blocks = blocks.shape[-1]
@@ -283,7 +285,7 @@ def test_prefix_blocks_decode_batched_rows_like_dense_sdpa(batch, kv_heads, grou
         from torch.nn.attention.flex_attention import create_mask
 
         block_mask = blocks.block_mask(kv_length)
-        folded = create_mask(block_mask.mask_mod, 1, batch * query_heads, 1, kv_length)
+        folded = create_mask(block_mask.mask_mod, 1, batch * query_heads, 1, kv_length, device=kept.device)
         assert torch.equal(folded.view(batch, query_heads, 1, kv_length), want_mask)
         got = flex_decode_step(query, key, value, blocks, 0.25)
         assert got is not None and not FLEX_STATUS.broken

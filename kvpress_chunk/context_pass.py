@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .hf.hooks import cache_keyword, call_argument
+from .modes.routing import PASS_ATTENTION
 
 
 def load_tokenizer_for(model: nn.Module) -> Any:
@@ -53,25 +54,50 @@ def run_context_pass(
     scores: dict[int, torch.Tensor] = {}
     chunk_in_flight: list = []
 
+    fused_this_chunk: set[int] = set()
+
+    def add(layer_idx: int, contribution: torch.Tensor) -> None:
+        previous = scores.get(layer_idx)
+        scores[layer_idx] = contribution if previous is None else torch.maximum(previous, contribution)
+
+    def make_override(layer_idx: int):
+        # The scorer may compute the layer's attention itself and its scores with it (KVzip on
+        # CPU: the normalisers come free with the attention); None lets the model's run.
+        def override(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict):
+            result = scorer.pass_attention(query, key, value, kwargs, valid, chunk_in_flight[0])
+            if result is None:
+                return None
+            output, contribution = result
+            add(layer_idx, contribution)
+            fused_this_chunk.add(layer_idx)
+            return output
+
+        return override
+
     def make_hook(layer_idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if layer_idx in fused_this_chunk:
+                return
             layer = cache.layers[layer_idx]
             hidden = call_argument(args, kwargs, "hidden_states", 0)
             contribution = scorer.pass_scores(
                 module, hidden, kwargs.get("position_embeddings"), layer.keys, layer.values, valid, chunk_in_flight[0]
             )
-            previous = scores.get(layer_idx)
-            scores[layer_idx] = contribution if previous is None else torch.maximum(previous, contribution)
+            add(layer_idx, contribution)
 
         return hook
 
     base = getattr(model, "base_model", model)
     saved = [dict(layer.__dict__) for layer in cache.layers]
     handles = [module.register_forward_hook(make_hook(idx), with_kwargs=True) for idx, module in layers]
+    if getattr(scorer, "pass_attention", None) is not None:
+        for idx, module in layers:
+            PASS_ATTENTION[module] = make_override(idx)
     try:
         max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         for chunk in scorer.pass_chunks(tokenizer, input_ids, valid, max_positions=max_positions):
             chunk_in_flight[:] = [chunk]
+            fused_this_chunk.clear()
             mask = torch.cat([valid, chunk.valid], dim=-1).to(torch.long)
             base(
                 input_ids=chunk.input_ids,
@@ -86,6 +112,8 @@ def run_context_pass(
     finally:
         for handle in handles:
             handle.remove()
+        for _, module in layers:
+            PASS_ATTENTION.pop(module, None)
         for layer, state in zip(cache.layers, saved):
             layer.__dict__.clear()
             layer.__dict__.update(state)

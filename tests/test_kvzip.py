@@ -17,13 +17,15 @@ from kvpress_chunk.policies.kvzip import (
     NEXT_PROMPT,
     OVERLAP_TOKENS,
     KVzipScorer,
+    PassChunk,
     attention_logsumexp,
     attention_logsumexp_reference,
+    fused_pass_attention,
     max_pool_scores,
     reconstruction_attention_max,
 )
 from kvpress_chunk.registry import SpecError
-from tiny_models import make_tiny_model
+from tiny_models import left_padded, make_tiny_model
 
 
 class ByteTokenizer:
@@ -129,6 +131,69 @@ def test_scoring_op_on_the_reference_kernel(monkeypatch):
     got = kvzip.reconstruction_attention_max(queries, keys, context_valid, query_valid, start, end, 2)
     want = reference_scores(queries, keys, context_valid, query_valid, start, end, 2)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), groups=st.integers(1, 3), length=st.integers(4, 40),
+    n=st.integers(1, 20), sinks=st.integers(0, 4), seed=st.integers(0, 10_000),
+)
+def test_fused_pass_attention_is_the_models_attention_and_the_scoring_op(batch, kv_heads, groups, length, n, sinks, seed):
+    """The pass's fused layer (three flash calls) against both things it replaces: dense SDPA with
+    the pass's explicit mask (every real context token + causal reconstruction tokens) for the
+    output, :func:`reconstruction_attention_max` (itself tested on a plain loop) for the scores.
+    Spans that skip part of the context (later chunks, a chat prefix) and left padding included."""
+    gen = torch.Generator().manual_seed(seed)
+    head_dim, q_heads, scale = 8, kv_heads * groups, 0.3
+    query = torch.randn(batch, q_heads, n, head_dim, generator=gen)
+    key = torch.randn(batch, kv_heads, length + n, head_dim, generator=gen)
+    value = torch.randn(batch, kv_heads, length + n, head_dim, generator=gen)
+    pads = torch.randint(0, length // 2 + 1, (batch,), generator=gen)
+    context_valid = torch.arange(length)[None, :] >= pads[:, None]
+    query_lengths = torch.randint(1, n + 1, (batch,), generator=gen)
+    query_valid = torch.arange(n)[None, :] < query_lengths[:, None]
+    start = pads + torch.randint(0, length // 2 + 1, (batch,), generator=gen)
+    end = torch.minimum(start + 1 + torch.randint(0, length, (batch,), generator=gen), torch.tensor(length))
+    start = torch.minimum(start, end - 1)
+    chunk = PassChunk(torch.zeros(batch, n, dtype=torch.long), query_valid, torch.zeros(batch, n), start, end)
+    with torch.inference_mode():
+        output, scores = fused_pass_attention(query, key, value, scale, context_valid, chunk, sinks)
+    allowed = torch.cat([context_valid[:, None, :].expand(batch, n, length),
+                         torch.ones(n, n, dtype=torch.bool).tril()[None].expand(batch, n, n)], dim=-1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), attn_mask=allowed[:, None], scale=scale
+    )
+    real = query_valid[:, :, None, None]  # padding queries' outputs are never read
+    torch.testing.assert_close(output * real, want.transpose(1, 2) * real, atol=1e-5, rtol=1e-5)
+    want_scores = reconstruction_attention_max(query * scale, key, context_valid, query_valid, start, end, sinks)
+    torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_fused_pass_scores_like_the_models_attention_then_the_scoring_op(family, monkeypatch):
+    """End to end on a padded batch in several reconstruction chunks: with the fused layer the
+    pass gives the model's logits and the same kept tokens as with the model's own attention."""
+    model = make_tiny_model(family, num_layers=3)
+    ids, mask, _ = left_padded([70, 45])
+    press = make_press("kvzip", compression_ratio=0.6, chunk_size=24)
+    calls = []
+    original = KVzipScorer.pass_attention
+
+    def counted(self, *args):
+        result = original(self, *args)
+        calls.append(result is not None)
+        return result
+
+    results = {}
+    for name, method in (("fused", counted), ("model's", lambda self, *args: None)):
+        monkeypatch.setattr(KVzipScorer, "pass_attention", method)
+        with press(model, tokenizer=ByteTokenizer()):
+            results[name] = prefill(model, ids, mask)
+    assert calls and all(calls), "the fused layer ran for every scored layer and chunk"
+    fused, plain = results["fused"], results["model's"]
+    torch.testing.assert_close(fused.last_logits, plain.last_logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused.cache.layers, plain.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_reconstruction_inputs_of_a_padded_row_equal_the_row_alone():

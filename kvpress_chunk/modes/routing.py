@@ -102,6 +102,10 @@ _ROUTES: "weakref.WeakKeyDictionary[nn.Module, tuple[CompressedAttention, int]]"
 # model -> its installed router
 _ROUTERS: "weakref.WeakKeyDictionary[nn.Module, CompressedAttention]" = weakref.WeakKeyDictionary()
 _REGISTERED: set[str] = set()
+# attention module -> what computes its attention instead during the context pass (see
+# context_pass.run_context_pass): ``(query, key, value, kwargs) -> output | None`` (None: the
+# model's own attention runs)
+PASS_ATTENTION: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 #: instance attribute of a compressed cache: its live view table (``layer_idx -> LayerView``)
@@ -398,6 +402,11 @@ def _delegate(implementation: str, module: nn.Module):
 
 def _make_routed_attention(implementation: str):
     def routed_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        override = PASS_ATTENTION.get(module)
+        if override is not None and not args:
+            output = override(query, key, value, kwargs)
+            if output is not None:
+                return output, None
         delegate = _delegate(implementation, module)
         router, layer_idx = _ROUTES.get(module, (None, -1))
         view = router.active.get(layer_idx) if router is not None and router.active else None

@@ -195,6 +195,20 @@ class KVzipScorer(Scorer):
             value_out_norm=value_output_norm(module, values[:, :, :length]) if self.plus_normalization else None,
         )
 
+    def pass_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict,
+        context_valid: torch.Tensor, chunk: PassChunk,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One layer's attention in the pass and its scores together (:func:`fused_pass_attention`),
+        or ``None`` to let the model's attention run and :meth:`pass_scores` score after it: for
+        KVzip+ (it needs the layer's hidden states), soft-capped logits, sliding windows,
+        attention sinks, dropout, and anything but float32 on the CPU."""
+        scale = kwargs.get("scaling")
+        plain = all(not kwargs.get(name) for name in ("softcap", "sliding_window", "s_aux", "sinks", "dropout"))
+        if self.plus_normalization or scale is None or not plain:
+            return None
+        return fused_pass_attention(query, key, value, float(scale), context_valid, chunk, self.sinks)
+
     # -- the fused op's view ----------------------------------------------------------------------
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
@@ -290,6 +304,39 @@ def attention_logsumexp_reference(
     return torch.cat(parts, dim=-1)
 
 
+class ScoredSubset(NamedTuple):
+    """The context keys one reconstruction chunk's softmax runs over, per row: ``index[B, C]``
+    (the row's sinks, then its span; clamped), ``ok[B, C]`` (``False`` on filler) and the additive
+    ``bias[B, 1, 1, C]`` (0 or :data:`MASKED`)."""
+
+    index: torch.Tensor
+    ok: torch.Tensor
+    bias: torch.Tensor
+
+
+def scored_subset(context_valid: torch.Tensor, start: torch.Tensor, end: torch.Tensor, sinks: int) -> ScoredSubset:
+    """Each row's sinks (the first ``sinks`` real tokens, when they precede the span) and its
+    span ``[start, end)`` of the prefill's (left-padded) axis."""
+    length = context_valid.shape[-1]
+    device = context_valid.device
+    first_real = length - context_valid.sum(dim=-1)  # [B] (left padding)
+    span = int((end - start).max())
+    sink_idx = first_real[:, None] + torch.arange(sinks, device=device)[None, :]
+    sink_ok = (sink_idx < start[:, None]) & (sink_idx < length)
+    span_idx = start[:, None] + torch.arange(span, device=device)[None, :]
+    span_ok = span_idx < end[:, None]
+    index = torch.cat([sink_idx, span_idx], dim=-1).clamp(max=length - 1)
+    ok = torch.cat([sink_ok, span_ok], dim=-1)
+    bias = torch.zeros(ok.shape[0], 1, 1, ok.shape[1], device=device).masked_fill_(~ok[:, None, None, :], MASKED)
+    return ScoredSubset(index, ok, bias)
+
+
+def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``states[B, H, *, D]`` at ``index[B, C]`` of the token axis: ``float32[B, H, C, D]``."""
+    batch, heads, _, dim = states.shape
+    return states.gather(2, index[:, None, :, None].expand(batch, heads, index.shape[-1], dim)).float()
+
+
 def reconstruction_attention_max(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -311,41 +358,51 @@ def reconstruction_attention_max(
 
     How: ``max_i softmax_i(j) = exp(max_i (q_i . k_j - lse_i))``. The normalisers ``lse_i`` come
     from :func:`attention_logsumexp` (context part and causal reconstruction part, combined), then
-    one matmul per block of queries with ``-lse_i`` as its additive term and one max over the
-    queries. Only the sinks and the span are gathered (``sinks + span`` keys per row, not ``T``),
-    so the fp32 transient is ``[B, Hkv, G * QUERY_BLOCK, sinks + span]``.
+    :func:`attention_max_given_lse`. (:func:`fused_pass_attention` gets the same normalisers as a
+    by-product of the model's own attention instead.)
     """
     batch, kv_heads, total, head_dim = keys.shape
     q_heads, n = queries.shape[1], queries.shape[2]
     groups, length = q_heads // kv_heads, context_valid.shape[-1]
-    device = keys.device
-    first_real = length - context_valid.sum(dim=-1)  # [B] (left padding)
-    span = int((end - start).max())
-    sink_idx = first_real[:, None] + torch.arange(sinks, device=device)[None, :]
-    sink_ok = (sink_idx < start[:, None]) & (sink_idx < length)
-    span_idx = start[:, None] + torch.arange(span, device=device)[None, :]
-    span_ok = span_idx < end[:, None]
-    context_idx = torch.cat([sink_idx, span_idx], dim=-1).clamp(max=length - 1)  # [B, C]
-    context_ok = torch.cat([sink_ok, span_ok], dim=-1)
-    width = context_idx.shape[-1]
-    context_keys = (
-        keys[:, :, :length].gather(2, context_idx[:, None, :, None].expand(batch, kv_heads, width, head_dim)).float()
-    )  # [B, Hkv, C, D]
+    subset = scored_subset(context_valid, start, end, sinks)
+    context_keys = gather_tokens(keys[:, :, :length], subset.index)  # [B, Hkv, C, D]
     grouped = queries.float().reshape(batch, kv_heads, groups * n, head_dim)  # head h = kv * G + g
-    context_bias = torch.zeros(batch, 1, 1, width, device=device).masked_fill_(~context_ok[:, None, None, :], MASKED)
-    lse_context = attention_logsumexp(grouped, context_keys, context_bias, causal=False, softcap=softcap)  # [B, Hkv, G * n]
+    lse_context = attention_logsumexp(grouped, context_keys, subset.bias, causal=False, softcap=softcap)  # [B, Hkv, G * n]
     appended = keys[:, :, length:].float().repeat_interleave(groups, dim=1)  # [B, Hq, n, D]
     # Right padding: a valid query never sees a padding key under the causal mask.
     lse_appended = attention_logsumexp(queries.float().contiguous(), appended, None, causal=True, softcap=softcap)
     lse = torch.logaddexp(lse_context, lse_appended.reshape(batch, kv_heads, groups * n))
-    lse = lse.view(batch, kv_heads, groups, n)
+    return attention_max_given_lse(
+        grouped, context_keys, lse.view(batch, kv_heads, groups, n), subset, context_valid, query_valid,
+        hidden_norm, value_out_norm, softcap,
+    )
+
+
+def attention_max_given_lse(
+    grouped: torch.Tensor,
+    context_keys: torch.Tensor,
+    lse: torch.Tensor,
+    subset: ScoredSubset,
+    context_valid: torch.Tensor,
+    query_valid: torch.Tensor,
+    hidden_norm: torch.Tensor | None = None,
+    value_out_norm: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """:func:`reconstruction_attention_max` once each query's normaliser is known:
+    ``grouped[B, Hkv, G * n, D]`` queries, ``context_keys[B, Hkv, C, D]`` (the subset's),
+    ``lse[B, Hkv, G, n]``. One matmul per block of queries with ``-lse_i`` as its additive term
+    and one max over the queries; the fp32 transient is ``[B, Hkv, G * QUERY_BLOCK, C]``."""
+    batch, kv_heads, groups, n = lse.shape
+    head_dim, width, length = grouped.shape[-1], context_keys.shape[2], context_valid.shape[-1]
+    device = grouped.device
     if hidden_norm is not None:  # KVzip+: each query's probabilities divided by ||h_i||
         lse = lse + hidden_norm[:, None, None, :].float().clamp(min=1e-6).log()
     lse = lse.masked_fill(~query_valid[:, None, None, :], -MASKED)  # padding queries never win a max
 
     best = torch.full((batch, kv_heads, groups, width), MASKED, device=device)
     flat_keys = context_keys.transpose(-1, -2).reshape(batch * kv_heads, head_dim, width)
-    grouped = grouped.view(batch, kv_heads, groups, n, head_dim)
+    grouped = grouped.reshape(batch, kv_heads, groups, n, head_dim)
     for lo in range(0, n, QUERY_BLOCK):
         hi = min(n, lo + QUERY_BLOCK)
         rows = groups * (hi - lo)
@@ -359,11 +416,78 @@ def reconstruction_attention_max(
         best = torch.maximum(best, block_best)
     probs = best.exp()
     if value_out_norm is not None:
-        probs = probs * value_out_norm.gather(3, context_idx[:, None, None, :].expand(batch, kv_heads, groups, width))
-    best = probs.amax(dim=2) * context_ok[:, None, :].to(probs.dtype)
+        probs = probs * value_out_norm.gather(3, subset.index[:, None, None, :].expand(batch, kv_heads, groups, width))
+    best = probs.amax(dim=2) * subset.ok[:, None, :].to(probs.dtype)
     scores = best.new_zeros(batch, kv_heads, length)
-    scores.scatter_reduce_(2, context_idx[:, None, :].expand(batch, kv_heads, width), best, reduce="amax")
+    scores.scatter_reduce_(2, subset.index[:, None, :].expand(batch, kv_heads, width), best, reduce="amax")
     return scores * context_valid[:, None, :].to(scores.dtype)
+
+
+def fused_pass_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    context_valid: torch.Tensor,
+    chunk: PassChunk,
+    sinks: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The model's attention for one layer of the reconstruction pass *and* that layer's KVzip
+    scores, from one set of attention calls: ``(output[B, n, Hq, D], scores[B, Hkv, T])``, or
+    ``None`` where it does not apply (not a float32 CPU tensor: torch's CPU flash kernel is what
+    returns the normalisers for free).
+
+    Why: the pass attends every reconstruction query over the whole context (the model's output)
+    and the score needs each query's softmax normaliser over a subset of it (sinks + span +
+    reconstruction tokens); computed separately that is the model's attention with an explicit
+    mask plus two more attention calls per layer (2000 tokens, SmolLM2: ~130 + ~95 ms per layer,
+    the pass's largest cost). Here the context keys are split into the scored subset and the rest
+    (the chat prefix, other chunks); three flash calls (subset, rest, causal reconstruction
+    tokens) each return their output and log-normaliser; merged, they are the model's attention
+    over everything (the same keys: every real context token and the reconstruction tokens up
+    to the query), and subset + reconstruction give the score's normalisers. Tested against the
+    model's own attention and :func:`reconstruction_attention_max`.
+
+    ``query[B, Hq, n, D]`` post-RoPE, unscaled (as the model's attention function gets it);
+    ``key`` / ``value`` ``[B, Hkv, T + n, D]`` (the cache after the pass appended to it).
+    """
+    if query.device.type != "cpu" or query.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    batch, q_heads, n, head_dim = query.shape
+    kv_heads, length = key.shape[1], context_valid.shape[-1]
+    if key.shape[2] != length + n or q_heads % kv_heads:
+        return None
+    groups = q_heads // kv_heads
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    grouped = (query * scale).reshape(batch, kv_heads, groups * n, head_dim)  # head h = kv * G + g
+    subset = scored_subset(context_valid, chunk.start, chunk.end, sinks)
+    subset_keys = gather_tokens(key, subset.index)
+    out_subset, lse_subset = flash(grouped, subset_keys, gather_tokens(value, subset.index), 0.0, False,
+                                   attn_mask=subset.bias, scale=1.0)[:2]
+    # The rest: real context tokens outside the subset (a stable sort puts them first, in order).
+    # (filler entries of the subset repeat real indices: membership is an amax, never overwritten)
+    member = torch.zeros(context_valid.shape, dtype=torch.uint8, device=query.device)
+    member.scatter_reduce_(1, subset.index, subset.ok.to(torch.uint8), reduce="amax")
+    outside = context_valid & (member == 0)
+    rest_width = int(outside.sum(dim=-1).max())
+    parts = [(out_subset, lse_subset)]
+    if rest_width:
+        rest_index = torch.sort((~outside).to(torch.uint8), dim=-1, stable=True).indices[:, :rest_width]
+        rest_ok = outside.gather(1, rest_index)
+        rest_bias = torch.zeros(batch, 1, 1, rest_width, device=query.device).masked_fill_(~rest_ok[:, None, None, :], MASKED)
+        parts.append(flash(grouped, gather_tokens(key, rest_index), gather_tokens(value, rest_index), 0.0, False,
+                           attn_mask=rest_bias, scale=1.0)[:2])
+    appended_keys = key[:, :, length:].float().repeat_interleave(groups, dim=1)
+    appended_values = value[:, :, length:].float().repeat_interleave(groups, dim=1)
+    out_appended, lse_appended = flash((query * scale).contiguous(), appended_keys, appended_values, 0.0, True, scale=1.0)[:2]
+    # per query head h = kv * G + g: grouped row (kv, g * n + i) is head h's query i
+    parts.append((out_appended.reshape(batch, kv_heads, groups * n, head_dim), lse_appended.reshape(batch, kv_heads, groups * n)))
+    total = torch.stack([lse for _, lse in parts]).logsumexp(dim=0)
+    output = sum(out * (lse - total).exp()[..., None] for out, lse in parts)
+    output = output.reshape(batch, q_heads, n, head_dim).transpose(1, 2).contiguous()
+    score_lse = torch.logaddexp(lse_subset, parts[-1][1]).view(batch, kv_heads, groups, n)
+    scores = attention_max_given_lse(grouped, subset_keys, score_lse, subset, context_valid, chunk.valid)
+    return output, scores
 
 
 def value_output_norm(module: torch.nn.Module, values: torch.Tensor) -> torch.Tensor:

@@ -328,8 +328,12 @@ def scored_subset(context_valid: torch.Tensor, start: torch.Tensor, end: torch.T
     span_ok = span_idx < end[:, None]
     index = torch.cat([sink_idx, span_idx], dim=-1).clamp(max=length - 1)
     ok = torch.cat([sink_ok, span_ok], dim=-1)
-    bias = torch.zeros(ok.shape[0], 1, 1, ok.shape[1], device=device).masked_fill_(~ok[:, None, None, :], MASKED)
-    return ScoredSubset(index, ok, bias)
+    return ScoredSubset(index, ok, key_bias(ok))
+
+
+def key_bias(ok: torch.Tensor) -> torch.Tensor:
+    """The additive attention bias ``[B, 1, 1, C]`` of gathered keys ``ok[B, C]``: 0 or :data:`MASKED`."""
+    return torch.zeros(ok.shape[0], 1, 1, ok.shape[1], device=ok.device).masked_fill_(~ok[:, None, None, :], MASKED)
 
 
 def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -460,7 +464,8 @@ def fused_pass_attention(
         return None
     groups = q_heads // kv_heads
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    grouped = (query * scale).reshape(batch, kv_heads, groups * n, head_dim)  # head h = kv * G + g
+    scaled = (query * scale).contiguous()
+    grouped = scaled.view(batch, kv_heads, groups * n, head_dim)  # head h = kv * G + g
     subset = scored_subset(context_valid, chunk.start, chunk.end, sinks)
     subset_keys = gather_tokens(key, subset.index)
     out_subset, lse_subset = flash(grouped, subset_keys, gather_tokens(value, subset.index), 0.0, False,
@@ -475,12 +480,11 @@ def fused_pass_attention(
     if rest_width:
         rest_index = torch.sort((~outside).to(torch.uint8), dim=-1, stable=True).indices[:, :rest_width]
         rest_ok = outside.gather(1, rest_index)
-        rest_bias = torch.zeros(batch, 1, 1, rest_width, device=query.device).masked_fill_(~rest_ok[:, None, None, :], MASKED)
         parts.append(flash(grouped, gather_tokens(key, rest_index), gather_tokens(value, rest_index), 0.0, False,
-                           attn_mask=rest_bias, scale=1.0)[:2])
+                           attn_mask=key_bias(rest_ok), scale=1.0)[:2])
     appended_keys = key[:, :, length:].float().repeat_interleave(groups, dim=1)
     appended_values = value[:, :, length:].float().repeat_interleave(groups, dim=1)
-    out_appended, lse_appended = flash((query * scale).contiguous(), appended_keys, appended_values, 0.0, True, scale=1.0)[:2]
+    out_appended, lse_appended = flash(scaled, appended_keys, appended_values, 0.0, True, scale=1.0)[:2]
     # per query head h = kv * G + g: grouped row (kv, g * n + i) is head h's query i
     parts.append((out_appended.reshape(batch, kv_heads, groups * n, head_dim), lse_appended.reshape(batch, kv_heads, groups * n)))
     total = torch.stack([lse for _, lse in parts]).logsumexp(dim=0)

@@ -105,14 +105,20 @@ def parse_call(text: str) -> tuple[str, dict[str, Any]]:
         try:
             params[keyword.arg] = ast.literal_eval(keyword.value)
         except ValueError:
-            # A bare word (e.g. reduce=sum) is read as a string for command-line comfort.
+            # A bare word (e.g. reduce=sum) is read as a string for command-line comfort; the
+            # lower-case words of a bool or None are read as those (``per_head=false`` was kept as
+            # the string 'false', which every part read as True: the setting silently flipped).
             if isinstance(keyword.value, ast.Name):
-                params[keyword.arg] = keyword.value.id
+                word = keyword.value.id
+                params[keyword.arg] = BARE_LITERALS.get(word.lower(), word)
             else:
                 raise SpecError(
                     f"spec {text!r}: value of {keyword.arg!r} must be a literal (number, string, bool, None)"
                 ) from None
     return name, params
+
+
+BARE_LITERALS: dict[str, Any] = {"true": True, "false": False, "none": None}
 
 
 def spec_to_name_and_params(kind: str, spec: Any) -> tuple[str, dict[str, Any]]:

@@ -173,3 +173,11 @@ def test_compile_defaults_to_auto_eager_on_cpu_compiled_on_accelerators():
     assert kc.make_press("chunkkv", compression_ratio=0.5, compile=True).compiles_on("cpu")
     with pytest.raises(SpecError, match="compile must be True, False or 'auto'"):
         kc.make_press("chunkkv", compression_ratio=0.5, compile="yes")
+
+
+def test_parse_call_reads_bare_booleans_as_booleans():
+    # 'per_head=false' was kept as the string 'false', which a part reads as True (setting flipped)
+    assert parse_call("knorm(per_head=false, x=True, y=none, reduce=sum)") == (
+        "knorm", {"per_head": False, "x": True, "y": None, "reduce": "sum"}
+    )
+    assert kc.make_press("knorm(per_head=false)", compression_ratio=0.5).selector.per_head is False

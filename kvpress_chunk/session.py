@@ -380,7 +380,15 @@ class PressSession:
         inputs = _forward_inputs(args, kwargs)
         if inputs is None:
             return
-        self.valid = padding_mask(call_argument(args, kwargs, "attention_mask", 1), inputs.shape[1])
+        mask = call_argument(args, kwargs, "attention_mask", 1)
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+            # The press reads each row's padding from a 2-D mask only; a custom 4-D mask's padding
+            # was taken for real tokens (scored, kept and attended to when decoding): refuse it.
+            raise ValueError(
+                f"a press needs a 2-D attention_mask [batch, length] (left padding) on the prefill, got a "
+                f"{mask.dim()}-D mask: pass the 2-D padding mask (and no custom 4-D mask) under a press"
+            )
+        self.valid = padding_mask(mask, inputs.shape[1])
         self._warn_if_longer_than_the_model(inputs.shape[1])
         self.input_ids = inputs if not inputs.is_floating_point() else None
 

@@ -352,3 +352,15 @@ def test_a_model_that_runs_a_layer_twice_in_one_forward_is_refused():
     ids = torch.randint(3, 120, (1, 60), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UnsupportedModelError, match="ran more than once in one forward"):
         generate(model, ids, None, kc.make_press("snapkv", compression_ratio=0.5, compile=False))
+
+
+def test_a_custom_4d_mask_on_a_prefill_is_refused():
+    # Its padding was read as real tokens (scored, kept, and attended to when decoding with a
+    # 2-D mask afterwards): a keep-all press differed from no press by 0.42 in a padded row's logits.
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 40))
+    mask = torch.zeros(1, 1, 40, 40).masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    cache = new_cache(model)
+    with kc.make_press("chunkkv", compression_ratio=0.0)(model), torch.no_grad():
+        with pytest.raises(ValueError, match="2-D attention_mask"):
+            model(ids, attention_mask=mask, past_key_values=cache)

@@ -306,7 +306,7 @@ def generate_answers(
                 rest = first[:, :0]
                 if max_new_tokens > 1 and int(first[0, 0]) not in eos:
                     rest = greedy_continue(model, whole, first, max_new_tokens - 1, eos)
-                tokens = torch.cat([first, rest], dim=-1)
+                tokens = torch.cat([first, rest], dim=-1)[:, : max(0, max_new_tokens)]  # 0 asks for none
             answers.append(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
     return answers
 

@@ -160,3 +160,12 @@ def test_kvzip_scores_match_kvpress_on_the_real_model(smollm2, needle, plus):
     torch.testing.assert_close(ours[..., sinks:], theirs[..., sinks:], atol=2e-5, rtol=1e-3)
     prefix_length = len(tokenizer(prefix, add_special_tokens=False).input_ids)
     assert ours[..., sinks:prefix_length].abs().max() == 0  # the chat prefix is not reconstructed
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_generate_answers_with_no_new_tokens_answers_nothing(smollm2, query_aware):
+    # query_aware=True used to emit the prefill's argmax before looking at max_new_tokens
+    model, tokenizer = smollm2
+    answers = kc.generate_answers(model, tokenizer, "The sky is blue. " * 5, ["What colour is the sky?"],
+                                  max_new_tokens=0, query_aware=query_aware)
+    assert answers == [""]

@@ -168,7 +168,7 @@ class SnapKVScorer(Scorer):
         ).view(batch, kv_heads, groups, length - window)
         scores = pooled.mean(dim=2)
         if self.window_scores == "max+1":
-            pad_value = scores.amax() + 1
+            pad_value = scores.amax(dim=(1, 2), keepdim=True) + 1  # per row: a row scores as if alone
         else:
             pad_value = scores.new_zeros(())
         window_part = pad_value.expand(batch, kv_heads, window)

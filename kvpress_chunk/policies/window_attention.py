@@ -131,7 +131,7 @@ def snapkv_scores(
     ``SnapKVScorer(window=w, kernel=kernel, window_scores=window_scores).score``."""
     batch, kv_heads = keys.shape[:2]
     pooled = snapkv_window_mass(queries, keys, valid, kernel, softcap)
-    pad_value = pooled.amax() + 1 if window_scores == "max+1" else pooled.new_zeros(())
+    pad_value = pooled.amax(dim=(1, 2), keepdim=True) + 1 if window_scores == "max+1" else pooled.new_zeros(())
     return torch.cat([pooled, pad_value.expand(batch, kv_heads, queries.shape[2])], dim=-1)
 
 
@@ -179,7 +179,7 @@ def snapkv_scores_traced(
     pooled = F.avg_pool1d(
         scores.reshape(batch * kv_heads, 1, prefix), kernel_size=kernel, padding=kernel // 2, stride=1
     ).view(batch, kv_heads, prefix)
-    pad_value = pooled.amax() + 1 if window_scores == "max+1" else pooled.new_zeros(())
+    pad_value = pooled.amax(dim=(1, 2), keepdim=True) + 1 if window_scores == "max+1" else pooled.new_zeros(())
     return torch.cat([pooled, pad_value.expand(batch, kv_heads, window)], dim=-1)
 
 

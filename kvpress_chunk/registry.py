@@ -83,6 +83,10 @@ def registered(kind: str) -> dict[str, type]:
 _CALL_RE = re.compile(r"^\s*([A-Za-z_][\w\-\.]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
 
+# bare words read as Python values in spec strings (case-insensitive)
+BARE_LITERALS: dict[str, Any] = {"true": True, "false": False, "none": None}
+
+
 def parse_call(text: str) -> tuple[str, dict[str, Any]]:
     """Parse ``"name(key=value, ...)"`` into ``(name, {key: value})``; values are Python literals."""
     match = _CALL_RE.match(text)
@@ -117,8 +121,6 @@ def parse_call(text: str) -> tuple[str, dict[str, Any]]:
                 ) from None
     return name, params
 
-
-BARE_LITERALS: dict[str, Any] = {"true": True, "false": False, "none": None}
 
 
 def spec_to_name_and_params(kind: str, spec: Any) -> tuple[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ import torch._dynamo
 import kvpress_chunk as kc
 from kvpress_chunk.generation import greedy_continue, new_cache, prefill
 from kvpress_chunk.hf.hooks import CacheNotFoundError, UnsupportedModelError, cache_keyword
+import tiny_models
 from tiny_models import make_tiny_model
 
 @pytest.fixture(autouse=True)
@@ -369,10 +370,8 @@ def test_a_custom_4d_mask_on_a_prefill_is_refused():
 def test_chunkkv_kvpress_scores_a_padded_row_as_if_alone():
     # Its window's "max + 1" constant was a max over the whole batch: a row's window chunks tied
     # with other chunks differently in a batch than alone (40 vs 30 tokens kept, logits off by 0.11).
-    from tiny_models import left_padded
-
     model = make_tiny_model("llama")
-    ids, mask, rows = left_padded([90, 70, 120], seed=1)
+    ids, mask, rows = tiny_models.left_padded([90, 70, 120], seed=1)  # its data ties chunks
     press = kc.make_press("chunkkv-kvpress", compression_ratio=0.6, compile=False)
     with torch.no_grad():
         batched = prefill(model, ids, attention_mask=mask, press=press)

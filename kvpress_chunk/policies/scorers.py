@@ -31,7 +31,7 @@ from .queries import (  # noqa: F401  (re-exported: the scorers' module-aware he
     rotated_queries,
     softcap_extra,
 )
-from .window_attention import snapkv_scores, window_attention_sum
+from .window_attention import snapkv_scores, window_attention_sum, window_pad_value
 
 
 class Scorer:
@@ -167,11 +167,7 @@ class SnapKVScorer(Scorer):
             stride=1,
         ).view(batch, kv_heads, groups, length - window)
         scores = pooled.mean(dim=2)
-        if self.window_scores == "max+1":
-            pad_value = scores.amax(dim=(1, 2), keepdim=True) + 1  # per row: a row scores as if alone
-        else:
-            pad_value = scores.new_zeros(())
-        window_part = pad_value.expand(batch, kv_heads, window)
+        window_part = window_pad_value(scores, self.window_scores).expand(batch, kv_heads, window)
         return torch.cat([scores, window_part], dim=-1)
 
 

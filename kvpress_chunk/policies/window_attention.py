@@ -122,6 +122,16 @@ def _(queries, keys, valid, kernel, softcap=None):
     return keys.new_empty(batch, kv_heads, length - queries.shape[2], dtype=torch.float32)
 
 
+def window_pad_value(prefix_scores: torch.Tensor, window_scores: str) -> torch.Tensor:
+    """The score given to the observation window's own tokens, broadcastable to
+    ``[B, Hkv, w]``: ``0`` (``"zero"``: the selector protects them) or, for ``"max+1"``
+    (kvpress), one more than the row's best prefix score. The max is per batch row, so a row
+    scores the same in a padded batch as alone (a max over the batch changed which chunks tied)."""
+    if window_scores == "max+1":
+        return prefix_scores.amax(dim=(1, 2), keepdim=True) + 1
+    return prefix_scores.new_zeros(())
+
+
 def snapkv_scores(
     queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, kernel: int = 5, window_scores: str = "zero",
     softcap: Optional[torch.Tensor] = None,
@@ -131,7 +141,7 @@ def snapkv_scores(
     ``SnapKVScorer(window=w, kernel=kernel, window_scores=window_scores).score``."""
     batch, kv_heads = keys.shape[:2]
     pooled = snapkv_window_mass(queries, keys, valid, kernel, softcap)
-    pad_value = pooled.amax(dim=(1, 2), keepdim=True) + 1 if window_scores == "max+1" else pooled.new_zeros(())
+    pad_value = window_pad_value(pooled, window_scores)
     return torch.cat([pooled, pad_value.expand(batch, kv_heads, queries.shape[2])], dim=-1)
 
 
@@ -179,7 +189,7 @@ def snapkv_scores_traced(
     pooled = F.avg_pool1d(
         scores.reshape(batch * kv_heads, 1, prefix), kernel_size=kernel, padding=kernel // 2, stride=1
     ).view(batch, kv_heads, prefix)
-    pad_value = pooled.amax(dim=(1, 2), keepdim=True) + 1 if window_scores == "max+1" else pooled.new_zeros(())
+    pad_value = window_pad_value(pooled, window_scores)
     return torch.cat([pooled, pad_value.expand(batch, kv_heads, window)], dim=-1)
 
 

@@ -18,7 +18,7 @@ import kvpress_chunk as kc
 from kvpress_chunk.generation import greedy_continue, new_cache, prefill
 from kvpress_chunk.hf.hooks import CacheNotFoundError, UnsupportedModelError, cache_keyword
 import tiny_models
-from tiny_models import make_tiny_model
+from tiny_models import make_auto_tiny_model, make_tiny_model
 
 @pytest.fixture(autouse=True)
 def _room_for_test_shapes():
@@ -256,21 +256,6 @@ def test_a_prompt_longer_than_the_models_positions_warns_once():
     assert sum("positions" in str(w.message) for w in record) == 1
 
 
-def _auto_model(model_type: str, **config):
-    """A tiny random model of a family tests/tiny_models.py does not build (skipped if this
-    transformers release lacks the family)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    settings = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                    intermediate_size=128, num_hidden_layers=2, max_position_embeddings=4096, pad_token_id=0)
-    try:
-        built = AutoConfig.for_model(model_type, **{**settings, **config})
-    except (KeyError, ValueError) as exc:
-        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type} ({type(exc).__name__})")
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(built, attn_implementation="eager").eval()
-
-
 def _rows_alone_and_modes_agree(model, new=5, per_head=False):
     """Padded rows = rows alone, mask mode = evict mode (logits: random tiny models tie tokens)."""
     ids, mask, rows = left_padded([80, 50], seed=3)
@@ -297,7 +282,7 @@ def test_a_model_whose_attention_ignores_the_attention_interface_is_refused_or_e
     """DiffLlama and Nemotron on transformers 5.2 fix their attention classes when built:
     ``set_attn_implementation`` only warned, our routed attention never ran, and padded rows and
     mask mode decoded through the model's own mask (other tokens, no error)."""
-    model = _auto_model(model_type, **config)
+    model = make_auto_tiny_model(model_type, **config)
     try:
         _rows_alone_and_modes_agree(model)
     except UnsupportedModelError as exc:
@@ -308,7 +293,7 @@ def test_per_head_eviction_of_a_model_that_remixes_value_heads_is_refused():
     """DiffLlama's value head h carries another KV head's values: per-head eviction keeps other
     tokens in each head's slots, so keys met other tokens' values (transformers 5.25: mask and
     evict mode differed by 0.37 in the logits, no error). On 5.2 the model is refused anyway."""
-    model = _auto_model("diffllama")
+    model = make_auto_tiny_model("diffllama")
     with pytest.raises(UnsupportedModelError, match="mixes value heads|AttentionInterface"):
         _rows_alone_and_modes_agree(model, per_head=True)
 
@@ -318,7 +303,7 @@ def test_gemma3n_kv_shared_layers_read_their_store_layers_compressed_cache_or_ar
     >= 5.3 they have no key projection of their own, so they had no route: with the store layer
     compressed, a padded row was off by 1.57 in the logits and mask mode attended to hidden
     tokens. They now read through the store layer's view (on 5.2 the press refuses the model)."""
-    model = _auto_model("gemma3n_text", vocab_size_per_layer_input=128, num_hidden_layers=4,
+    model = make_auto_tiny_model("gemma3n_text", vocab_size_per_layer_input=128, num_hidden_layers=4,
                         layer_types=["full_attention"] * 4, num_kv_shared_layers=2, initializer_range=0.2,
                         activation_sparsity_pattern=[0.0] * 4)
     try:
@@ -349,7 +334,7 @@ def test_a_model_that_runs_a_layer_twice_in_one_forward_is_refused():
     """HRM (transformers >= 5.2x) loops its layers H_cycles x (L_cycles + 1) times per forward:
     the press scored the first call's inputs while later calls read and rewrote the cache
     (window attention off by ~1.0 against the model's, no error)."""
-    model = _auto_model("hrm_text", num_hidden_layers=2)
+    model = make_auto_tiny_model("hrm_text", num_hidden_layers=2)
     ids = torch.randint(3, 120, (1, 60), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UnsupportedModelError, match="ran more than once in one forward"):
         generate(model, ids, None, kc.make_press("snapkv", compression_ratio=0.5, compile=False))

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 import kvpress_chunk as kc
 from kvpress_chunk.hf.hooks import cache_keyword, find_attention_layers, windowed_layers
-from tiny_models import make_tiny_model
+from tiny_models import make_auto_tiny_model, make_tiny_model
 
 CASES = {
     "gemma3": ({}, {0, 2}),  # sliding, full, sliding, full
@@ -30,6 +30,24 @@ def test_windowed_layers_come_from_the_model(family):
     overrides, expected = CASES[family]
     model = make_tiny_model(family, **overrides)
     assert windowed_layers(model, find_attention_layers(model)) == expected
+
+
+def test_a_module_flag_says_which_layers_slide():
+    """Exaone 4 gives every attention module ``sliding_window`` but slides only where
+    ``is_sliding``: its full layers were taken for windowed ones, so nothing was compressed."""
+    model = make_auto_tiny_model("exaone4", num_hidden_layers=4, sliding_window=32)
+    assert model.config.layer_types[3] == "full_attention"
+    assert windowed_layers(model, find_attention_layers(model)) == {0, 1, 2}
+    generator = torch.Generator().manual_seed(0)
+    context, question = torch.randint(3, 120, (1, 100), generator=generator), torch.randint(3, 120, (1, 5), generator=generator)
+    follow_up = dict(position_ids=torch.arange(100, 105)[None], attention_mask=torch.ones(1, 105, dtype=torch.long))
+    cache = DynamicCache(config=model.config)
+    with kc.make_press("chunkkv", compression_ratio=0.0, compile=False)(model) as session, torch.no_grad():
+        model(context, **{cache_keyword(model): cache})
+        logits = model(question, **{cache_keyword(model): cache}, **follow_up).logits
+        plain = model(torch.cat([context, question], dim=-1)).logits[:, -5:]
+    assert set(session.selections) == {3}
+    torch.testing.assert_close(logits, plain, atol=1e-4, rtol=0)  # keeping everything: the model's answer
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma2", "mistral"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -54,6 +56,21 @@ def make_tiny_model(family: str, *, seed: int = 0, num_layers: int = 4, dtype=to
     config = config_cls(**{**settings, **extra})
     torch.manual_seed(seed)
     return model_cls(config).to(dtype).eval()
+
+
+def make_auto_tiny_model(model_type: str, **config):
+    """A tiny random model of a family :func:`make_tiny_model` does not build, from its
+    ``model_type`` (the test is skipped if this transformers release lacks the family)."""
+    import pytest
+
+    settings = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=128, num_hidden_layers=2, max_position_embeddings=4096, pad_token_id=0)
+    try:
+        built = AutoConfig.for_model(model_type, **{**settings, **config})
+    except (KeyError, ValueError) as exc:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has no {model_type} ({type(exc).__name__})")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(built, attn_implementation="eager").eval()
 
 
 def left_padded(lengths, seed=0):

@@ -53,8 +53,7 @@ def windowed_layers(model: nn.Module, layers: list[tuple[int, nn.Module]]) -> se
     replace the model's window mask by full attention: wrong logits, no error. Sources, any of
     which marks a layer: ``config.layer_types`` (Gemma 2/3, Qwen2/3, Cohere2...), a config
     ``sliding_window`` with no ``layer_types`` (Mistral: every layer slides, unless
-    ``use_sliding_window`` is False), or the attention module's own ``sliding_window`` /
-    ``attention_chunk_size``."""
+    ``use_sliding_window`` is False), or the attention module itself (:func:`module_slides`)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
@@ -67,10 +66,23 @@ def windowed_layers(model: nn.Module, layers: list[tuple[int, nn.Module]]) -> se
     windowed = set()
     for idx, module in layers:
         by_type = idx < len(layer_types) and layer_types[idx] in WINDOWED_LAYER_TYPES
-        by_module = getattr(module, "sliding_window", None) is not None or getattr(module, "attention_chunk_size", None) is not None
+        by_module = module_slides(module)
         if by_type or everywhere or by_module:
             windowed.add(idx)
     return windowed
+
+
+def module_slides(module: nn.Module) -> bool:
+    """Whether an attention module masks to a window of the past by its own attributes.
+
+    A module's ``is_sliding`` flag, where it has one, decides: Exaone 4 gives *every* layer
+    ``sliding_window`` and passes it to attention only where ``is_sliding`` (its full layers
+    were all taken for windowed ones: nothing was compressed, with a false warning). Otherwise
+    a ``sliding_window`` or ``attention_chunk_size`` that is set marks the layer."""
+    flag = getattr(module, "is_sliding", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(module, "sliding_window", None) is not None or getattr(module, "attention_chunk_size", None) is not None
 
 
 def call_argument(args: tuple, kwargs: dict[str, Any], name: str, position: int) -> Any:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .hf.hooks import cache_keyword
+from .hf.hooks import cache_keyword, find_attention_layers, windowed_layers
 from .modes.routing import LayerView, attached_views, compressed_attention, router_of
 from .press import Press
 
@@ -43,6 +43,9 @@ class CompressedContext:
     attention_mask: torch.Tensor
     last_logits: torch.Tensor
     layer_views: dict[int, LayerView] = field(default_factory=dict)
+    #: ``int64[B]`` kept tokens measured at prefill for a cache compressed by another library
+    #: that masks keys instead of evicting them (kvpress' AdaKV, KVzip...); ``None`` otherwise
+    masked_kept: torch.Tensor | None = None
 
     def copy(self) -> "CompressedContext":
         """An independent copy, so several questions can start from the same context."""
@@ -51,6 +54,7 @@ class CompressedContext:
         return CompressedContext(
             cache, self.next_positions.clone(), self.attention_mask.clone(), self.last_logits,
             carried if carried is not None else dict(self.layer_views),
+            None if self.masked_kept is None else self.masked_kept.clone(),
         )
 
     def kept_per_row(self) -> torch.Tensor:
@@ -59,6 +63,8 @@ class CompressedContext:
         token), so pyramid / global budgets and head-adaptive (ragged) selections report the cache
         they keep, not their first layer's share. Sliding-window layers are not counted. The real
         prefill tokens when nothing was compressed."""
+        if self.masked_kept is not None:
+            return self.masked_kept.clone()
         if self.layer_views:
             per_layer = torch.stack([
                 view.visible.sum(dim=-1).to(torch.float32).mean(dim=1) for view in self.layer_views.values()
@@ -118,13 +124,45 @@ def prefill(
         "use_cache": True,
         "logits_to_keep": 1,
     }
+    for _, module in find_attention_layers(model):  # a mask left by an earlier kvpress run is stale
+        if getattr(module, "masked_key_indices", None) is not None:
+            module.masked_key_indices = None
     with applied(press, model, tokenizer):
         out = model(**kwargs)
         router = router_of(model)
         # The live table (not a snapshot): decoding-time compression updates it later, and a
         # context continued after the block must route through what the cache holds then.
         views = (router.live_views(cache) if router is not None else None) or {}
-    return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views)
+    masked = None if views else kept_behind_key_masks(model, cache, attention_mask)
+    return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views, masked)
+
+
+def kept_behind_key_masks(model: nn.Module, cache, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """``int64[B]``: tokens each row still attends to after a press of another library that
+    compresses by masking keys in place (kvpress' ``module.masked_key_indices``: AdaKV,
+    ExpectedAttention under AdaKV, KVzip), per layer and KV head on average, like
+    :meth:`CompressedContext.kept_per_row`; ``None`` when no layer carries such a mask.
+
+    Why: those caches keep their full length, so their length reported every token as kept
+    (the leaderboard recorded kvpress' AdaKV at 0.9 as keeping all 2048 tokens). Sliding-window
+    layers are not counted."""
+    windowed = windowed_layers(model, find_attention_layers(model))
+    layers = [(idx, module) for idx, module in find_attention_layers(model) if idx not in windowed]
+    masks = [getattr(module, "masked_key_indices", None) for _, module in layers]
+    if all(mask is None for mask in masks):
+        return None
+    batch = attention_mask.shape[0]
+    per_layer = []
+    for (idx, _), mask in zip(layers, masks):
+        keys = cache.layers[idx].keys if hasattr(cache, "layers") else cache.key_cache[idx]
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        padding = (attention_mask.shape[-1] - attention_mask.sum(dim=-1)).to(torch.float32)  # left padding
+        visible = torch.full((batch,), float(length), device=keys.device) - padding.to(keys.device)
+        if mask is not None:
+            masked = torch.bincount(mask[0].to(keys.device), minlength=batch)[:batch].to(torch.float32)
+            visible = visible - masked / kv_heads
+        per_layer.append(visible)
+    return torch.stack(per_layer).mean(dim=0).round().to(torch.int64)
 
 
 @torch.inference_mode()

@@ -101,3 +101,25 @@ def test_token_level_presets_keep_what_kvpress_keeps(preset, reference):
             ref_rows = {tuple(row.tolist()) for row in ref_layer.keys[0, head]}
             our_rows = {tuple(row.tolist()) for row in our_layer.keys[0, head]}
             assert ref_rows == our_rows
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_a_kvpress_key_masking_press_reports_what_it_keeps(ratio):
+    """kvpress' AdaKV masks keys in place (``masked_key_indices``) and leaves the cache at full
+    length: the context reported every token as kept, so the leaderboard's kept-token column
+    said kvpress' AdaKV at 0.9 kept all of them."""
+    from kvpress_chunk.generation import prefill
+
+    model = tiny_llama()
+    ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(4))
+    context = prefill(model, ids, press=kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio)))
+    assert context.cache.get_seq_length() == 300  # masked, not evicted
+    masks = [layer.self_attn.masked_key_indices for layer in model.model.layers]
+    masked_per_layer = [mask[0].numel() / 2 for mask in masks]  # over 2 KV heads
+    expected = round(300 - sum(masked_per_layer) / len(masks))
+    assert abs(int(context.kept_per_row()[0]) - round(300 * (1 - ratio))) <= 1
+    assert int(context.kept_per_row()[0]) == expected
+    assert int(context.copy().kept_per_row()[0]) == expected
+    model.set_attn_implementation("eager")  # kvpress patches the registered attentions, not eager:
+    plain = prefill(model, ids)  # its stale mask must not be read as this prefill's
+    assert int(plain.kept_per_row()[0]) == 300

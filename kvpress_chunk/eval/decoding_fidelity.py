@@ -32,6 +32,7 @@ from torch import nn
 
 from ..generation import applied, greedy_continue, prefill
 from ..hf.hooks import cache_argument, cache_keyword
+from ..modes.routing import LayerView, attached_views
 from .runner import LIBRARY
 
 
@@ -125,7 +126,10 @@ def _teacher_forced(model: nn.Module, context, tokens: torch.Tensor) -> float:
 
 
 class _PeakCache:
-    """Largest per-row cache length of any layer after each forward of ``model`` (any library)."""
+    """Largest count of tokens a row attends to in any layer after each forward of ``model``
+    (any library): the cache length, less the prefix slots a layer's view hides (mask mode keeps
+    its hidden slots in the cache; counting them reported a mask-mode reference at the full
+    prompt's 149 tokens where evict mode, with the same selection, reported 89)."""
 
     def __init__(self, model: nn.Module):
         self.peak = 0
@@ -133,14 +137,22 @@ class _PeakCache:
 
     def _after(self, module, args, kwargs, output) -> None:
         cache = cache_argument(args, kwargs, position=3)
-        layers = getattr(cache, "layers", None) or []
-        for layer in layers:
+        views = attached_views(cache) or {}
+        for idx, layer in enumerate(getattr(cache, "layers", None) or []):
             keys = getattr(layer, "keys", None)
             if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-                self.peak = max(self.peak, keys.shape[-2])
+                self.peak = max(self.peak, attended_tokens(keys.shape[-2], views.get(idx)))
 
     def close(self) -> None:
         self.handle.remove()
+
+
+def attended_tokens(length: int, view: LayerView | None) -> int:
+    """Tokens the most-attending row and head of a layer of ``length`` slots sees: its visible
+    prefix slots plus every slot added after the prefix (all of them without a view)."""
+    if view is None:
+        return length
+    return int(view.visible.sum(dim=-1).max()) + length - view.prefix_length
 
 
 def _run(model: nn.Module, input_ids: torch.Tensor, press: Any, new_tokens: int,

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_context import _positive, _text
+
 DEFAULTS = {
     "presses": ["chunkkv", "snapkv", "streamingllm", "knorm"],
     "ratios": [0.5, 0.75, 0.9],
@@ -25,23 +27,33 @@ DEFAULTS = {
 QUICK = {"presses": ["chunkkv", "snapkv"], "ratios": [0.75, 0.9], "lengths": [1000], "depths": [0.25, 0.75]}
 
 
+def _listed(items: list, text: str, what: str) -> list:
+    """``items``, or an argparse error when the list is empty.
+
+    Why: the commands read an empty list as "not given" and ran their default grid, so
+    ``--ratios ""`` (a variable left empty in a script) swept 0.5,0.75,0.9 as if asked for."""
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected at least one comma-separated {what}, got {text!r}")
+    return items
+
+
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return _listed([float(x) for x in text.split(",") if x.strip()], text, "number")
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return _listed([int(x) for x in text.split(",") if x.strip()], text, "integer")
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _names(text: str) -> list[str]:
     """Split a comma-separated list at top-level commas only, so a parametrised preset such as
-    ``kvzip(chunk_size=512, sinks=8)`` stays one item."""
+    ``kvzip(chunk_size=512, sinks=8)`` stays one item. An empty list is an argparse error."""
     items, depth, current = [], 0, []
     for char in text:
         depth += {"(": 1, ")": -1}.get(char, 0)
@@ -51,7 +63,7 @@ def _names(text: str) -> list[str]:
         else:
             current.append(char)
     items.append("".join(current))
-    return [x.strip() for x in items if x.strip()]
+    return _listed([x.strip() for x in items if x.strip()], text, "name")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -175,7 +187,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     entries, model, tokenizer = loaded
-    count = args.windows or (1 if args.quick else 4)
+    count = args.windows if args.windows is not None else (1 if args.quick else 4)
     try:
         windows = [
             window for length in settings["lengths"]
@@ -357,7 +369,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
               f"store {store} (rerun to continue)")
         try:
             records = run_leaderboard(model, tokenizer, entries, settings["ratios"], args.tasks, store,
-                                      settings["lengths"], settings["depths"], tuple(args.formats), args.windows or 4,
+                                      settings["lengths"], settings["depths"], tuple(args.formats),
+                                      args.windows if args.windows is not None else 4,
                                       args.seed, max_new_tokens=args.max_new_tokens,
                                       model_name=_model_label(args.model))
         except ValueError as exc:  # a corrupt store, a window longer than the prose, a bad needle case
@@ -388,7 +401,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--haystack", default="noise", choices=["noise", "prose"])
     parser.add_argument("--needle", default="number", choices=["number", "hex", "name"], help="needle value format")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=_text, default=None,
                         help="an embedded model (smollm2-135m-instruct, gemma3-270m) or a local HF model folder "
                              "(default: the embedded SmolLM2)")
     parser.add_argument("--compile", action="store_true",
@@ -410,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(decoding-time compression: agreement and ΔNLL vs max_cache)")
     evaluate.add_argument("task", choices=(*task_names(), "fidelity", "decoding"))
     _add_sweep_arguments(evaluate)
-    evaluate.add_argument("--windows", type=int, help="fidelity: prose windows per context length (default 4)")
-    evaluate.add_argument("--continuation", type=int, default=64, help="fidelity: continuation tokens scored (default 64)")
+    evaluate.add_argument("--windows", type=_positive, help="fidelity: prose windows per context length (default 4)")
+    evaluate.add_argument("--continuation", type=_positive, default=64, help="fidelity: continuation tokens scored (default 64)")
     evaluate.add_argument("--max-caches", type=_ints, help="decoding: max_cache values M (default 128,256,512)")
     evaluate.add_argument("--every", type=int, default=64, help="decoding: compress at most every N tokens (default 64)")
     evaluate.add_argument("--new-tokens", type=int, help="decoding: greedy tokens generated (default 512)")
@@ -432,12 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--tasks", type=_names, default=["niah", "multikey", "fidelity"],
                        help="comma-separated: needle tasks and/or fidelity (default niah,multikey,fidelity)")
     board.add_argument("--formats", type=_names, default=["number", "hex", "name"], help="needle formats (default all)")
-    board.add_argument("--windows", type=int, help="fidelity windows per length (default 4)")
+    board.add_argument("--windows", type=_positive, help="fidelity windows per length (default 4)")
     board.add_argument("--store", default="out/leaderboard.jsonl", help="JSON-lines store of finished runs (resumable)")
     board.add_argument("--render-only", action="store_true", help="only render the table from the store")
     board.add_argument("--rescore", action="store_true",
                        help="score the store's needle answers again (no model run), rewrite the store, then render")
-    board.add_argument("--title", default="Leaderboard (embedded SmolLM2-135M, query-agnostic)")
+    board.add_argument("--title", type=_text, default="Leaderboard (embedded SmolLM2-135M, query-agnostic)")
     board.set_defaults(func=cmd_leaderboard, max_new_tokens=24)  # what the committed stores were run with
     board.set_defaults(out="out/leaderboard.md")
     from .cli_context import add_context_commands
@@ -447,10 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SWEEP = {"presses", "seed", "out", "model", "compile", "compare_kvpress"}
-#: the options each command reads; any other option given a non-default value is refused (the
-#: parsers share their sweep options, and an accepted-but-ignored flag gives a result that looks
-#: like the one asked for: `eval niah --apply mask` ran in evict mode, `leaderboard --needle hex`
-#: on numbers, `leaderboard --max-new-tokens 2` with 24)
+#: the options each command reads; any other option given is refused (the parsers share their
+#: sweep options, and an accepted-but-ignored flag gives a result that looks like the one asked
+#: for: `eval niah --apply mask` ran in evict mode, `leaderboard --needle hex` on numbers,
+#: `leaderboard --max-new-tokens 2` with 24, `leaderboard --render-only --ratios 0.5` rendered
+#: every ratio of the store)
 _APPLICABLE = {
     "needles": _SWEEP | {"ratios", "lengths", "depths", "quick", "query_aware", "haystack", "needle", "max_new_tokens"},
     "fidelity": _SWEEP | {"ratios", "lengths", "quick", "windows", "continuation"},
@@ -458,42 +472,74 @@ _APPLICABLE = {
                           "reference", "apply"},
     "leaderboard": _SWEEP | {"ratios", "lengths", "depths", "max_new_tokens", "tasks", "formats", "windows", "store",
                              "render_only", "rescore", "title"},
+    # --render-only / --rescore: the table of the store as it is; nothing runs, nothing is chosen
+    "render": {"out", "store", "render_only", "rescore", "title"},
 }
 _HINTS = {("decoding", "ratios"): "it takes one prefill ratio, --compression-ratio",
           ("decoding", "lengths"): "it takes one prompt length, --length",
           ("leaderboard", "needle"): "use --formats", ("leaderboard", "haystack"): "needles are always on prose",
           ("leaderboard", "query_aware"): "the leaderboard is query-agnostic",
-          ("leaderboard", "quick"): "choose --presses, --ratios, --lengths and --depths"}
+          ("leaderboard", "quick"): "choose --presses, --ratios, --lengths and --depths",
+          ("render", None): "it renders the runs already in --store and runs no model "
+                            "(drop the option, or leave out --render-only/--rescore to run more)"}
 
 
-def ignored_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """Error lines for options given (a value other than their default) that ``args``' command
-    does not read."""
+def _command_kind(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``(key of _APPLICABLE, the command as messages name it)`` for ``args``, or ``None`` for a
+    command whose options all apply."""
     command = args.func.__name__
     if command == "cmd_eval":
-        kind = args.task if args.task in ("fidelity", "decoding") else "needles"
-    elif command == "cmd_leaderboard":
-        kind = "leaderboard"
-    else:
+        label = "niah" if args.command == "niah" else f"eval {args.task}"
+        return (args.task if args.task in ("fidelity", "decoding") else "needles"), label
+    if command == "cmd_leaderboard":
+        if args.render_only or args.rescore:
+            return "render", f"leaderboard {'--rescore' if args.rescore else '--render-only'}"
+        return "leaderboard", "leaderboard"
+    return None
+
+
+def ignored_options(args: argparse.Namespace, parser: argparse.ArgumentParser, given: set[str]) -> list[str]:
+    """Error lines for the options in ``given`` (written on the command line, see
+    :func:`given_options`) that ``args``' command does not read."""
+    found = _command_kind(args)
+    if found is None:
         return []
-    label = {"niah": "niah", "eval": f"eval {getattr(args, 'task', '')}"}.get(getattr(args, "command", None), "leaderboard")
+    kind, label = found
     problems = []
     for action in parser._actions:
         dest = action.dest
         if dest in ("help", "func", "task") or not action.option_strings or dest in _APPLICABLE[kind]:
             continue
-        if getattr(args, dest, action.default) != action.default:
-            hint = _HINTS.get((kind, dest))
+        if dest in given:
+            hint = _HINTS.get((kind, dest)) or _HINTS.get((kind, None))
             problems.append(f"{action.option_strings[-1]} does not apply to `{label}`" + (f": {hint}" if hint else ""))
     return problems
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name, p in a.choices.items()}
+
+
+def given_options(argv: list[str] | None) -> set[str]:
+    """The ``dest`` of every option written in ``argv``, whatever its value.
+
+    Why: an ignored option was refused only when its value differed from the default, so one
+    given its default value went through (`leaderboard --render-only --seed 0`, `eval fidelity
+    --max-new-tokens 32`). argparse does not say what was given; a second parse in which no
+    option has a default leaves only the given ones in the namespace."""
+    parser = build_parser()
+    for each in (parser, *_subparsers(parser).values()):
+        each._defaults.clear()  # set_defaults(...)
+        for action in each._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    subparser = next((p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
-                      for name, p in a.choices.items() if name == getattr(args, "command", None)), None)
-    problems = ignored_options(args, subparser) if subparser is not None else []
+    subparser = _subparsers(parser).get(getattr(args, "command", None))
+    problems = ignored_options(args, subparser, given_options(argv)) if subparser is not None else []
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -47,6 +47,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _text(text: str) -> str:
+    """``text``, or an argparse error when it is empty or blank.
+
+    Why: an empty ``--model ""`` read as "not given": ``compress`` used the embedded SmolLM2 and
+    ``ask`` the file's model instead of refusing a name that names nothing."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
+    return text
+
+
 def _load_model(name: str | None):
     from .hf.models import ModelNotInstalledError, load_model
 
@@ -126,7 +136,9 @@ def _compress(args: argparse.Namespace) -> int:
 
     from .hf.models import EMBEDDED_MODELS
 
-    model_name = args.model if args.model in EMBEDDED_MODELS else (str(Path(args.model).resolve()) if args.model else None)
+    model_name = args.model
+    if model_name is not None and model_name not in EMBEDDED_MODELS:
+        model_name = str(Path(model_name).resolve())
     model, tokenizer = _load_model(model_name)
     chat = not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
     prefix, suffix = prompt_parts(tokenizer, chat)
@@ -177,7 +189,7 @@ def _ask(args: argparse.Namespace) -> int:
 
     info = context_info(args.context)  # SavedContextError if missing / not a context / unknown version
     stored = info.meta.get("model_name") if isinstance(info.meta, dict) else None
-    model_name = args.model or stored
+    model_name = args.model if args.model is not None else stored
     if args.model is None and stored and stored not in EMBEDDED_MODELS and not Path(stored).is_dir():
         raise _CommandError(
             f"{args.context!r} was compressed with the model in {stored!r}, which no longer exists: pass --model"
@@ -211,7 +223,7 @@ def add_context_commands(subparsers) -> None:
     compress.add_argument("--ratio", type=_ratio, default=None,
                           help="fraction of tokens removed, in [0, 1) (default: the spec's ratio or budget, else 0.75)")
     compress.add_argument("--out", required=True, help="the .safetensors file to write")
-    compress.add_argument("--model", default=None, help="a local HF model folder (default: embedded SmolLM2)")
+    compress.add_argument("--model", type=_text, default=None, help="a local HF model folder (default: embedded SmolLM2)")
     compress.add_argument("--apply", default=None, choices=mode_names(), help="apply mode (default: the preset's, evict)")
     compress.add_argument("--compile", action="store_true",
                           help="run the press op through torch.compile (slow first call; default: the spec's setting)")
@@ -225,7 +237,7 @@ def add_context_commands(subparsers) -> None:
     ask.add_argument("context", help="a .safetensors file written by `compress`")
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=_positive, default=32)
-    ask.add_argument("--model", default=None, help="model folder (default: the one recorded in the file)")
+    ask.add_argument("--model", type=_text, default=None, help="model folder (default: the one recorded in the file)")
     ask.set_defaults(func=cmd_ask)
 
 

@@ -67,3 +67,108 @@ def test_press_lists_keep_parametrised_presets_whole():
 
     assert _names("chunkkv, kvzip(chunk_size=512, sinks=8),snapkv") == ["chunkkv", "kvzip(chunk_size=512, sinks=8)", "snapkv"]
     assert _names("a,,b ,") == ["a", "b"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Argument checks run before the model loads: loading it means a bad argument went through."""
+    def load_model(*_, **__):
+        raise AssertionError("the model was loaded: the arguments were accepted")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+
+
+def _store(tmp_path):
+    """A leaderboard store that renders and rescores (its case name draws the needle 1284665)."""
+    import json
+
+    case = "L2000-d0.7-number-s11"
+    rows = [{"task": "niah", "case": case, "library": library, "press": press, "compression_ratio": ratio,
+             "kept_tokens": 9, "score": 1.0, "answer": "It is 1284665.", "seconds": 1.0, "depth": 0.7,
+             "target_tokens": 2000, "needle_format": "number"}
+            for library, press, ratio in (("-", "full", 0.0), ("kvpress-chunk", "knorm", 0.5))]
+    store = tmp_path / "board.jsonl"
+    store.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return store
+
+
+@pytest.mark.parametrize("mode", ["--render-only", "--rescore"])
+@pytest.mark.parametrize("option", [
+    ["--presses", "chunkkv"], ["--ratios", "0.5"], ["--lengths", "300"], ["--depths", "0.5"],
+    ["--max-new-tokens", "8"], ["--windows", "2"], ["--model", "gemma3-270m"], ["--tasks", "niah"],
+    ["--formats", "hex"], ["--compare-kvpress"], ["--compile"],
+    ["--seed", "0"], ["--max-new-tokens", "24"],  # given at their default value: still given, still ignored
+])
+def test_render_only_and_rescore_refuse_the_run_options_they_ignore(mode, option, tmp_path, capsys, no_model):
+    """`leaderboard --render-only --ratios 0.5` rendered every ratio of the store (and --presses,
+    --model, ... were read by nothing) as if the table were the one asked for."""
+    store, out = _store(tmp_path), tmp_path / "board.md"
+    before = store.read_text()
+    assert cli.main(["leaderboard", mode, "--store", str(store), "--out", str(out), *option]) == 2
+    assert f"error: {option[0]} does not apply to `leaderboard {mode}`: it renders the runs already in --store" \
+        in capsys.readouterr().err
+    assert not out.exists() and store.read_text() == before
+
+
+def test_render_only_and_rescore_still_take_their_own_options(tmp_path, capsys, no_model):
+    store, out = _store(tmp_path), tmp_path / "board.md"
+    for mode in (["--render-only"], ["--rescore"], ["--rescore", "--render-only"]):
+        assert cli.main(["leaderboard", *mode, "--store", str(store), "--out", str(out), "--title", "T"]) == 0
+        assert out.read_text().startswith("# T")
+    capsys.readouterr()
+
+
+def test_given_options_are_the_written_ones_whatever_their_value():
+    """What the ignored-option check reads: written at the default value counts, a default does not
+    (abbreviations and --flag=value are argparse's own)."""
+    assert cli.given_options(["leaderboard", "--max-new-tokens", "24", "--rat", "0.5", "--windows=2"]) == {
+        "command", "max_new_tokens", "ratios", "windows"}
+    assert cli.given_options(["eval", "fidelity"]) == {"command", "task"}
+
+
+def test_an_ignored_option_at_its_default_value_is_refused(capsys, no_model):
+    assert cli.main(["eval", "fidelity", "--max-new-tokens", "32"]) == 2
+    assert "--max-new-tokens does not apply to `eval fidelity`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["eval", "fidelity", "--windows", "0"], ["eval", "fidelity", "--quick", "--windows", "0"],
+                                  ["eval", "fidelity", "--windows", "-1"], ["leaderboard", "--windows", "0"]])
+def test_windows_below_one_is_refused_not_replaced_by_the_default(argv, capsys, no_model):
+    """`--windows 0` ran 4 windows (1 with --quick): `args.windows or 4`. No window is no run."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert f"argument --windows: expected a positive integer, got {argv[-1]}" in capsys.readouterr().err
+
+
+def test_a_continuation_below_one_is_refused_before_the_model_loads(capsys, no_model):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "fidelity", "--continuation", "0"])
+    assert "argument --continuation: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["niah", "--ratios", ""], ["niah", "--presses", ""], ["niah", "--lengths", ""], ["niah", "--depths", " , "],
+    ["eval", "fidelity", "--ratios", ""], ["eval", "fidelity", "--lengths", ","], ["eval", "decoding", "--presses", ""],
+    ["eval", "decoding", "--max-caches", ""], ["leaderboard", "--ratios", ""], ["leaderboard", "--presses", ""],
+    ["leaderboard", "--tasks", ""], ["leaderboard", "--formats", ""],
+])
+def test_an_empty_list_is_refused_not_replaced_by_the_default_grid(argv, capsys, no_model):
+    """`--ratios ""` (a script's empty variable) swept the default 0.5,0.75,0.9."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert f"argument {argv[-2]}: expected at least one comma-separated" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["niah", "--model", ""], ["eval", "fidelity", "--model", " "], ["leaderboard", "--title", ""],
+    ["compress", "{doc}", "--out", "{tmp}/c.safetensors", "--model", ""], ["ask", "{tmp}/c.safetensors", "q", "--model", ""],
+])
+def test_an_empty_model_or_title_is_refused_not_replaced_by_the_default(argv, tmp_path, capsys, no_model):
+    """`compress --model ""` compressed with the embedded SmolLM2, `ask --model ""` used the file's
+    model, `leaderboard --title ""` wrote the default heading."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The secret number is 7.")
+    argv = [a.format(doc=doc, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert f"argument {argv[-2]}: expected a non-empty value" in capsys.readouterr().err

@@ -28,6 +28,12 @@ class SpecError(ValueError):
     """A spec names an unknown part, carries an unknown key or an invalid value."""
 
 
+class SettingError(SpecError):
+    """An invalid setting of a part or a preset, refused when it is built. Its message already
+    names the part (or preset), the setting, the value and what is expected (see
+    :mod:`kvpress_chunk.policies.validation`)."""
+
+
 _PARTS: dict[str, dict[str, type]] = {kind: {} for kind in PART_KINDS}
 
 
@@ -49,6 +55,7 @@ def register(kind: str, name: str) -> Callable[[type[T]], type[T]]:
             raise SpecError(f"{kind} {name!r} is already registered by {existing.__qualname__}")
         _PARTS[kind][name] = cls
         cls.registered_name = name  # type: ignore[attr-defined]
+        cls.registered_kind = kind  # type: ignore[attr-defined]
         return cls
 
     return decorator
@@ -161,6 +168,8 @@ def build_part(kind: str, spec: Any, base: type | None = None) -> Any:
         )
     try:
         return cls(**params)
+    except SettingError:
+        raise  # already names the part
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{kind} {name!r}: {exc}") from None
 

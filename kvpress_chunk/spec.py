@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .press import PART_BASES, PRESS_KEYS, Press
-from .registry import PART_KINDS, SpecError, build_part
+from .registry import PART_KINDS, SettingError, SpecError, build_part
 
 
 def load_spec_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -49,10 +49,12 @@ def make_press(spec: Any = "chunkkv", **overrides: Any) -> Press:
             raise SpecError(f"press spec file {str(spec)!r} does not exist")
         spec = load_spec_file(spec)
     name = "custom"
+    from_preset = None  # the preset the spec comes from, if any (named in a part's setting error)
     if isinstance(spec, str):
         preset_params = {k: v for k, v in overrides.items() if k not in PRESS_KEYS}
         overrides = {k: v for k, v in overrides.items() if k in PRESS_KEYS}
         name, spec = preset_spec(spec, preset_params)
+        from_preset = name
     if not isinstance(spec, dict):
         raise SpecError(f"a press spec must be a preset name, a dict or a .toml path, got {type(spec).__name__}")
     spec = dict(spec)
@@ -60,6 +62,7 @@ def make_press(spec: Any = "chunkkv", **overrides: Any) -> Press:
         preset = spec.pop("preset")
         params = spec.pop("params", {})
         name, base = preset_spec(preset, params)
+        from_preset = name
         base.update(spec)
         spec = base
     unknown_overrides = sorted(set(overrides) - set(PRESS_KEYS))
@@ -81,7 +84,13 @@ def make_press(spec: Any = "chunkkv", **overrides: Any) -> Press:
     defaults = {"grouper": "token", "selector": "topk", "planner": "every_layer", "allocator": "uniform"}
     if "scorer" not in spec:
         raise SpecError("a press spec needs a 'scorer' (e.g. 'snapkv', 'knorm'); see list_presets() for ready ones")
-    parts = {kind: build_part(kind, spec.get(kind, defaults.get(kind)), PART_BASES[kind]) for kind in PART_KINDS}
+    try:
+        parts = {kind: build_part(kind, spec.get(kind, defaults.get(kind)), PART_BASES[kind]) for kind in PART_KINDS}
+    except SettingError as exc:
+        if from_preset is None:
+            raise
+        # make_press("chunkkv", chunk_size=0) fails in the chunk grouper's `size`: say where it came from.
+        raise SettingError(f"{exc} (building preset {from_preset!r})") from None
     if "compression_ratio" not in spec and "budget" not in spec:
         raise SpecError("give exactly one of compression_ratio (fraction removed, in [0, 1)) or budget (tokens kept)")
     try:

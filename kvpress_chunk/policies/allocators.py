@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import register
+from .validation import check_number
 
 
 class Allocator:
@@ -91,8 +92,8 @@ class PyramidAllocator(Allocator):
     spread: float = 0.5
 
     def __post_init__(self) -> None:
-        if not isinstance(self.spread, (int, float)) or not 0 <= self.spread < 1:
-            raise ValueError(f"spread must be a number in [0, 1), got {self.spread!r}")
+        check_number(self, "spread", minimum=0, below=1,
+                     meaning="how far the bottom layer's free share sits above the mean")
 
     def layer_budget(self, kept: int, protected: int, length: int, rank: int, layers: int) -> int:
         return pyramid_budgets(kept, protected, length, layers, float(self.spread))[rank]

@@ -29,6 +29,7 @@ from .groupers import positions_from_row_start
 from .layer_inputs import LayerInputs
 from .queries import check_linear_rotation, rotation_matrix
 from .scorers import Scorer, attention_scaling, query_states
+from .validation import check_bool, check_int, check_number
 
 
 def averaged_future_rope(cos: torch.Tensor, sin: torch.Tensor, future: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +84,11 @@ class ExpectedAttentionScorer(Scorer):
         check_linear_rotation(module)
 
     def __post_init__(self) -> None:
-        if self.future < 1:
-            raise ValueError(f"future must be >= 1, got {self.future}")
-        if self.sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        check_int(self, "future", minimum=1, meaning="positions the RoPE rotation is averaged over")
+        check_int(self, "sinks", minimum=0, meaning="first tokens left out of the query statistics")
+        check_bool(self, "covariance")
+        check_bool(self, "value_norm")
+        check_number(self, "epsilon", minimum=0, meaning="added to the scores before the ||v|| factor")
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         """What the compiled op reads: the pre-RoPE queries (a view of the forward's projection),

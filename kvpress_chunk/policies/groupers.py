@@ -14,12 +14,15 @@ above a chunk holding the one token a copy step needs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
 from ..registry import register
 from .layer_inputs import LayerInputs
+from .validation import check_choice, check_int, refuse_setting
 
 REDUCTIONS = ("sum", "mean", "max")
 
@@ -58,9 +61,8 @@ def positions_from_row_start(valid: torch.Tensor) -> torch.Tensor:
     return torch.arange(length, device=valid.device) - padding
 
 
-def _check_reduce(reduce: str) -> None:
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+def _check_reduce(grouper: "Grouper") -> None:
+    check_choice(grouper, "reduce", REDUCTIONS)
 
 
 @register("grouper", "token")
@@ -71,7 +73,7 @@ class TokenGrouper(Grouper):
     reduce: str = "mean"
 
     def __post_init__(self) -> None:
-        _check_reduce(self.reduce)
+        _check_reduce(self)
 
     @property
     def max_group_size(self) -> int:
@@ -96,9 +98,8 @@ class ChunkGrouper(Grouper):
     reduce: str = "sum"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"chunk size must be an integer >= 1, got {self.size!r}")
-        _check_reduce(self.reduce)
+        check_int(self, "size", minimum=1, meaning="the chunk size in tokens")
+        _check_reduce(self)
 
     @property
     def max_group_size(self) -> int:
@@ -136,11 +137,17 @@ class SentenceGrouper(Grouper):
     boundary_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_size, int) or self.max_size < 1:
-            raise ValueError(f"max_size must be an integer >= 1, got {self.max_size!r}")
-        _check_reduce(self.reduce)
+        check_int(self, "max_size", minimum=1, meaning="the longest sentence chunk in tokens")
+        _check_reduce(self)
         if self.boundary_ids is not None:
-            object.__setattr__(self, "boundary_ids", tuple(int(i) for i in self.boundary_ids))
+            # A string or a float id was read silently (``"13"`` as the ids 1 and 3, ``2.7`` as 2).
+            ids = self.boundary_ids
+            if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+                refuse_setting(self, "boundary_ids", "None or a list of token ids (ints >= 0)")
+            ids = tuple(ids)
+            if not all(isinstance(i, Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
+                refuse_setting(self, "boundary_ids", "None or a list of token ids (ints >= 0)")
+            object.__setattr__(self, "boundary_ids", tuple(int(i) for i in ids))
 
     @property
     def max_group_size(self) -> int:

@@ -36,6 +36,7 @@ from .groupers import positions_from_row_start
 from .layer_inputs import LayerInputs
 from .queries import apply_softcap, logit_softcap, softcap_extra
 from .scorers import Scorer, observation_window_attention, rotated_queries, window_queries
+from .validation import check_bool, check_int
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -102,14 +103,14 @@ class KVzipScorer(Scorer):
     rebuilds_queries = True
 
     def __post_init__(self) -> None:
-        if self.chunk_size <= OVERLAP_TOKENS:
-            raise ValueError(f"chunk_size must be > {OVERLAP_TOKENS}, got {self.chunk_size}")
-        if self.sinks < 0 or self.window < 0:
-            raise ValueError(f"sinks and window must be >= 0, got {self.sinks} and {self.window}")
-        for name in ("pool", "observe"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_int(self, "chunk_size", minimum=OVERLAP_TOKENS + 1,
+                  meaning=f"context tokens per reconstruction chunk, more than the {OVERLAP_TOKENS} that overlap")
+        check_int(self, "window", minimum=0, meaning="trailing tokens a keep_window selector keeps")
+        check_int(self, "sinks", minimum=0)
+        check_bool(self, "plus_normalization")
+        check_int(self, "pool", minimum=0, meaning="neighbours on either side; 0: off")
+        check_int(self, "observe", minimum=0, meaning="last prefill queries also scored; 0: off")
+        check_bool(self, "continue_positions")
 
     def deferred_hidden(self) -> int:
         return self.observe  # prepare() runs after the pass and projects the observed queries

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import register
+from .validation import check_int
 
 
 class Planner:
@@ -38,8 +39,7 @@ class ReuseEvery(Planner):
     every: int = 2
 
     def __post_init__(self) -> None:
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {self.every!r}")
+        check_int(self, "every", minimum=1, meaning="layers sharing one selection")
 
     def source_layer(self, layer_idx: int) -> int:
         return layer_idx - layer_idx % self.every

@@ -3,6 +3,12 @@
 A preset is a function of keyword parameters returning a spec dict; ``make_press("name(k=v)")``
 or ``make_press("name", k=v, compression_ratio=...)`` builds it. Register your own with
 ``@preset("name")``; its docstring's first line is what :func:`list_presets` shows.
+
+Parameters annotated ``int``, ``float`` or ``bool`` are type-checked before the preset runs
+(:func:`checked_parameters`): ``reuse_every=True`` or ``chunk_size=1.0`` would otherwise pass
+tests such as ``reuse_every > 1`` or ``chunk_size == 1`` as if they were ints. Ranges are the
+parts' business (each part checks its own settings when it is built), apart from the parameters a
+preset reads itself.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import inspect
 from typing import Any, Callable
 
 from ..registry import SpecError, function_registrar, parse_call
+from .validation import require_bool, require_int, require_number
 
 PresetFn = Callable[..., dict[str, Any]]
 _PRESETS: dict[str, PresetFn] = {}
@@ -44,9 +51,33 @@ def preset_spec(text: str, params: dict[str, Any] | None = None) -> tuple[str, d
             f"preset {name!r} has no parameter {', '.join(map(repr, unknown))}; "
             f"valid parameters: {', '.join(valid) or '(none)'} (plus compression_ratio, budget, compile)"
         )
-    spec = _PRESETS[name](**merged)
+    spec = _PRESETS[name](**checked_parameters(name, merged))
     spec.setdefault("name", name)
     return name, spec
+
+
+_TYPE_CHECKS = {"int": require_int, "float": require_number, "bool": require_bool}
+
+
+def checked_parameters(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` of preset ``name``, those annotated ``int``, ``float`` or ``bool`` checked
+    (and normalised) by :mod:`.validation` (a :class:`~kvpress_chunk.registry.SettingError`
+    naming the preset, the parameter and the value). Other annotations are not checked here."""
+    signature = inspect.signature(_PRESETS[name])
+    checked = dict(params)
+    for key, value in params.items():
+        parameter = signature.parameters.get(key)
+        check = _TYPE_CHECKS.get(_type_name(parameter.annotation)) if parameter is not None else None
+        if check is not None:
+            checked[key] = check(f"preset {name!r}", key, value)
+    return checked
+
+
+def _type_name(annotation: Any) -> str | None:
+    """``"int"`` for ``int`` or the postponed annotation ``"int"`` (``from __future__ import annotations``)."""
+    if isinstance(annotation, str):
+        return annotation.strip()
+    return next((t.__name__ for t in (int, float, bool) if annotation is t), None)
 
 
 @preset("chunkkv")
@@ -65,6 +96,9 @@ def chunkkv(
     highest summed scores, in original order; the last admitted chunk is cut to fit the budget
     exactly. ``reuse_every=2`` adds the paper's layer-wise index reuse (Alg. 2).
     """
+    # Read here (not by a part): 0, -5 or True silently meant every-layer selection.
+    reuse_every = require_int("preset 'chunkkv'", "reuse_every", reuse_every, minimum=1,
+                              meaning="layers sharing one selection; 1: every layer selects")
     return {
         "scorer": {"name": "snapkv", "window": window, "kernel": kernel},
         "grouper": {"name": "chunk", "size": chunk_size, "reduce": reduce},

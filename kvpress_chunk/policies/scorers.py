@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..registry import register
 from .layer_inputs import LayerInputs
+from .validation import check_choice, check_int, refuse_setting
 from .queries import (  # noqa: F401  (re-exported: the scorers' module-aware helpers live there)
     apply_softcap,
     attention_scaling,
@@ -131,12 +132,10 @@ class SnapKVScorer(Scorer):
     window_scores: str = "zero"
 
     def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
-        if self.window_scores not in ("zero", "max+1"):
-            raise ValueError(f"window_scores must be 'zero' or 'max+1', got {self.window_scores!r}")
+        check_int(self, "window", minimum=1, meaning="observation-window queries")
+        if check_int(self, "kernel", minimum=1) % 2 == 0:
+            refuse_setting(self, "kernel", "a positive odd int (the width of the centred average pool)")
+        check_choice(self, "window_scores", ("zero", "max+1"))
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         return {"queries": window_queries(inputs, self.window), **softcap_extra(inputs.module, inputs.keys.device)}
@@ -204,6 +203,10 @@ class RandomScorer(Scorer):
 
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # torch seeds a generator with a 64-bit int; ``seed + layer index`` must stay one.
+        check_int(self, "seed", minimum=-(2**63), maximum=2**63 - 1)
+
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         keys = inputs.keys
         generator = torch.Generator(device=keys.device)
@@ -239,6 +242,12 @@ class TOVAScorer(Scorer):
 
     window: int = 1
 
+    def __post_init__(self) -> None:
+        # The score is the last token's attention whatever ``window`` says: another value would
+        # silently protect (keep_window) or pass through tokens the scorer does not observe.
+        if check_int(self, "window") != 1:
+            refuse_setting(self, "window", "1 (TOVA scores with the last token's attention: that token is its whole window)")
+
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         return {"queries": window_queries(inputs, 1), **softcap_extra(inputs.module, inputs.keys.device)}
 
@@ -268,8 +277,7 @@ class ObservedAttentionScorer(Scorer):
     queries: int = 256
 
     def __post_init__(self) -> None:
-        if self.queries < 0:
-            raise ValueError(f"queries must be >= 0 (0: every prefill query), got {self.queries}")
+        check_int(self, "queries", minimum=0, meaning="last prefill queries observed; 0: every one")
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         length = inputs.keys.shape[-2]

@@ -27,6 +27,7 @@ import torch
 from ..budget import Budget
 from ..registry import register
 from .groupers import positions_from_row_start
+from .validation import check_bool, check_choice, check_int
 
 FILLS = ("exact", "whole")
 COUNTS = ("tokens", "groups")
@@ -249,12 +250,11 @@ class TopKSelector(Selector):
     count: str = "tokens"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ValueError(f"sinks must be an integer >= 0, got {self.sinks!r}")
-        if self.fill not in FILLS:
-            raise ValueError(f"fill must be one of {FILLS}, got {self.fill!r}")
-        if self.count not in COUNTS:
-            raise ValueError(f"count must be one of {COUNTS}, got {self.count!r}")
+        check_bool(self, "per_head")
+        check_int(self, "sinks", minimum=0, meaning="first tokens always kept")
+        check_bool(self, "keep_window")
+        check_choice(self, "fill", FILLS)
+        check_choice(self, "count", COUNTS)
         if self.per_head and (self.fill != "exact" or self.count != "tokens"):
             # Heads would keep different counts, which a single 2-D attention mask cannot express.
             raise ValueError("per_head=True needs fill='exact' and count='tokens' (equal kept counts per head)")
@@ -343,8 +343,7 @@ class EntropyGatedSelector(TopKSelector):
 
     def __post_init__(self) -> None:
         TopKSelector.__post_init__(self)
-        if self.spiky_keep < 1:
-            raise ValueError(f"spiky_keep must be >= 1, got {self.spiky_keep}")
+        check_int(self, "spiky_keep", minimum=1, meaning="tokens a spiky group keeps")
         if self.fill != "exact" or self.count != "tokens":
             raise ValueError("the entropy-gated selector needs fill='exact' and count='tokens'")
 
@@ -377,6 +376,9 @@ class HeadAdaptiveSelector(TopKSelector):
     ragged_heads = True  # class attribute, not a setting
 
     def __post_init__(self) -> None:
+        check_bool(self, "per_head")  # the types first: per_head=1 is not True
+        check_choice(self, "fill", FILLS)
+        check_choice(self, "count", COUNTS)
         if not self.per_head or self.fill != "exact" or self.count != "tokens":
             raise ValueError("the adaptive selector is per-head with fill='exact' and count='tokens'")
         TopKSelector.__post_init__(self)

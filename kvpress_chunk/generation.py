@@ -43,9 +43,9 @@ class CompressedContext:
     attention_mask: torch.Tensor
     last_logits: torch.Tensor
     layer_views: dict[int, LayerView] = field(default_factory=dict)
-    #: ``int64[B]`` kept tokens measured at prefill for a cache compressed by another library
-    #: that masks keys instead of evicting them (kvpress' AdaKV, KVzip...); ``None`` otherwise
-    masked_kept: torch.Tensor | None = None
+    #: ``int64[B]`` kept tokens measured at prefill for a cache compressed by another library's
+    #: press (see :func:`kept_in_cache`); ``None`` otherwise
+    measured_kept: torch.Tensor | None = None
 
     def copy(self) -> "CompressedContext":
         """An independent copy, so several questions can start from the same context."""
@@ -54,7 +54,7 @@ class CompressedContext:
         return CompressedContext(
             cache, self.next_positions.clone(), self.attention_mask.clone(), self.last_logits,
             carried if carried is not None else dict(self.layer_views),
-            None if self.masked_kept is None else self.masked_kept.clone(),
+            None if self.measured_kept is None else self.measured_kept.clone(),
         )
 
     def kept_per_row(self) -> torch.Tensor:
@@ -63,16 +63,13 @@ class CompressedContext:
         token), so pyramid / global budgets and head-adaptive (ragged) selections report the cache
         they keep, not their first layer's share. Sliding-window layers are not counted. The real
         prefill tokens when nothing was compressed."""
-        if self.masked_kept is not None:
-            return self.masked_kept.clone()
+        if self.measured_kept is not None:
+            return self.measured_kept.clone()
         if self.layer_views:
             per_layer = torch.stack([
                 view.visible.sum(dim=-1).to(torch.float32).mean(dim=1) for view in self.layer_views.values()
             ])  # [layers, B]
             return per_layer.mean(dim=0).round().to(torch.int64)
-        kept = self.cache.get_seq_length() if hasattr(self.cache, "get_seq_length") else self.attention_mask.shape[-1]
-        if kept < self.attention_mask.shape[-1]:  # compressed by another library (batch 1, no padding)
-            return torch.full_like(self.next_positions, kept)
         return self.next_positions.clone()
 
     def save(self, path, model: nn.Module, press: Press | None = None, **meta):
@@ -133,35 +130,46 @@ def prefill(
         # The live table (not a snapshot): decoding-time compression updates it later, and a
         # context continued after the block must route through what the cache holds then.
         views = (router.live_views(cache) if router is not None else None) or {}
-    masked = None if views else kept_behind_key_masks(model, cache, attention_mask)
-    return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views, masked)
+    measured = None if views else kept_in_cache(model, cache, attention_mask)
+    if measured is not None and bool((measured == attention_mask.sum(dim=-1)).all()):
+        measured = None  # nothing compressed: the context's own positions say it, as it grows
+    return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views, measured)
 
 
-def kept_behind_key_masks(model: nn.Module, cache, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """``int64[B]``: tokens each row still attends to after a press of another library that
-    compresses by masking keys in place (kvpress' ``module.masked_key_indices``: AdaKV,
-    ExpectedAttention under AdaKV, KVzip), per layer and KV head on average, like
-    :meth:`CompressedContext.kept_per_row`; ``None`` when no layer carries such a mask.
+def kept_in_cache(model: nn.Module, cache, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """``int64[B]``: tokens each row attends to in a cache this library did not compress (no
+    views): mean over the layers that are not sliding-window layers of each layer's slots, less
+    the row's left padding and, for a press of another library that masks keys in place
+    (kvpress' ``module.masked_key_indices``: AdaKV, ExpectedAttention under AdaKV, KVzip), less
+    its masked keys per KV head; like :meth:`CompressedContext.kept_per_row`. ``None`` when
+    every layer slides or the cache has no per-layer tensors.
 
-    Why: those caches keep their full length, so their length reported every token as kept
-    (the leaderboard recorded kvpress' AdaKV at 0.9 as keeping all 2048 tokens). Sliding-window
-    layers are not counted."""
-    windowed = windowed_layers(model, find_attention_layers(model))
-    layers = [(idx, module) for idx, module in find_attention_layers(model) if idx not in windowed]
-    masks = [getattr(module, "masked_key_indices", None) for _, module in layers]
-    if all(mask is None for mask in masks):
+    Why per layer: the cache's length is its first layer's. A masking press keeps the full
+    length (the leaderboard recorded kvpress' AdaKV at 0.9 as keeping all 2048 tokens), a
+    per-layer budget (kvpress' PyramidKV) gives the first layer the most (284 reported for a
+    mean of 150), and on Gemma 2/3 the first layer slides (every kvpress press reported
+    "nothing removed")."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
         return None
-    batch = attention_mask.shape[0]
+    attention = find_attention_layers(model)
+    windowed = windowed_layers(model, attention)
+    padding = (attention_mask.shape[-1] - attention_mask.sum(dim=-1)).to(torch.float32)  # left padding
     per_layer = []
-    for (idx, _), mask in zip(layers, masks):
-        keys = cache.layers[idx].keys if hasattr(cache, "layers") else cache.key_cache[idx]
+    for idx, module in attention:
+        keys = getattr(layers[idx], "keys", None) if idx < len(layers) else None
+        if idx in windowed or getattr(layers[idx], "is_sliding", False) or not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            continue
         kv_heads, length = keys.shape[1], keys.shape[2]
-        padding = (attention_mask.shape[-1] - attention_mask.sum(dim=-1)).to(torch.float32)  # left padding
-        visible = torch.full((batch,), float(length), device=keys.device) - padding.to(keys.device)
+        visible = float(length) - padding.to(keys.device)
+        mask = getattr(module, "masked_key_indices", None)
         if mask is not None:
+            batch = attention_mask.shape[0]
             masked = torch.bincount(mask[0].to(keys.device), minlength=batch)[:batch].to(torch.float32)
             visible = visible - masked / kv_heads
         per_layer.append(visible)
+    if not per_layer:
+        return None
     return torch.stack(per_layer).mean(dim=0).round().to(torch.int64)
 
 

@@ -123,3 +123,24 @@ def test_a_kvpress_key_masking_press_reports_what_it_keeps(ratio):
     model.set_attn_implementation("eager")  # kvpress patches the registered attentions, not eager:
     plain = prefill(model, ids)  # its stale mask must not be read as this prefill's
     assert int(plain.kept_per_row()[0]) == 300
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_kvpress_evicting_press_reports_the_mean_over_its_full_attention_layers(family):
+    """The cache's length is its first layer's: kvpress' PyramidKV (most tokens in the first
+    layer) reported 284 kept for a mean of 150, and on Gemma 3, whose first layer slides, every
+    kvpress press reported all 300 tokens kept."""
+    import warnings
+
+    from kvpress_chunk.generation import prefill
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model(family)
+    ids = torch.randint(3, 120, (1, 300), generator=torch.Generator().manual_seed(1))
+    for press in (kvpress.PyramidKVPress(compression_ratio=0.5, window_size=16),
+                  kvpress.SnapKVPress(compression_ratio=0.5, window_size=16)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Model .* not tested")
+            context = prefill(model, ids, press=press)
+        full = [layer.keys.shape[-2] for layer in context.cache.layers if not getattr(layer, "is_sliding", False)]
+        assert int(context.kept_per_row()[0]) == round(sum(full) / len(full)) < 300

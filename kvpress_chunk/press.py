@@ -165,7 +165,9 @@ class Press:
     def compress_fn(self, budget_kind: str | None = None, device: torch.device | str = "cpu"):
         """The fused op for this policy, compiled or eager per :attr:`compile`."""
         maker = compiled_compress if self.compiles_on(device) else eager_compress
-        return maker(self.scorer, self.grouper, self.selector, budget_kind or self.rule.kind, self.allocator.pools_heads)
+        allocator = self.allocator
+        return maker(self.scorer, self.grouper, self.selector, budget_kind or self.rule.kind, allocator.pools_heads,
+                     allocator.pool_floor)
 
     def layer_budget(self, valid: torch.Tensor, rank: int, layers: int) -> torch.Tensor | None:
         """Per-row token budget of the ``rank``-th of ``layers`` compressed layers (``int64[B]``),

@@ -55,7 +55,8 @@ def select_globally(press: "Press", records: dict[int, LayerScores]) -> dict[int
     pools = pools_per_layer * len(order)
     stacked = torch.cat([records[i].scores.to(torch.float32) for i in order], dim=1)
     out = select_pooled(
-        stacked, grouper.group_ids(valid, **first.group_extra), grouper.num_groups(length), valid, protected, per_pool * pools, grouper.reduce
+        stacked, grouper.group_ids(valid, **first.group_extra), grouper.num_groups(length), valid, protected, per_pool * pools, grouper.reduce,
+        press.allocator.pool_floor,
     )
     selections = {}
     for position, layer_idx in enumerate(order):

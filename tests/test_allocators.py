@@ -175,3 +175,63 @@ def test_a_global_press_refuses_layer_by_layer_selection_instead_of_degrading():
     inputs = kc.policies.LayerInputs(None, 0, None, keys, keys, torch.ones(1, 100, dtype=torch.bool))
     with pytest.raises(ValueError, match="selects over every layer at once"):
         press.select(inputs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pools=st.integers(1, 6), length=st.integers(4, 60), size=st.integers(1, 5), protect=st.integers(0, 6),
+    share=st.floats(0.05, 1.0), floor=st.sampled_from([0.0, 0.2, 0.5, 1.0]), reduce=st.sampled_from(["sum", "mean", "max"]),
+    seed=st.integers(0, 10_000),
+)
+def test_a_pool_floor_guarantees_each_pool_its_share_within_the_exact_budget(pools, length, size, protect, share, floor,
+                                                                             reduce, seed):
+    """AdaKV's safeguard: every pool (head, or layer x head) keeps first ``int(floor * free / P)``
+    of its own best tokens; protected tokens stay, the total stays exact, floor 0 is the plain
+    pooled ranking."""
+    from kvpress_chunk.policies.selectors import protected_mask, select_pooled
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1, pools, length, generator=generator)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    protected = protected_mask(valid, 0, min(protect, length))
+    group_ids = (torch.arange(length) // size)[None]
+    num_groups = -(-length // size)
+    n_prot = int(protected.sum())
+    per_pool = max(n_prot, min(length, n_prot + int(share * (length - n_prot))))
+    total = torch.tensor([per_pool * pools])
+    out = select_pooled(scores, group_ids, num_groups, valid, protected, total, reduce, floor)
+    counts = out.slot_valid.sum(dim=-1)[0]
+    assert int(counts.sum()) == per_pool * pools
+    guaranteed = int(floor * (per_pool - n_prot))
+    assert bool((counts >= n_prot + guaranteed).all())
+    for pool in range(pools):  # protected tokens always stay
+        kept = set(out.indices[0, pool][out.slot_valid[0, pool]].tolist())
+        assert set(torch.nonzero(protected[0]).flatten().tolist()) <= kept
+    if floor == 0.0:
+        plain = select_pooled(scores, group_ids, num_groups, valid, protected, total, reduce)
+        assert torch.equal(plain.indices, out.indices)
+    if floor == 1.0:  # every pool gets its even share: uniform budgets
+        assert bool((counts == per_pool).all())
+
+
+@pytest.mark.parametrize("allocator", ["adaptive", "global"])
+@pytest.mark.parametrize("floor", [0.5, 1.0])
+def test_a_floored_allocator_keeps_the_budget_and_every_head_its_floor_in_a_real_model(allocator, floor):
+    model = make_tiny_model("llama", num_layers=LAYERS)
+    heads = model.config.num_key_value_heads
+    preset = "chunkkv-global" if allocator == "global" else "chunkkv-adaptive"
+    press = kc.make_press({"preset": preset, "allocator": {"name": allocator, "floor": floor},
+                           "compression_ratio": 0.8, "compile": False})
+    lengths = [200, 137]
+    ids, mask = left_padded(lengths)
+    with press(model) as session:
+        prefill(model, ids, mask)
+    protected = press.selector.protected_count(press.scorer.window)
+    kept = [max(press.rule.kept(n), min(protected, n)) for n in lengths]
+    assert kept_per_row(session, heads).tolist() == [LAYERS * heads * k for k in kept]
+    for selection in session.selections.values():
+        counts = selection.slot_valid.sum(dim=-1)  # [B, heads]
+        for r, k in enumerate(kept):
+            assert bool((counts[r] >= protected + int(floor * (k - protected))).all())
+            if floor == 1.0:  # an even split: every head keeps the uniform share (ragged without a floor)
+                assert bool((counts[r] == k).all()), counts[r]

@@ -40,13 +40,14 @@ def random_case(press, batch, length, pads=None, heads=3, q_heads=9, dim=16, see
 @pytest.mark.parametrize(
     "preset,batch",
     [("chunkkv", 1), ("chunkkv", 3), ("chunkkv-kvpress", 1), ("snapkv", 2), ("streamingllm", 1), ("chunkkv-adaptive", 2),
-     ("chunkkv(reduce='max', per_head=True)", 2)],
+     ("chunkkv(reduce='max', per_head=True)", 2),
+     ({"preset": "chunkkv-adaptive", "allocator": {"name": "adaptive", "floor": 0.3}}, 2)],
 )
 def test_compiled_equals_eager_over_many_lengths(preset, batch):
     press = kc.make_press(preset, compression_ratio=0.75)
-    pooled = press.allocator.pools_heads  # chunkkv-adaptive: the heads' pooled path
-    compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled)
-    eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled)
+    pooled, floor = press.allocator.pools_heads, press.allocator.pool_floor  # chunkkv-adaptive: the pooled path
+    compiled = compiled_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled, floor)
+    eager = eager_compress(press.scorer, press.grouper, press.selector, press.rule.kind, pooled, floor)
     before = graphs_of(compiled)  # the same configuration may have compiled earlier in this process (other shapes)
     lengths = [97, 130, 256, 301, 512, 777, 1000, 1024, 1500, 2048, 3001, 4096]
     for i, length in enumerate(lengths):

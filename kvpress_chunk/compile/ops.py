@@ -42,11 +42,12 @@ def compress_eager(
     capacity: int,
     budget_value: torch.Tensor,
     group_extra: dict[str, torch.Tensor] | None = None,
+    pool_floor: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference semantics. Returns ``(keys, values, indices, slot_valid)`` with ``capacity`` slots.
 
     ``budget_kind`` ("ratio" / "budget") and ``pool_heads`` (the allocator pools the heads'
-    budgets) are static; ``budget_value`` is a tensor (data: 0-d for the press rule, ``[B]`` for
+    budgets) and ``pool_floor`` (each pooled head's guaranteed share) are static; ``budget_value`` is a tensor (data: 0-d for the press rule, ``[B]`` for
     an allocator's per-row layer budget)."""
     scores = scorer.score(keys, valid, **extra)
     group_ids = grouper.group_ids(valid, **(group_extra or {}))
@@ -55,27 +56,31 @@ def compress_eager(
     def keep(counts: torch.Tensor) -> torch.Tensor:
         return kept_counts(budget_kind, budget_value, counts)
 
-    request = SelectionRequest(scores, group_ids, num_groups, valid, scorer.window, keep, grouper.reduce, capacity, pool_heads)
+    request = SelectionRequest(scores, group_ids, num_groups, valid, scorer.window, keep, grouper.reduce, capacity, pool_heads,
+                               pool_floor)
     selection = selector.select(request)
     kept_keys, kept_values = gather_kv(keys, values, selection.indices)
     return kept_keys, kept_values, selection.indices, selection.slot_valid
 
 
-def _bind(scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool) -> CompressFn:
+def _bind(
+    scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool, pool_floor: float = 0.0
+) -> CompressFn:
     def compress(keys, values, valid, extra, capacity, budget_value, group_extra=None):
         return compress_eager(
             scorer, grouper, selector, budget_kind, pool_heads, keys, values, valid, extra, capacity, budget_value,
-            group_extra,
+            group_extra, pool_floor,
         )
 
     return compress
 
 
 def eager_compress(
-    scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool = False
+    scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool = False,
+    pool_floor: float = 0.0,
 ) -> CompressFn:
     """The eager twin: same signature as :func:`compiled_compress`'s result."""
-    return _bind(scorer, grouper, selector, budget_kind, pool_heads)
+    return _bind(scorer, grouper, selector, budget_kind, pool_heads, pool_floor)
 
 
 _COMPILED: dict[Any, CompressFn] = {}
@@ -83,17 +88,18 @@ _LOCK = threading.Lock()
 
 
 def compiled_compress(
-    scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool = False
+    scorer: Scorer, grouper: Grouper, selector: Selector, budget_kind: str, pool_heads: bool = False,
+    pool_floor: float = 0.0,
 ) -> CompressFn:
     """The compiled op for one part configuration (memoised: same config, same graphs).
 
     The budget's *value* is not part of the key: ratios 0.5 and 0.9 share graphs."""
-    key = (scorer, grouper, selector, budget_kind, pool_heads)
+    key = (scorer, grouper, selector, budget_kind, pool_heads, pool_floor)
     prepare_inductor()
     with _LOCK:
         fn = _COMPILED.get(key)
         if fn is None:
-            bound = _bind(scorer, grouper, selector, budget_kind, pool_heads)
+            bound = _bind(scorer, grouper, selector, budget_kind, pool_heads, pool_floor)
             own_code = bound.__code__.replace(co_name=f"compress_{len(_COMPILED)}")
             fresh = types.FunctionType(own_code, bound.__globals__, own_code.co_name, bound.__defaults__, bound.__closure__)
             fn = torch.compile(fresh, fullgraph=True, dynamic=True)

@@ -46,7 +46,8 @@ class SelectionRequest(NamedTuple):
     ``scores[B, Hkv, T]``, ``group_ids[B, T]`` (padding in bucket ``num_groups``), ``valid[B, T]``,
     the scorer's observation ``window``, ``keep(counts[B]) -> kept[B]`` (the press budget rule, or
     the allocator's per-layer budget), the grouper's ``reduce``, the static ``capacity`` (slots per
-    row and head) and ``pool_heads`` (the allocator pools the heads' budgets: AdaKV)."""
+    row and head), ``pool_heads`` (the allocator pools the heads' budgets: AdaKV) and
+    ``pool_floor`` (the share of its free budget each pooled head is guaranteed)."""
 
     scores: torch.Tensor
     group_ids: torch.Tensor
@@ -57,6 +58,7 @@ class SelectionRequest(NamedTuple):
     reduce: str
     capacity: int
     pool_heads: bool = False
+    pool_floor: float = 0.0
 
 
 class Selector:
@@ -284,11 +286,13 @@ class TopKSelector(Selector):
         return protected | (short_row.unsqueeze(-1) & valid)
 
     def select(self, request: SelectionRequest) -> SelectionTensors:
-        scores, group_ids, num_groups, valid, window, keep, reduce, capacity, pool_heads = request
+        scores, group_ids, num_groups, valid, window, keep, reduce, capacity, pool_heads, pool_floor = request
         lengths = valid.sum(dim=-1)
         protected = self.protected(valid, window)
         if pool_heads:
-            return select_pooled(scores, group_ids, num_groups, valid, protected, keep(lengths) * scores.shape[1], reduce)
+            return select_pooled(
+                scores, group_ids, num_groups, valid, protected, keep(lengths) * scores.shape[1], reduce, pool_floor
+            )
         if not self.per_head:
             scores = scores.sum(dim=1, keepdim=True)
         n_keep = n_groups_keep = None
@@ -311,17 +315,25 @@ def select_pooled(
     protected: torch.Tensor,
     n_keep_total: torch.Tensor,
     reduce: str,
+    floor: float = 0.0,
 ) -> SelectionTensors:
     """Pools share one budget: ``scores[B, P, T]`` (P = heads of a layer, or layers x heads for
     the global allocator). Every pool keeps its protected tokens; the rest of ``n_keep_total[B]``
     goes to the best groups of all pools ranked together (groups of different pools never merge).
-    Returns ``[B, P, K]`` kept indices per pool, left-padded with -1 (counts differ per pool)."""
+    ``floor`` in [0, 1]: each pool first keeps its own best ``floor`` share of an even split of
+    the free budget (:func:`pool_floor_mask`, AdaKV's safeguard). Returns ``[B, P, K]`` kept
+    indices per pool, left-padded with -1 (counts differ per pool)."""
     batch, pools, length = scores.shape
+    pooled_protected = protected.unsqueeze(1).expand(batch, pools, length)
+    if floor > 0:
+        pooled_protected = pooled_protected | pool_floor_mask(
+            scores, group_ids, num_groups, valid & ~protected, n_keep_total, protected.sum(dim=-1), reduce, floor
+        )
     offsets = (torch.arange(pools, device=scores.device) * (num_groups + 1))[None, :, None]
     flat_ids = (group_ids.unsqueeze(1) + offsets).reshape(batch, pools * length)
     flat = select_topk(
         scores.reshape(batch, 1, pools * length), flat_ids, pools * (num_groups + 1), valid.repeat(1, pools),
-        protected.repeat(1, pools), n_keep_total, None, pools * length, reduce, "exact",
+        pooled_protected.reshape(batch, pools * length), n_keep_total, None, pools * length, reduce, "exact",
     )
     # Back to one row of kept positions per pool, left-padded with -1.
     table = torch.zeros(batch, pools * length + 1, dtype=torch.bool, device=scores.device)
@@ -330,6 +342,35 @@ def select_pooled(
     positions = torch.arange(length, device=scores.device)
     indices = torch.where(table, positions, -1).sort(dim=-1).values
     return SelectionTensors(indices, indices >= 0)
+
+
+def pool_floor_mask(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    candidates: torch.Tensor,
+    n_keep_total: torch.Tensor,
+    n_protected: torch.Tensor,
+    reduce: str,
+    floor: float,
+) -> torch.Tensor:
+    """``bool[B, P, T]``: each pool's first ``int(floor * free)`` candidate tokens in its own
+    group order (best group first, the last one cut), ``free`` being an even split of the budget
+    left after protected tokens.
+
+    Why: ranked together, the pools of a global (layers x heads) or head-adaptive budget can
+    leave a layer or head almost empty, and every later token then attends through it. AdaKV
+    (kvpress' ``alpha_safeguard=0.2``) guarantees each head a share first. These tokens count
+    inside the budget, which stays exact."""
+    batch, pools, length = scores.shape
+    _, rank, _ = rank_groups(scores, group_ids, num_groups, candidates, reduce)
+    positions = torch.arange(length, device=scores.device)
+    token_rank = rank.gather(-1, group_ids.unsqueeze(1).expand(batch, pools, length))
+    key = torch.where(candidates.unsqueeze(1), token_rank * length + positions, (num_groups + 2) * length + positions)
+    place = torch.empty_like(key).scatter_(-1, key.argsort(dim=-1), positions.expand_as(key))  # rank in the pool
+    free = (n_keep_total // pools - n_protected).clamp(min=0)  # [B]
+    guaranteed = (free.to(torch.float32) * floor).floor().to(torch.int64)
+    return (place < guaranteed[:, None, None]) & candidates.unsqueeze(1)
 
 
 @register("selector", "entropy-gated")
@@ -348,7 +389,7 @@ class EntropyGatedSelector(TopKSelector):
             raise ValueError("the entropy-gated selector needs fill='exact' and count='tokens'")
 
     def select(self, request: SelectionRequest) -> SelectionTensors:
-        scores, group_ids, num_groups, valid, window, keep, reduce, capacity, pool_heads = request
+        scores, group_ids, num_groups, valid, window, keep, reduce, capacity, pool_heads, _ = request
         if pool_heads:
             raise ValueError("the entropy-gated selector does not pool heads' budgets (use the uniform allocator)")
         protected = self.protected(valid, window)

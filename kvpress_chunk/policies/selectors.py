@@ -410,7 +410,7 @@ class HeadAdaptiveSelector(TopKSelector):
     tokens go to the best groups of *all* heads ranked together, so heads with concentrated
     attention give budget to heads that need more. The layer keeps exactly ``Hkv * n_keep``
     tokens; per-head counts differ, so it needs ``apply="mask"`` (an evicted cache would be
-    ragged across heads). No per-head floor (AdaKV's safeguard) yet.
+    ragged across heads). For a per-head floor (AdaKV's safeguard) use the ``adaptive`` allocator.
     """
 
     per_head: bool = True

@@ -57,6 +57,12 @@ if TYPE_CHECKING:
     from .session import PressSession
 
 
+def hides_inner_slots(visible: torch.Tensor) -> bool:
+    """Whether a view ``visible[B, Hs, P]`` hides a slot after a visible one (mask mode's holes),
+    rather than only left padding."""
+    return bool((visible[..., 1:].to(torch.int8) < visible[..., :-1].to(torch.int8)).any())
+
+
 class BeamSearchNotSupportedError(ValueError):
     """Beam search (``num_beams > 1``) with decoding-time compression."""
 
@@ -300,6 +306,14 @@ class DecodingCompressor:
 
         keys, values = layer.keys, layer.values
         masked = self.press.apply == "mask"
+        view = views.get(layer_idx)
+        if not masked and view is not None and hides_inner_slots(view.visible):
+            # Evict mode reads the cache as left-padded rows; a mask-mode view hides slots in the
+            # middle (its groups came out negative: an IndexError deep in the selector).
+            raise ValueError(
+                "this context was compressed in mask mode (its cache keeps hidden slots): continue it "
+                "under a press with apply='mask', or without decoding-time compression"
+            )
         if masked:
             # Mask mode: the cache keeps every token, the view hides them. The region's visible
             # tokens are gathered into the layout evict mode holds (per row and head, in order,

@@ -119,3 +119,18 @@ def test_mask_mode_on_a_sliding_window_model_equals_evict_mode():
     b = greedy_logits(model, press_for("chunkkv", "mask", 8, 8), ids, mask, 50)
     assert a[2] == b[2] > 0 and torch.equal(a[0], b[0])
     torch.testing.assert_close(b[1], a[1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_mask_mode_context_continued_by_an_evict_decoding_press_is_refused_clearly():
+    """Evict mode's decoding compression reads the cache as left-padded rows; a mask-mode
+    context's view hides slots in the middle (an IndexError deep in the selector before)."""
+    model = make_tiny_model("llama")
+    ids, mask, _ = left_padded([120, 75], seed=5)
+    masked = kc.make_press("chunkkv", compression_ratio=0.6, compile=False, apply="mask",
+                           decoding={"every": 4, "max_cache": 40})
+    with masked(model), torch.no_grad():
+        context = prefill(model, ids, mask)
+        greedy_continue(model, context, torch.full((2, 1), 7), 7)
+    with masked.replace(apply="evict")(model), torch.no_grad():
+        with pytest.raises(ValueError, match="compressed in mask mode"):
+            greedy_continue(model, context.copy(), torch.full((2, 1), 9), 20)

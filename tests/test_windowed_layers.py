@@ -89,3 +89,22 @@ def test_a_full_length_cache_is_refused_where_masks_would_be_sized_from_a_compre
     with press(model) as session, torch.no_grad():  # the cache transformers builds itself is fine
         model(context, **{cache_keyword(model): DynamicCache(config=model.config)})
     assert set(session.selections) == {0, 1}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("ratio", [0.0, 0.6])
+def test_generate_from_a_cache_built_without_config_equals_one_built_with_it(family, ratio):
+    """transformers >= 5.14 sized the decoding mask of a compressed full-attention layer from the
+    cache's first layer, a full-length sliding layer when the cache has no config: a shape
+    error on Gemma 2 (33 keys vs a mask of 76), while the routed path never saw the mismatch."""
+    model = make_tiny_model(family)
+    ids = torch.randint(3, 120, (1, 75), generator=torch.Generator().manual_seed(2))
+    press = kc.make_press("chunkkv", compression_ratio=ratio, compile=False)
+
+    def logits(cache):
+        with press(model), torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        return torch.stack(out.logits, 1)
+
+    torch.testing.assert_close(logits(DynamicCache()), logits(DynamicCache(config=model.config)), atol=1e-5, rtol=0)

@@ -416,10 +416,13 @@ def _make_routed_attention(implementation: str):
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         appended = router.appended_valid(key.shape[2] - view.prefix_length)
         q_length = query.shape[2]
-        if view.all_visible and router.forward_mask_full and q_length == 1:
+        own_mask_fits = attention_mask is None or attention_mask.shape[-1] == key.shape[2]
+        if view.all_visible and router.forward_mask_full and q_length == 1 and own_mask_fits:
             # One query, every slot real and visible: the model's own mask is right. (Not for
             # several queries: transformers < 5.3 places them by cache_position, which is in
-            # original coordinates, so its causal rule would let them see each other.)
+            # original coordinates, so its causal rule would let them see each other. Not for a
+            # mask sized for another layer: 5.14+ sizes it from the first cache layer when the
+            # cache was built without config=, a full-length sliding layer on Gemma 2/3.)
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
         if view.flex_block_size is not None and q_length == 1 and appended is None and kwargs.get("softcap") is None:
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5

@@ -121,7 +121,8 @@ def prefill(
         "use_cache": True,
         "logits_to_keep": 1,
     }
-    for _, module in find_attention_layers(model):  # a mask left by an earlier kvpress run is stale
+    attention = find_attention_layers(model)
+    for _, module in attention:  # a mask left by an earlier kvpress run is stale
         if getattr(module, "masked_key_indices", None) is not None:
             module.masked_key_indices = None
     with applied(press, model, tokenizer):
@@ -130,18 +131,20 @@ def prefill(
         # The live table (not a snapshot): decoding-time compression updates it later, and a
         # context continued after the block must route through what the cache holds then.
         views = (router.live_views(cache) if router is not None else None) or {}
-    measured = None if views else kept_in_cache(model, cache, attention_mask)
+    measured = None if views else kept_in_cache(model, attention, cache, attention_mask)
     if measured is not None and bool((measured == attention_mask.sum(dim=-1)).all()):
         measured = None  # nothing compressed: the context's own positions say it, as it grows
     return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views, measured)
 
 
-def kept_in_cache(model: nn.Module, cache, attention_mask: torch.Tensor) -> torch.Tensor | None:
+def kept_in_cache(
+    model: nn.Module, attention: list[tuple[int, nn.Module]], cache, attention_mask: torch.Tensor
+) -> torch.Tensor | None:
     """``int64[B]``: tokens each row attends to in a cache this library did not compress (no
     views): mean over the layers that are not sliding-window layers of each layer's slots, less
     the row's left padding and, for a press of another library that masks keys in place
     (kvpress' ``module.masked_key_indices``: AdaKV, ExpectedAttention under AdaKV, KVzip), less
-    its masked keys per KV head; like :meth:`CompressedContext.kept_per_row`. ``None`` when
+    its masked keys per KV head (``attention``: the model's ``find_attention_layers``); like :meth:`CompressedContext.kept_per_row`. ``None`` when
     every layer slides or the cache has no per-layer tensors.
 
     Why per layer: the cache's length is its first layer's. A masking press keeps the full
@@ -152,7 +155,6 @@ def kept_in_cache(model: nn.Module, cache, attention_mask: torch.Tensor) -> torc
     layers = getattr(cache, "layers", None)
     if not layers:
         return None
-    attention = find_attention_layers(model)
     windowed = windowed_layers(model, attention)
     padding = (attention_mask.shape[-1] - attention_mask.sum(dim=-1)).to(torch.float32)  # left padding
     per_layer = []

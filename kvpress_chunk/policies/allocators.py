@@ -32,15 +32,15 @@ class Allocator:
     ``whole_cache``: needs every layer's scores first (the whole-cache stage after the prefill).
     ``pools_heads``: a layer's heads share one budget (ragged per-head counts).
     ``sets_layer_budgets``: derived from whether :meth:`layer_budget` is overridden.
-    ``pool_floor``: the share of the free budget each pool keeps first (pooling allocators'
-    ``floor`` setting; 0 otherwise)."""
+    ``pool_floor``: the share of the free budget each pool keeps first (0 unless the allocator
+    pools budgets: :class:`PoolingAllocator`)."""
 
     whole_cache: bool = False
     pools_heads: bool = False
 
     @property
     def pool_floor(self) -> float:
-        return float(getattr(self, "floor", 0.0))
+        return 0.0
 
     @property
     def sets_layer_budgets(self) -> bool:
@@ -105,30 +105,35 @@ class PyramidAllocator(Allocator):
         return pyramid_budgets(kept, protected, length, layers, float(self.spread))[rank]
 
 
-@register("allocator", "adaptive")
 @dataclass(frozen=True)
-class AdaptiveAllocator(Allocator):
-    """AdaKV (arXiv 2407.11550): a layer's heads share its budget, ranked together by score.
-    ``floor``: the share of an even split of the free budget each head keeps first (AdaKV's
-    safeguard; kvpress uses 0.2; 0 ranks everything together)."""
+class PoolingAllocator(Allocator):
+    """Base of the allocators whose pools (a layer's heads, or every layer and head) share one
+    budget, ranked together. ``floor``: the share of an even split of the free budget each pool
+    keeps first (AdaKV's safeguard; kvpress uses 0.2; 0 ranks everything together)."""
 
     pools_heads = True
     floor: float = 0.0
 
     def __post_init__(self) -> None:
         check_number(self, "floor", minimum=0, maximum=1, meaning="share of an even split each pool keeps first")
+
+    @property
+    def pool_floor(self) -> float:
+        return self.floor
+
+
+@register("allocator", "adaptive")
+@dataclass(frozen=True)
+class AdaptiveAllocator(PoolingAllocator):
+    """AdaKV (arXiv 2407.11550): a layer's heads share its budget, ranked together by score
+    (``floor``: each head's guaranteed share, see :class:`PoolingAllocator`)."""
 
 
 @register("allocator", "global")
 @dataclass(frozen=True)
-class GlobalAllocator(Allocator):
+class GlobalAllocator(PoolingAllocator):
     """One top-k over every layer and head (KVzip's default, arXiv 2505.23416); runs after the
-    prefill over the whole cache. ``floor``: the share of an even split of the free budget each
-    layer and head keeps first (as :class:`AdaptiveAllocator`'s; 0: one ranking for all)."""
+    prefill over the whole cache (``floor``: each layer and head's guaranteed share, see
+    :class:`PoolingAllocator`)."""
 
     whole_cache = True
-    pools_heads = True
-    floor: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_number(self, "floor", minimum=0, maximum=1, meaning="share of an even split each pool keeps first")

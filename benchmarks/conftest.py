@@ -3,7 +3,9 @@
 * ``pytest benchmarks --benchmark-only`` (or ``--benchmark-enable``): every case, timed.
 * ``python -m pytest`` (the README's test command, which collects ``benchmarks/`` too): only the
   cases marked ``smoke``, each run once with timing disabled, so the benchmarks never rot but
-  CI passes no judgement on speed (timed assertions are flaky on shared machines).
+  CI passes no judgement on speed (timed assertions are flaky on shared machines). Where the
+  timed lengths would make that run slow, a smaller case marked ``smoke_only`` stands in for them
+  (:func:`workloads.smoke_only`): the test run keeps it, timed runs drop it.
 
 Ratios against the baseline measured *in the same run* (full cache, kvpress, prefill without a
 press) are printed at the end of a timed run; :mod:`ratios` computes them, and
@@ -36,16 +38,18 @@ def timed_run(config: pytest.Config) -> bool:
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "smoke: benchmark case also run (once, untimed) by the normal test run")
+    config.addinivalue_line("markers", "smoke_only: a small stand-in case for the normal test run; timed runs drop it")
     if not timed_run(config):
         # Runs before pytest-benchmark reads the option: the fixture then calls each function once.
         config.option.benchmark_disable = True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if timed_run(config):
-        return
     here = os.path.dirname(__file__)
-    dropped = [item for item in items if str(item.path).startswith(here) and item.get_closest_marker("smoke") is None]
+    if timed_run(config):
+        dropped = [item for item in items if item.get_closest_marker("smoke_only") is not None]
+    else:
+        dropped = [item for item in items if str(item.path).startswith(here) and item.get_closest_marker("smoke") is None]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         dropped_set = set(dropped)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 import kvpress_chunk as kc
-from workloads import cache_bytes, peak_rss_growth, prompt_ids, run_prefill, smollm2
+from workloads import cache_bytes, peak_rss_growth, prompt_ids, run_prefill, smoke_only, smollm2
 
 RATIO = 0.75
 OURS = ["expected-attention", "keydiff", "tova", "observed", "chunkkv-entropy", "kvzip", "chunkkv-kvzip"]
@@ -36,11 +36,7 @@ def build(name: str, tokenizer):
     return press
 
 
-SMOKE = {"kvzip"}  # run once, untimed, by the normal test run
-CASES = [
-    pytest.param(length, name, marks=[pytest.mark.smoke] if length == 1024 and name in SMOKE else [])
-    for length in (1024, 4096) for name in ["none", *OURS, *KVPRESS]
-]
+CASES = [smoke_only(512, "kvzip")] + [(length, name) for length in (1024, 4096) for name in ["none", *OURS, *KVPRESS]]
 
 
 @pytest.mark.parametrize("length, name", CASES)

@@ -17,6 +17,12 @@ from kvpress_chunk.hf.hooks import cache_argument, call_argument, find_attention
 from kvpress_chunk.policies import LayerInputs
 
 
+def smoke_only(*values, id: str | None = None):
+    """A case for the normal test run only, smaller than the timed ones it stands in for: it
+    checks the same code path in a fraction of the time (timed runs drop it, ``conftest.py``)."""
+    return pytest.param(*values, marks=[pytest.mark.smoke, pytest.mark.smoke_only], id=id)
+
+
 @functools.lru_cache(maxsize=1)
 def smollm2():
     """The embedded SmolLM2-135M-Instruct, one copy for all benchmarks (skipped if not installed)."""

@@ -35,18 +35,13 @@ def run(cache_dir, **env):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_the_probe_runs_once_then_is_read_from_the_cache(tmp_path):
-    first = run(tmp_path)
-    if first["key"] is None:
-        pytest.skip("the probe is only memoised on x86-64 Linux")
-    assert first["probes"] >= 1 and first["vec_isa_ok"] is None  # inductor's config untouched
-    assert any((tmp_path / "kvpress_chunk").iterdir())
-    second = run(tmp_path)
-    assert second == {**first, "probes": 0}  # same ISA picked, nothing built or loaded
-
-
-def test_another_cache_directory_probes_again(tmp_path):
+def test_the_probe_runs_once_per_cache_directory_then_is_read_from_it(tmp_path):
     first = run(tmp_path / "a")
     if first["key"] is None:
         pytest.skip("the probe is only memoised on x86-64 Linux")
+    assert first["probes"] >= 1 and first["vec_isa_ok"] is None  # inductor's config untouched
+    assert any((tmp_path / "a" / "kvpress_chunk").iterdir())
+    second = run(tmp_path / "a")
+    assert second == {**first, "probes": 0}  # same ISA picked, nothing built or loaded
+    # another cache directory knows nothing of the first one's result: it probes again
     assert run(tmp_path / "b")["probes"] == first["probes"]

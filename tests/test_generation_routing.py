@@ -312,6 +312,16 @@ def test_gemma3n_kv_shared_layers_read_their_store_layers_compressed_cache_or_ar
         assert "cannot compress layer" in str(exc) or "not supported" in str(exc)
 
 
+def test_mask_mode_decodes_gpt_oss_with_its_sink_logits():
+    """GPT-OSS adds learned sink logits (``s_aux``) to every attention softmax. Mask mode's decode
+    kernels (flex, gathered slots) took only queries, keys, values and the scale: they dropped the
+    sinks, so mask mode decoded 0.65 away from evict mode in the logits (no error). Calls with any
+    argument those kernels do not honour now go to the model's own attention with a dense mask."""
+    model = make_auto_tiny_model("gpt_oss", layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                                 num_local_experts=2, num_experts_per_tok=1)
+    _rows_alone_and_modes_agree(model)
+
+
 def test_a_compressed_layer_that_skips_the_routed_attention_is_an_error_not_a_silent_pass_through(monkeypatch):
     """The safety net behind the build-time check: a model that accepts the implementation but
     whose attention still calls its own kernel (simulated on a tiny Llama) is refused at the

@@ -350,6 +350,15 @@ def test_a_model_that_runs_a_layer_twice_in_one_forward_is_refused():
         generate(model, ids, None, kc.make_press("snapkv", compression_ratio=0.5, compile=False))
 
 
+def test_a_model_with_one_attention_block_shared_by_several_layers_is_refused():
+    """Zamba 2's shared attention block has layer_idx -1: the press took it for a layer "-1" and
+    failed with an IndexError (transformers 5.2) or a cache-layer TypeError (5.25) deep inside."""
+    model = make_auto_tiny_model("zamba2", num_hidden_layers=4, layers_block_type=["mamba", "hybrid"] * 2,
+                                 mamba_d_state=4, mamba_headdim=64, n_mamba_heads=2, num_mem_blocks=1, adapter_rank=8)
+    with pytest.raises(UnsupportedModelError, match="shared by several layers"):
+        generate(model, torch.randint(3, 120, (1, 40)), None, kc.make_press("knorm", compression_ratio=0.5, compile=False))
+
+
 def test_a_custom_4d_mask_on_a_prefill_is_refused():
     # Its padding was read as real tokens (scored, kept, and attended to when decoding with a
     # 2-D mask afterwards): a keep-all press differed from no press by 0.42 in a padded row's logits.

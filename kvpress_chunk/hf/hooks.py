@@ -29,6 +29,13 @@ def find_attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
             continue
         if not (hasattr(module, "k_proj") or hasattr(module, "qkv_proj")):
             continue
+        if layer_idx < 0:
+            # Zamba 2 builds one attention block with layer_idx=-1 and runs it at several depths:
+            # "layer -1" read the *last* cache layer (a raw IndexError or TypeError further on).
+            raise UnsupportedModelError(
+                f"{type(module).__name__} has layer_idx {layer_idx}: one attention block shared by several layers "
+                f"of {type(model).__name__}, whose cache layers a press cannot tell apart; not supported"
+            )
         found.setdefault(layer_idx, module)
     if not found:
         raise UnsupportedModelError(

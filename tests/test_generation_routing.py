@@ -346,7 +346,9 @@ def test_a_model_that_runs_a_layer_twice_in_one_forward_is_refused():
     (window attention off by ~1.0 against the model's, no error)."""
     model = make_auto_tiny_model("hrm_text", num_hidden_layers=2)
     ids = torch.randint(3, 120, (1, 60), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(UnsupportedModelError, match="ran more than once in one forward"):
+    # Its H and L modules number their layers alike: refused when the layers are found, before
+    # any forward (the run-time check below stays the safety net for other looped layouts).
+    with pytest.raises(UnsupportedModelError, match="ran more than once in one forward|both claim attention layer"):
         generate(model, ids, None, kc.make_press("snapkv", compression_ratio=0.5, compile=False))
 
 
@@ -357,6 +359,28 @@ def test_a_model_with_one_attention_block_shared_by_several_layers_is_refused():
                                  mamba_d_state=4, mamba_headdim=64, n_mamba_heads=2, num_mem_blocks=1, adapter_rank=8)
     with pytest.raises(UnsupportedModelError, match="shared by several layers"):
         generate(model, torch.randint(3, 120, (1, 40)), None, kc.make_press("knorm", compression_ratio=0.5, compile=False))
+
+
+def test_a_multimodal_models_vision_attention_is_not_taken_for_its_text_layers():
+    """Gemma 4's vision tower is built before its language model and has attention modules of the
+    same shape and layer numbers: they took text layers 0 and 1, which were never hooked nor
+    routed (a shape error here; with as many vision as text layers, nothing compressed)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
+                vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, max_position_embeddings=512, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  head_dim=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+        torch.manual_seed(0)
+        model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    found = kc.find_attention_layers(model)
+    assert [type(module).__name__ for _, module in found] == ["Gemma4TextAttention"] * 4
+    _rows_alone_and_modes_agree(model)
 
 
 def test_a_custom_4d_mask_on_a_prefill_is_refused():

@@ -9,9 +9,10 @@ here, after the prefill's forward and before any layer is evicted::
     prefill forward (layers deferred) -> run_context_pass -> scores per layer -> select -> evict
 
 The pass appends the reconstruction tokens to the live cache; every cache layer's state is put
-back exactly as it was afterwards (the layers replace their tensors on update rather than writing
-into them, so restoring the references is exact and free). It runs through the base model (no LM
-head) under ``torch.inference_mode``.
+back exactly as it was afterwards (attention layers replace their key/value tensors on update, so
+those are restored by reference for free; any other state, such as the convolution and recurrent
+states of hybrid models, which are written in place, is restored from a copy: :func:`layer_state`).
+It runs through the base model (no LM head) under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,34 @@ def load_tokenizer_for(model: nn.Module) -> Any:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure means "not found"; the caller explains what to do
         return None
+
+
+#: cache layer attributes that layers replace (never write into) when they grow: kept by reference
+REPLACED_TENSORS = ("keys", "values")
+
+
+def copy_state(value: Any) -> Any:
+    """A copy of a cache layer's state that the pass cannot change: tensors cloned (but
+    :data:`REPLACED_TENSORS`, restored by reference for free), dicts and lists copied."""
+    if isinstance(value, torch.Tensor):
+        # of the same kind: the pass runs in inference mode, and a clone made there of a normal
+        # tensor is an inference tensor, which `generate` (no_grad) may not update in place
+        with torch.inference_mode(value.is_inference()):
+            return value.clone()
+    if isinstance(value, dict):
+        return {key: copy_state(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_state(item) for item in value)
+    return value
+
+
+def layer_state(layer: Any) -> dict:
+    """What restoring ``layer`` after the pass needs. Why not the attribute references alone: the
+    linear-attention and convolution layers of hybrid models (LFM2, Qwen3-Next, Jamba on
+    transformers >= 5.2x) write their states in place (``conv_states[i] = ...`` in a dict they
+    keep, ``cumulative_length_linear.add_``), so the references came back holding the
+    reconstruction prompt's states: later tokens decoded from the wrong recurrent state, no error."""
+    return {name: value if name in REPLACED_TENSORS else copy_state(value) for name, value in layer.__dict__.items()}
 
 
 @torch.inference_mode()
@@ -88,7 +117,7 @@ def run_context_pass(
         return hook
 
     base = getattr(model, "base_model", model)
-    saved = [dict(layer.__dict__) for layer in cache.layers]
+    saved = [layer_state(layer) for layer in cache.layers]
     handles = [module.register_forward_hook(make_hook(idx), with_kwargs=True) for idx, module in layers]
     if getattr(scorer, "pass_attention", None) is not None:
         for idx, module in layers:
@@ -108,7 +137,7 @@ def run_context_pass(
             )
             for layer, state in zip(cache.layers, saved):
                 layer.__dict__.clear()
-                layer.__dict__.update(state)
+                layer.__dict__.update(copy_state(state))  # a copy: the next chunk mutates it again
     finally:
         for handle in handles:
             handle.remove()

@@ -55,6 +55,8 @@ FAMILIES = {
     "glm": ("glm", {"pad_token_id": 0}),
     "glm4": ("glm4", {"pad_token_id": 0}),
     "phi3-partial": ("phi3", {"partial_rotary_factor": 0.5, "pad_token_id": 0}),
+    # q_layernorm applied with no qk_layernorm flag: taken for absent (max|dp| 0.5)
+    "lfm2": ("lfm2", TWO_FULL),
     "llama": ("llama", {}),  # the reference family stays exact
 }
 
@@ -175,6 +177,19 @@ def test_unrebuildable_families_are_refused(name, monkeypatch):
             with press(model, tokenizer=object()):
                 pass
     with kc.make_press("knorm", compression_ratio=0.5)(model):  # a query-free scorer is welcome
+        pass
+
+
+def test_a_query_norm_of_an_unknown_name_is_refused(monkeypatch):
+    """A norm on the queries under a name the rebuild does not read (Muse Spark's weightless
+    ``qk_norm``, IDEFICS' ``q_layer_norm``) was skipped: scores for other queries than the
+    model's, no error. Simulated on Llama: every query-reading scorer refuses it, knorm runs."""
+    model = build("llama", {})
+    for _, module in kc.find_attention_layers(model):
+        module.qk_norm = torch.nn.LayerNorm(16)
+    with pytest.raises(kc.UnsupportedModelError, match="qk_norm"):
+        prefill(model, {"name": "snapkv", "window": WINDOW}, monkeypatch)
+    with kc.make_press("knorm", compression_ratio=0.5)(model):
         pass
 
 

@@ -312,6 +312,16 @@ def test_gemma3n_kv_shared_layers_read_their_store_layers_compressed_cache_or_ar
         assert "cannot compress layer" in str(exc) or "not supported" in str(exc)
 
 
+def test_mask_mode_decodes_gpt_oss_with_its_sink_logits():
+    """GPT-OSS adds learned sink logits (``s_aux``) to every attention softmax. Mask mode's decode
+    kernels (flex, gathered slots) took only queries, keys, values and the scale: they dropped the
+    sinks, so mask mode decoded 0.65 away from evict mode in the logits (no error). Calls with any
+    argument those kernels do not honour now go to the model's own attention with a dense mask."""
+    model = make_auto_tiny_model("gpt_oss", layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                                 num_local_experts=2, num_experts_per_tok=1)
+    _rows_alone_and_modes_agree(model)
+
+
 def test_a_compressed_layer_that_skips_the_routed_attention_is_an_error_not_a_silent_pass_through(monkeypatch):
     """The safety net behind the build-time check: a model that accepts the implementation but
     whose attention still calls its own kernel (simulated on a tiny Llama) is refused at the
@@ -336,8 +346,41 @@ def test_a_model_that_runs_a_layer_twice_in_one_forward_is_refused():
     (window attention off by ~1.0 against the model's, no error)."""
     model = make_auto_tiny_model("hrm_text", num_hidden_layers=2)
     ids = torch.randint(3, 120, (1, 60), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(UnsupportedModelError, match="ran more than once in one forward"):
+    # Its H and L modules number their layers alike: refused when the layers are found, before
+    # any forward (the run-time check below stays the safety net for other looped layouts).
+    with pytest.raises(UnsupportedModelError, match="ran more than once in one forward|both claim attention layer"):
         generate(model, ids, None, kc.make_press("snapkv", compression_ratio=0.5, compile=False))
+
+
+def test_a_model_with_one_attention_block_shared_by_several_layers_is_refused():
+    """Zamba 2's shared attention block has layer_idx -1: the press took it for a layer "-1" and
+    failed with an IndexError (transformers 5.2) or a cache-layer TypeError (5.25) deep inside."""
+    model = make_auto_tiny_model("zamba2", num_hidden_layers=4, layers_block_type=["mamba", "hybrid"] * 2,
+                                 mamba_d_state=4, mamba_headdim=64, n_mamba_heads=2, num_mem_blocks=1, adapter_rank=8)
+    with pytest.raises(UnsupportedModelError, match="shared by several layers"):
+        generate(model, torch.randint(3, 120, (1, 40)), None, kc.make_press("knorm", compression_ratio=0.5, compile=False))
+
+
+def test_a_multimodal_models_vision_attention_is_not_taken_for_its_text_layers():
+    """Gemma 4's vision tower is built before its language model and has attention modules of the
+    same shape and layer numbers: they took text layers 0 and 1, which were never hooked nor
+    routed (a shape error here; with as many vision as text layers, nothing compressed)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4ForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma 4")
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
+                vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, max_position_embeddings=512, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  head_dim=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+        torch.manual_seed(0)
+        model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    found = kc.find_attention_layers(model)
+    assert [type(module).__name__ for _, module in found] == ["Gemma4TextAttention"] * 4
+    _rows_alone_and_modes_agree(model)
 
 
 def test_a_custom_4d_mask_on_a_prefill_is_refused():

@@ -21,21 +21,47 @@ def find_attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
 
     Matching on structure rather than on class names keeps any Llama-like HF model working
     (Llama, Qwen2/3, Mistral, Gemma 1-3, Phi-3...) without a list to maintain.
+
+    Only the text decoder is searched (``model.get_decoder()``): a multimodal model's vision or
+    audio encoder may have attention modules of the same shape and layer numbers (Gemma 4's
+    vision tower, built before its language model, took text layers 0 and 1: those were never
+    compressed, and a shape error followed). Two modules claiming one layer are refused.
     """
     found: dict[int, nn.Module] = {}
-    for module in model.modules():
+    for module in _decoder(model).modules():
         layer_idx = getattr(module, "layer_idx", None)
         if not isinstance(layer_idx, int) or not type(module).__name__.endswith("Attention"):
             continue
         if not (hasattr(module, "k_proj") or hasattr(module, "qkv_proj")):
             continue
-        found.setdefault(layer_idx, module)
+        if layer_idx < 0:
+            # Zamba 2 builds one attention block with layer_idx=-1 and runs it at several depths:
+            # "layer -1" read the *last* cache layer (a raw IndexError or TypeError further on).
+            raise UnsupportedModelError(
+                f"{type(module).__name__} has layer_idx {layer_idx}: one attention block shared by several layers "
+                f"of {type(model).__name__}, whose cache layers a press cannot tell apart; not supported"
+            )
+        if found.setdefault(layer_idx, module) is not module:
+            raise UnsupportedModelError(
+                f"{type(found[layer_idx]).__name__} and {type(module).__name__} both claim attention layer {layer_idx} "
+                f"of {type(model).__name__}: a press cannot tell which one the cache layer belongs to"
+            )
     if not found:
         raise UnsupportedModelError(
             f"cannot find attention layers in {type(model).__name__}: expected modules named '*Attention' "
             "with an integer `layer_idx` and a `k_proj`/`qkv_proj` projection (HF Llama-like layout)"
         )
     return sorted(found.items())
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The text decoder of ``model`` (its language model in a multimodal model), else ``model``."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except Exception:  # noqa: BLE001 - a model without a decoder to name: search all of it
+        decoder = None
+    return decoder if isinstance(decoder, nn.Module) else model
 
 
 #: ``config.layer_types`` entries whose attention sees only a bounded span of the past

@@ -400,6 +400,32 @@ def _delegate(implementation: str, module: nn.Module):
     return eager
 
 
+#: keyword arguments of an attention call that the mask-mode decode kernels (flex, gathered slots)
+#: honour or that do not change the result: anything else (GPT-OSS's ``s_aux`` sink logits, a
+#: ``softcap``, a ``sliding_window``, dropout in train mode) makes the call go to the model's own
+#: attention with a dense mask
+PLAIN_ATTENTION_KWARGS = frozenset({
+    "scaling", "position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+    "output_router_logits", "is_causal",
+})
+
+
+def plain_attention(args: tuple, kwargs: dict) -> bool:
+    """Whether an attention call is plain scaled softmax attention, which the mask-mode decode
+    kernels compute. Why: they take only the query, keys, values and scale; GPT-OSS's learned
+    sink logits (``s_aux``) were dropped by them, so mask mode decoded with other logits than
+    evict mode (0.65 apart on a tiny GPT-OSS, no error)."""
+    if args:
+        return False
+    for name, value in kwargs.items():
+        if name in PLAIN_ATTENTION_KWARGS or value is None:
+            continue
+        if name == "dropout" and not value:
+            continue
+        return False
+    return True
+
+
 def _make_routed_attention(implementation: str):
     def routed_attention(module, query, key, value, attention_mask, *args, **kwargs):
         override = PASS_ATTENTION.get(module)
@@ -424,7 +450,7 @@ def _make_routed_attention(implementation: str):
             # mask sized for another layer: 5.14+ sizes it from the first cache layer when the
             # cache was built without config=, a full-length sliding layer on Gemma 2/3.)
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
-        if view.flex_block_size is not None and q_length == 1 and appended is None and kwargs.get("softcap") is None:
+        if view.flex_block_size is not None and q_length == 1 and appended is None and plain_attention(args, kwargs):
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             if decode_kernel(query.device) == "gather":
                 out = view.prefix_slots().attend(query, key, value, scale)

@@ -9,7 +9,8 @@ the Llama way on a family that does it otherwise gives wrong scores with no erro
 * the projection: ``q_proj``, a fused ``qkv_proj`` (Phi-3, queries first) or a gated ``q_proj``
   whose per-head output is ``(query, gate)`` (Qwen3-Next);
 * the query norm before RoPE: over the head dim (Qwen3, Gemma 3), over ``(heads, head dim)``
-  (Cohere), over the whole projection (OLMo 2/3), one norm per head (StableLM);
+  (Cohere), over the whole projection (OLMo 2/3), one norm per head (StableLM), LFM2's unflagged
+  ``q_layernorm``; a submodule named like a query norm that is none of these is refused;
 * the rotation: the family's own ``apply_rotary_pos_emb`` is used (looked up in the module's
   modeling file), so halves (Llama), interleaved pairs (Cohere, Helium, ERNIE 4.5, GLM) and
   partial rotary inside the function (GLM, Qwen3-Next, Nemotron, Phi-3) are all the model's own;
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
 import sys
 import textwrap
 
@@ -103,6 +105,9 @@ def check_queries_supported(module: nn.Module) -> None:
         if len(required) > 1:  # ZAYA's CCA projection reads the cache: not a function of the hidden states
             raise refusal(module, f"has a query projection ({type(projection).__name__}) that takes more than the "
                                   "hidden states")
+    unread = unread_query_norm(module)
+    if unread is not None:
+        raise refusal(module, f"normalises its queries with `{unread}`, a layout not rebuilt here")
 
 
 #: Attention classes (name prefixes) whose ``q_proj`` emits ``(query, gate)`` per head.
@@ -120,13 +125,38 @@ def _gated(module: nn.Module, width: int) -> bool:
     raise refusal(module, f"has a q_proj of {out} outputs for {width} query dims (an unknown query layout)")
 
 
+def pre_rope_query_norm(module: nn.Module) -> nn.Module | None:
+    """The query norm the module applies before RoPE: ``q_norm``, or ``q_layernorm`` (Phi and
+    StableLM build and apply theirs when ``qk_layernorm`` says so; LFM2 always applies its own,
+    with no flag: it was taken for absent, so its window attention was scored on unnormalised
+    queries, off by 0.5 from the model's, no error)."""
+    norm = getattr(module, "q_norm", None)
+    if norm is None and getattr(module, "qk_layernorm", True):
+        norm = getattr(module, "q_layernorm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
+#: names of submodules that look like a norm on the queries (``q_norm``, ``qk_norm``,
+#: ``q_layer_norm``, ``query_layernorm``...)
+QUERY_NORM_NAME = re.compile(r"^(q|qk|query)_(\w+_)?(norm|layernorm|layer_norm|ln)s?$")
+
+
+def unread_query_norm(module: nn.Module) -> str | None:
+    """The name of a submodule that looks like a query norm but is not one the rebuild applies
+    (:func:`pre_rope_query_norm`, :func:`post_rope_norm`), or ``None``. Why: a norm the rebuild
+    does not know about is silently skipped (scores for other queries than the model's)."""
+    read = {id(pre_rope_query_norm(module)), id(post_rope_norm(module))}
+    for name, child in module.named_children():
+        if QUERY_NORM_NAME.match(name) and id(child) not in read:
+            return name
+    return None
+
+
 def _pre_rope_norm(module: nn.Module, flat: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """``flat[B, n, Hq * D]`` -> ``[B, Hq, n, D]`` with the module's query norm (if any) applied in
     the layout the module applies it."""
     batch, length = flat.shape[:2]
-    norm = getattr(module, "q_norm", None)
-    if norm is None and getattr(module, "qk_layernorm", False):
-        norm = getattr(module, "q_layernorm", None)  # Phi, StableLM
+    norm = pre_rope_query_norm(module)
     per_head = flat.reshape(batch, length, heads, head_dim)
     if not isinstance(norm, nn.Module):
         return per_head.transpose(1, 2)

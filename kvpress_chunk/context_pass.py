@@ -97,8 +97,9 @@ def run_context_pass(
             if result is None:
                 return None
             output, contribution = result
-            add(layer_idx, contribution)
-            fused_this_chunk.add(layer_idx)
+            if contribution is not None:  # else the forward hook scores the layer after it
+                add(layer_idx, contribution)
+                fused_this_chunk.add(layer_idx)
             return output
 
         return override

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kvpress_chunk import make_press
 from kvpress_chunk.generation import generate_answers, greedy_continue, new_cache, prefill
+from kvpress_chunk.policies import kvzip as kvzip_module
 from kvpress_chunk.policies.kvzip import (
     FIRST_PROMPT,
     NEXT_PROMPT,
@@ -21,6 +22,7 @@ from kvpress_chunk.policies.kvzip import (
     attention_logsumexp,
     attention_logsumexp_reference,
     fused_pass_attention,
+    local_pass_attention,
     max_pool_scores,
     reconstruction_attention_max,
 )
@@ -167,6 +169,90 @@ def test_fused_pass_attention_is_the_models_attention_and_the_scoring_op(batch, 
     torch.testing.assert_close(output * real, want.transpose(1, 2) * real, atol=1e-5, rtol=1e-5)
     want_scores = reconstruction_attention_max(query * scale, key, context_valid, query_valid, start, end, sinks)
     torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=1e-5)
+
+
+def random_pass_layer(batch, kv_heads, groups, length, n, seed):
+    """Random ``(query, key, value, context_valid, chunk)`` of one pass layer: left padding,
+    right-padded reconstruction queries, spans that skip part of the context."""
+    gen = torch.Generator().manual_seed(seed)
+    head_dim, q_heads = 8, kv_heads * groups
+    query = torch.randn(batch, q_heads, n, head_dim, generator=gen)
+    key = torch.randn(batch, kv_heads, length + n, head_dim, generator=gen)
+    value = torch.randn(batch, kv_heads, length + n, head_dim, generator=gen)
+    pads = torch.randint(0, length // 2 + 1, (batch,), generator=gen)
+    context_valid = torch.arange(length)[None, :] >= pads[:, None]
+    query_valid = torch.arange(n)[None, :] < torch.randint(1, n + 1, (batch,), generator=gen)[:, None]
+    start = pads + torch.randint(0, length // 2 + 1, (batch,), generator=gen)
+    end = torch.minimum(start + 1 + torch.randint(0, length, (batch,), generator=gen), torch.tensor(length))
+    start = torch.minimum(start, end - 1)
+    chunk = PassChunk(torch.zeros(batch, n, dtype=torch.long), query_valid, torch.zeros(batch, n), start, end)
+    return query, key, value, context_valid, chunk
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), groups=st.integers(1, 3), length=st.integers(4, 40),
+    n=st.integers(1, 20), sinks=st.integers(0, 4), softcap=st.sampled_from([None, 2.0]), seed=st.integers(0, 10_000),
+)
+def test_local_pass_attention_is_dense_attention_over_the_scored_keys(batch, kv_heads, groups, length, n, sinks, softcap, seed):
+    """kvzip(local=True): the plain op against dense attention with an explicit mask built from
+    the definition (the row's sinks before its span, the span, causal reconstruction tokens), and
+    the fused CPU op (two flash calls, no rest) against it for the output and against
+    :func:`reconstruction_attention_max` for the scores (whose softmax is over those same keys)."""
+    query, key, value, context_valid, chunk = random_pass_layer(batch, kv_heads, groups, length, n, seed)
+    scale = 0.3
+    allowed = torch.zeros(batch, n, length + n, dtype=torch.bool)
+    for b in range(batch):
+        real = [j for j in range(length) if context_valid[b, j]]
+        for j in [j for j in real[:sinks] if j < int(chunk.start[b])] + list(range(int(chunk.start[b]), int(chunk.end[b]))):
+            allowed[b, :, j] = True
+        allowed[b, :, length:] = torch.ones(n, n, dtype=torch.bool).tril()
+    logits = torch.matmul(query * scale, key.repeat_interleave(groups, 1).transpose(-1, -2))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    want = torch.matmul(logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1), value.repeat_interleave(groups, 1))
+    real = chunk.valid[:, :, None, None]  # padding queries' outputs are never read
+    with torch.inference_mode():
+        got = local_pass_attention(query, key, value, scale, context_valid, chunk, sinks, softcap)
+        torch.testing.assert_close(got * real, want.transpose(1, 2) * real, atol=1e-5, rtol=1e-5)
+        if softcap is None:
+            output, scores = fused_pass_attention(query, key, value, scale, context_valid, chunk, sinks, whole_context=False)
+            torch.testing.assert_close(output * real, got * real, atol=1e-5, rtol=1e-5)
+            want_scores = reconstruction_attention_max(query * scale, key, context_valid, chunk.valid, chunk.start, chunk.end, sinks)
+            torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=1e-5)
+
+
+def test_local_kvzip_equals_kvzip_on_one_chunk_and_differs_on_several():
+    """One chunk without a chat prefix: the span is the whole context, so the local pass is the
+    paper's pass (same selection). Several chunks: each one no longer reads the others."""
+    model = make_tiny_model("llama", num_layers=3)
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(4))
+    kept = {}
+    for spec, chunk_size in (("kvzip", 64), ("kvzip(local=True)", 64), ("kvzip", 20), ("kvzip(local=True)", 20)):
+        with make_press(spec, compression_ratio=0.5, chunk_size=chunk_size)(model, tokenizer=ByteTokenizer()) as session:
+            prefill(model, ids)
+        kept[spec, chunk_size] = {layer: sel.indices.tolist() for layer, sel in session.selections.items()}
+    assert kept["kvzip", 64] == kept["kvzip(local=True)", 64]
+    assert kept["kvzip", 20] != kept["kvzip(local=True)", 20]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_local_pass_on_the_fused_op_equals_the_plain_op(family, monkeypatch):
+    """kvzip(local=True) end to end on a padded batch in several chunks: the fused CPU op and the
+    plain op (what other devices, dtypes and soft-capped models run; Gemma 2 caps its logits, so
+    it always runs the plain op) keep the same tokens."""
+    model = make_tiny_model(family, num_layers=3)
+    ids, mask, _ = left_padded([70, 45])
+    press = make_press("kvzip(local=True)", compression_ratio=0.6, chunk_size=24)
+    results = {}
+    for name in ("fused", "plain"):
+        if name == "plain":
+            monkeypatch.setattr(kvzip_module, "fused_pass_attention", lambda *args, **kwargs: None)
+        with press(model, tokenizer=ByteTokenizer()) as session:
+            results[name] = prefill(model, ids, mask)
+        results[name + " kept"] = {layer: sel.indices.tolist() for layer, sel in session.selections.items()}
+    assert results["fused kept"] == results["plain kept"]
+    torch.testing.assert_close(results["fused"].last_logits, results["plain"].last_logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -317,6 +403,7 @@ def test_pooled_scores_take_the_best_real_neighbour(lengths, radius, seed):
 
 @pytest.mark.parametrize("preset, apply", [("kvzip", "evict"), ("kvzip(pool=2)", "evict"), ("kvzip(observe=8)", "evict"),
                                            ("kvzip-observe(observe=8)", "evict"), ("kvzip(aligned=True)", "evict"),
+                                           ("kvzip(local=True)", "evict"),
                                            ("chunkkv-kvzip", "evict"),
                                            ("chunkkv-kvzip", "mask")])
 def test_padded_batch_rows_answer_as_alone(preset, apply):

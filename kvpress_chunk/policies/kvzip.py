@@ -88,7 +88,15 @@ class KVzipScorer(Scorer):
     distance. They reach ``2T`` plus the prompts; a chunk that would pass the model's
     ``max_position_embeddings`` moves back just enough (toward the restart) to stay inside it.
     Nothing changes for contexts of one chunk (<= ``chunk_size`` tokens). Off by default (the
-    paper's method, kvpress parity).
+    paper's method, kvpress parity). ``local``: the pass's own attention (every layer the press
+    compresses) runs over the same keys the score is read from (the sinks, the chunk's span and
+    the reconstruction tokens) instead of the whole context. Why: the score already ignores the
+    rest, and attending to it is most of the pass's cost on long contexts (each chunk's queries
+    read every context token); with ``local`` a chunk costs its own span, so smaller chunks make
+    the pass cheaper. It changes the pass's hidden states (an approximation of the paper's
+    method), not the scoring rule; the chat prefix is outside every span, so it is hidden from
+    the pass too. Layers with a sliding window or attention sinks attend as the model does.
+    Off by default.
     """
 
     chunk_size: int = 2048
@@ -98,6 +106,7 @@ class KVzipScorer(Scorer):
     pool: int = 0
     observe: int = 0
     continue_positions: bool = False
+    local: bool = False
 
     context_pass = True
     rebuilds_queries = True
@@ -111,6 +120,7 @@ class KVzipScorer(Scorer):
         check_int(self, "pool", minimum=0, meaning="neighbours on either side; 0: off")
         check_int(self, "observe", minimum=0, meaning="last prefill queries also scored; 0: off")
         check_bool(self, "continue_positions")
+        check_bool(self, "local")
 
     def deferred_hidden(self) -> int:
         return self.observe  # prepare() runs after the pass and projects the observed queries
@@ -200,16 +210,24 @@ class KVzipScorer(Scorer):
     def pass_attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict,
         context_valid: torch.Tensor, chunk: PassChunk,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One layer's attention in the pass and its scores together (:func:`fused_pass_attention`),
-        or ``None`` to let the model's attention run and :meth:`pass_scores` score after it: for
-        KVzip+ (it needs the layer's hidden states), soft-capped logits, sliding windows,
-        attention sinks, dropout, and anything but float32 on the CPU."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One layer's attention in the pass: ``(output, scores)`` when the scores come with it
+        (:func:`fused_pass_attention`), ``(output, None)`` when :meth:`pass_scores` still scores
+        after it (``local`` attention the fused op cannot compute), or ``None`` to let the
+        model's attention run: for KVzip+ (it needs the layer's hidden states), soft-capped
+        logits, sliding windows, attention sinks, dropout, and anything but float32 on the CPU."""
         scale = kwargs.get("scaling")
-        plain = all(not kwargs.get(name) for name in ("softcap", "sliding_window", "s_aux", "sinks", "dropout"))
-        if self.plus_normalization or scale is None or not plain:
+        if scale is None or any(kwargs.get(name) for name in ("sliding_window", "s_aux", "sinks", "dropout")):
             return None
-        return fused_pass_attention(query, key, value, float(scale), context_valid, chunk, self.sinks)
+        softcap = kwargs.get("softcap") or None
+        if not self.plus_normalization and softcap is None:
+            fused = fused_pass_attention(query, key, value, float(scale), context_valid, chunk, self.sinks,
+                                         whole_context=not self.local)
+            if fused is not None:
+                return fused
+        if self.local:
+            return local_pass_attention(query, key, value, float(scale), context_valid, chunk, self.sinks, softcap), None
+        return None
 
     # -- the fused op's view ----------------------------------------------------------------------
 
@@ -437,6 +455,7 @@ def fused_pass_attention(
     context_valid: torch.Tensor,
     chunk: PassChunk,
     sinks: int,
+    whole_context: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The model's attention for one layer of the reconstruction pass *and* that layer's KVzip
     scores, from one set of attention calls: ``(output[B, n, Hq, D], scores[B, Hkv, T])``, or
@@ -456,6 +475,8 @@ def fused_pass_attention(
 
     ``query[B, Hq, n, D]`` post-RoPE, unscaled (as the model's attention function gets it);
     ``key`` / ``value`` ``[B, Hkv, T + n, D]`` (the cache after the pass appended to it).
+    ``whole_context=False`` (``KVzipScorer.local``): the rest is left out, the output is
+    :func:`local_pass_attention`'s.
     """
     if query.device.type != "cpu" or query.dtype != torch.float32 or torch.is_grad_enabled():
         return None
@@ -478,7 +499,7 @@ def fused_pass_attention(
     outside = context_valid & (member == 0)
     rest_width = int(outside.sum(dim=-1).max())
     parts = [(out_subset, lse_subset)]
-    if rest_width:
+    if rest_width and whole_context:
         rest_index = torch.sort((~outside).to(torch.uint8), dim=-1, stable=True).indices[:, :rest_width]
         rest_ok = outside.gather(1, rest_index)
         parts.append(flash(grouped, gather_tokens(key, rest_index), gather_tokens(value, rest_index), 0.0, False,
@@ -494,6 +515,39 @@ def fused_pass_attention(
     score_lse = torch.logaddexp(lse_subset, parts[-1][1]).view(batch, kv_heads, groups, n)
     scores = attention_max_given_lse(grouped, subset_keys, score_lse, subset, context_valid, chunk.valid)
     return output, scores
+
+
+def local_pass_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    context_valid: torch.Tensor,
+    chunk: PassChunk,
+    sinks: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One layer's attention in a ``local`` reconstruction pass, in plain torch (any device and
+    dtype, soft-capped logits): each query attends to its row's sinks and span (the scored
+    subset) and, causally, the reconstruction tokens up to itself. ``output[B, n, Hq, D]``;
+    shapes as :func:`fused_pass_attention`. ``QUERY_BLOCK`` queries at a time (the fp32
+    transient is ``[B, Hq, QUERY_BLOCK, C + n]``)."""
+    batch, q_heads, n, head_dim = query.shape
+    kv_heads, length = key.shape[1], context_valid.shape[-1]
+    groups = q_heads // kv_heads
+    subset = scored_subset(context_valid, chunk.start, chunk.end, sinks)
+    keys = torch.cat([gather_tokens(key, subset.index), key[:, :, length:].float()], dim=2).repeat_interleave(groups, 1)
+    values = torch.cat([gather_tokens(value, subset.index), value[:, :, length:].float()], dim=2).repeat_interleave(groups, 1)
+    width = subset.index.shape[-1]
+    outputs = []
+    for lo in range(0, n, QUERY_BLOCK):
+        hi = min(n, lo + QUERY_BLOCK)
+        logits = apply_softcap(torch.matmul(query[:, :, lo:hi].float() * scale, keys.transpose(-1, -2)), softcap)
+        future = torch.arange(n, device=query.device)[None, :] > torch.arange(lo, hi, device=query.device)[:, None]
+        logits[..., :width] += subset.bias
+        logits[..., width:] = logits[..., width:].masked_fill(future, MASKED)
+        outputs.append(torch.matmul(logits.softmax(dim=-1), values))
+    return torch.cat(outputs, dim=2).to(query.dtype).transpose(1, 2).contiguous()
 
 
 def value_output_norm(module: torch.nn.Module, values: torch.Tensor) -> torch.Tensor:

@@ -233,7 +233,7 @@ def _allocated(selector: dict[str, Any], allocator: str) -> dict[str, Any]:
 @preset("kvzip")
 def kvzip(
     chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global", recent: int = 0,
-    pool: int = 0, observe: int = 0, aligned: bool = False,
+    pool: int = 0, observe: int = 0, aligned: bool = False, local: bool = False,
 ) -> dict[str, Any]:
     """KVzip (arXiv 2505.23416): keep what the model attends to while reconstructing the context.
 
@@ -243,12 +243,13 @@ def kvzip(
     token also takes the best score within ``r`` neighbours (keeps spans around peaks);
     ``observe=w``: the last ``w`` prefill queries count as reconstruction queries too;
     ``aligned=True``: reconstruction positions continue across chunks (``KVzipScorer.continue_positions``:
-    every chunk copied from the same distance; contexts longer than ``chunk_size`` only). Needs
-    the tokenizer: ``with press(model, tokenizer=tok)``.
+    every chunk copied from the same distance; contexts longer than ``chunk_size`` only);
+    ``local=True``: the pass attends only to what it scores (``KVzipScorer.local``, cheaper on
+    long contexts). Needs the tokenizer: ``with press(model, tokenizer=tok)``.
     """
     return {
         "scorer": {"name": "kvzip", "chunk_size": chunk_size, "sinks": sinks, "plus_normalization": plus, "window": recent,
-                   "pool": pool, "observe": observe, "continue_positions": aligned},
+                   "pool": pool, "observe": observe, "continue_positions": aligned, "local": local},
         "grouper": "token",
         **_allocated({"name": "topk", "per_head": True, "sinks": sinks, "keep_window": recent > 0}, allocator),
     }

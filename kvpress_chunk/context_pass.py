@@ -44,8 +44,8 @@ REPLACED_TENSORS = ("keys", "values")
 
 
 def copy_state(value: Any) -> Any:
-    """A copy of a cache layer's state that the pass cannot change: tensors cloned (but
-    :data:`REPLACED_TENSORS`, restored by reference for free), dicts and lists copied."""
+    """A copy of ``value`` that the pass cannot change: tensors cloned, dicts and lists copied
+    (:func:`layer_state` keeps the :data:`REPLACED_TENSORS` out of it: restored by reference, free)."""
     if isinstance(value, torch.Tensor):
         # of the same kind: the pass runs in inference mode, and a clone made there of a normal
         # tensor is an inference tensor, which `generate` (no_grad) may not update in place
@@ -58,13 +58,14 @@ def copy_state(value: Any) -> Any:
     return value
 
 
-def layer_state(layer: Any) -> dict:
-    """What restoring ``layer`` after the pass needs. Why not the attribute references alone: the
-    linear-attention and convolution layers of hybrid models (LFM2, Qwen3-Next, Jamba on
-    transformers >= 5.2x) write their states in place (``conv_states[i] = ...`` in a dict they
+def layer_state(attributes: dict) -> dict:
+    """What restoring a cache layer with these ``attributes`` (its ``__dict__``) needs: the
+    :data:`REPLACED_TENSORS` by reference, a copy of the rest. Why not the attribute references
+    alone: the linear-attention and convolution layers of hybrid models (LFM2, Qwen3-Next, Jamba
+    on transformers >= 5.2x) write their states in place (``conv_states[i] = ...`` in a dict they
     keep, ``cumulative_length_linear.add_``), so the references came back holding the
     reconstruction prompt's states: later tokens decoded from the wrong recurrent state, no error."""
-    return {name: value if name in REPLACED_TENSORS else copy_state(value) for name, value in layer.__dict__.items()}
+    return {name: value if name in REPLACED_TENSORS else copy_state(value) for name, value in attributes.items()}
 
 
 @torch.inference_mode()
@@ -118,7 +119,7 @@ def run_context_pass(
         return hook
 
     base = getattr(model, "base_model", model)
-    saved = [layer_state(layer) for layer in cache.layers]
+    saved = [layer_state(layer.__dict__) for layer in cache.layers]
     handles = [module.register_forward_hook(make_hook(idx), with_kwargs=True) for idx, module in layers]
     if getattr(scorer, "pass_attention", None) is not None:
         for idx, module in layers:
@@ -138,7 +139,7 @@ def run_context_pass(
             )
             for layer, state in zip(cache.layers, saved):
                 layer.__dict__.clear()
-                layer.__dict__.update(copy_state(state))  # a copy: the next chunk mutates it again
+                layer.__dict__.update(layer_state(state))  # a copy: the next chunk mutates it again
     finally:
         for handle in handles:
             handle.remove()

@@ -492,18 +492,19 @@ def fused_pass_attention(
     subset_keys = gather_tokens(key, subset.index)
     out_subset, lse_subset = flash(grouped, subset_keys, gather_tokens(value, subset.index), 0.0, False,
                                    attn_mask=subset.bias, scale=1.0)[:2]
-    # The rest: real context tokens outside the subset (a stable sort puts them first, in order).
-    # (filler entries of the subset repeat real indices: membership is an amax, never overwritten)
-    member = torch.zeros(context_valid.shape, dtype=torch.uint8, device=query.device)
-    member.scatter_reduce_(1, subset.index, subset.ok.to(torch.uint8), reduce="amax")
-    outside = context_valid & (member == 0)
-    rest_width = int(outside.sum(dim=-1).max())
     parts = [(out_subset, lse_subset)]
-    if rest_width and whole_context:
-        rest_index = torch.sort((~outside).to(torch.uint8), dim=-1, stable=True).indices[:, :rest_width]
-        rest_ok = outside.gather(1, rest_index)
-        parts.append(flash(grouped, gather_tokens(key, rest_index), gather_tokens(value, rest_index), 0.0, False,
-                           attn_mask=key_bias(rest_ok), scale=1.0)[:2])
+    if whole_context:
+        # The rest: real context tokens outside the subset (a stable sort puts them first, in order).
+        # (filler entries of the subset repeat real indices: membership is an amax, never overwritten)
+        member = torch.zeros(context_valid.shape, dtype=torch.uint8, device=query.device)
+        member.scatter_reduce_(1, subset.index, subset.ok.to(torch.uint8), reduce="amax")
+        outside = context_valid & (member == 0)
+        rest_width = int(outside.sum(dim=-1).max())
+        if rest_width:
+            rest_index = torch.sort((~outside).to(torch.uint8), dim=-1, stable=True).indices[:, :rest_width]
+            rest_ok = outside.gather(1, rest_index)
+            parts.append(flash(grouped, gather_tokens(key, rest_index), gather_tokens(value, rest_index), 0.0, False,
+                               attn_mask=key_bias(rest_ok), scale=1.0)[:2])
     appended_keys = key[:, :, length:].float().repeat_interleave(groups, dim=1)
     appended_values = value[:, :, length:].float().repeat_interleave(groups, dim=1)
     out_appended, lse_appended = flash(scaled, appended_keys, appended_values, 0.0, True, scale=1.0)[:2]

@@ -138,8 +138,10 @@ def test_the_cache_never_holds_more_than_max_cache_plus_every(every, extra, leng
 
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="no torch.compile")
-def test_the_compiled_op_does_not_recompile_per_step_over_1000_steps():
-    """Fresh process: graphs held by the compiled op after a 1000-token generation stay few."""
+def test_the_compiled_op_does_not_recompile_per_step_over_400_steps():
+    """Fresh process: graphs held by the compiled op after a 400-token generation (24
+    compressions, positions past 450) stay few: a graph per step, per position or per cache
+    length would be dozens (dynamo's default limit is 8 per code object), not <= 4."""
     code = textwrap.dedent(
         """
         import sys, torch
@@ -155,7 +157,7 @@ def test_the_compiled_op_does_not_recompile_per_step_over_1000_steps():
         ids = torch.randint(3, 128, (2, 80)); mask = torch.ones_like(ids); mask[1, :30] = 0
         with press(model) as session:
             context = prefill(model, ids, mask)
-            greedy_continue(model, context, ids[:, -1:], 1000)
+            greedy_continue(model, context, ids[:, -1:], 400)
         graphs = sum(_graphs(fn) for fn in ops._COMPILED.values())
         print("GRAPHS", graphs, "COMPRESSIONS", session.decoder.compressions)
         """
@@ -166,7 +168,7 @@ def test_the_compiled_op_does_not_recompile_per_step_over_1000_steps():
     assert out.returncode == 0, out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("GRAPHS")][0]
     graphs, compressions = int(line.split()[1]), int(line.split()[3])
-    assert compressions >= 50
+    assert compressions >= 20
     assert graphs <= 4, line
 
 

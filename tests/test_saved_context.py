@@ -351,6 +351,23 @@ def test_wrong_model(saved, other, fragment):
     refused(path, tiny(*other), fragment)
 
 
+def test_the_same_weights_under_another_rope_setting_are_refused(tmp_path, saved):
+    """The cached keys were rotated with the saving model's RoPE: the same weights loaded with
+    another theta continued the context with other tokens after 4 steps, no error."""
+    model, _, path, _ = saved
+    rope = {kind: {**params, "rope_theta": params["rope_theta"] * 8} for kind, params in model.config.rope_parameters.items()}
+    other = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, rope_parameters=rope)
+    refused(path, other, "rope_parameters")
+    # A file written before rope_parameters was recorded is compared on the keys it holds.
+    def drop_rope(metadata):
+        recorded = json.loads(metadata["model_config"])
+        del recorded["rope_parameters"]
+        metadata["model_config"] = json.dumps(recorded, sort_keys=True)
+
+    older = rewrite(tmp_path / "older.safetensors", path, edit_metadata=drop_rope, resign=True)
+    assert load_context(older, model).cache.get_seq_length() > 0
+
+
 def test_wrong_dtype(saved):
     _, _, path, _ = saved
     half = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, dtype=torch.bfloat16)

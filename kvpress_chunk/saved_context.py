@@ -546,4 +546,18 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
     if views:
         record_compressed(cache, length, positions, list(views), padded=not bool(mask.bool().all()),
                           hidden=views_hide_slots(views))
-    return CompressedContext(cache, positions, mask, logits.to(device), views)
+    return CompressedContext(cache, positions, mask, logits.to(device), views, _measured_kept(path, info, views, positions))
+
+
+def _measured_kept(path: Path, info: SavedContextInfo, views: Mapping[int, Any], positions: torch.Tensor) -> torch.Tensor | None:
+    """The kept tokens a context without views reported when saved (a cache another library
+    compressed: :attr:`CompressedContext.measured_kept`), or ``None`` when they are its text's.
+    Why: without them a loaded kvpress SnapKV context of 36 slots per layer reported all 120
+    tokens kept. A context with views reports from its views."""
+    if views:
+        return None
+    kept = info.kept_tokens
+    _expect(path, isinstance(kept, list) and len(kept) == positions.shape[0] and all(isinstance(k, int) for k in kept),
+            f"the header's kept_tokens {kept!r} do not give one count per row")
+    measured = torch.tensor(kept, dtype=torch.int64, device=positions.device)
+    return None if bool((measured == positions).all()) else measured

@@ -368,6 +368,32 @@ def test_the_same_weights_under_another_rope_setting_are_refused(tmp_path, saved
     assert load_context(older, model).cache.get_seq_length() > 0
 
 
+def test_a_context_another_library_compressed_reports_its_kept_tokens_after_loading(tmp_path):
+    """Such a context has no views: its kept count is measured at prefill. The file held it in
+    its header but loading dropped it: a cache of 30 slots per layer reported all 70 tokens kept."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def keep_last_30(model):  # a press of another library: evicts in place after the forward
+        def evict(module, args, kwargs, output):
+            for layer in output.past_key_values.layers:
+                layer.keys, layer.values = layer.keys[..., -30:, :], layer.values[..., -30:, :]
+
+        handle = model.register_forward_hook(evict, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    model = tiny("llama")
+    context = prefill(model, *left_padded((70,)), press=keep_last_30)
+    assert context.kept_per_row().tolist() == [30]
+    path = save_context(context, tmp_path / "foreign.safetensors", model)
+    assert load_context(path, model).kept_per_row().tolist() == [30]
+    plain = save_context(prefill(model, *left_padded((70,))), tmp_path / "plain.safetensors", model)
+    assert load_context(plain, model).kept_per_row().tolist() == [70]
+
+
 def test_wrong_dtype(saved):
     _, _, path, _ = saved
     half = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, dtype=torch.bfloat16)

@@ -50,10 +50,14 @@ FORMAT = "kvpress_chunk.compressed_context"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-#: Config keys that decide the cache's layout (a different value means a different model).
+#: Config keys that decide the cache's layout or its keys (a different value means a different
+#: model). ``rope_parameters`` (theta, scaling, partial rotary factor): the cached keys are rotated
+#: with them, so the same weights under another RoPE setting continued a loaded context with
+#: queries rotated otherwise (other tokens after 4 steps, no error). Files written before a key
+#: was added are compared on the keys they hold.
 FINGERPRINT_KEYS = (
     "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
-    "vocab_size", "layer_types", "sliding_window",
+    "vocab_size", "layer_types", "sliding_window", "rope_parameters",
 )
 
 #: Cache layer classes this format knows how to restore (transformers 5.x names).
@@ -99,7 +103,7 @@ def model_config_summary(model: nn.Module) -> dict[str, Any]:
         if isinstance(value, tuple):
             value = list(value)
         summary[key] = value
-    return summary
+    return json.loads(json.dumps(summary, sort_keys=True, default=str))  # as the header stores it (nested values too)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -374,13 +378,11 @@ def _info(path: Path, metadata: Mapping[str, str]) -> SavedContextInfo:
 def _check_model(path: Path, info: SavedContextInfo, metadata: Mapping[str, str], model: nn.Module,
                  check_weights: bool = True) -> None:
     current = model_config_summary(model)
-    if info.model_config != current:
-        differences = ", ".join(
-            f"{key} {info.model_config.get(key)!r} (file) vs {current.get(key)!r} (model)"
-            for key in sorted(set(info.model_config) | set(current))
-            if info.model_config.get(key) != current.get(key)
-        )
-        raise SavedContextError(f"{str(path)!r} was saved for a different model: {differences}")
+    recorded = info.model_config if isinstance(info.model_config, dict) else {}
+    differing = [key for key in sorted(recorded) if recorded.get(key) != current.get(key)]
+    if not isinstance(info.model_config, dict) or differing:
+        differences = ", ".join(f"{key} {recorded.get(key)!r} (file) vs {current.get(key)!r} (model)" for key in differing)
+        raise SavedContextError(f"{str(path)!r} was saved for a different model: {differences or 'unreadable config'}")
     model_dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
     if model_dtype and model_dtype != info.dtype:
         raise SavedContextError(
@@ -544,4 +546,18 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
     if views:
         record_compressed(cache, length, positions, list(views), padded=not bool(mask.bool().all()),
                           hidden=views_hide_slots(views))
-    return CompressedContext(cache, positions, mask, logits.to(device), views)
+    return CompressedContext(cache, positions, mask, logits.to(device), views, _measured_kept(path, info, views, positions))
+
+
+def _measured_kept(path: Path, info: SavedContextInfo, views: Mapping[int, Any], positions: torch.Tensor) -> torch.Tensor | None:
+    """The kept tokens a context without views reported when saved (a cache another library
+    compressed: :attr:`CompressedContext.measured_kept`), or ``None`` when they are its text's.
+    Why: without them a loaded kvpress SnapKV context of 36 slots per layer reported all 120
+    tokens kept. A context with views reports from its views."""
+    if views:
+        return None
+    kept = info.kept_tokens
+    _expect(path, isinstance(kept, list) and len(kept) == positions.shape[0] and all(isinstance(k, int) for k in kept),
+            f"the header's kept_tokens {kept!r} do not give one count per row")
+    measured = torch.tensor(kept, dtype=torch.int64, device=positions.device)
+    return None if bool((measured == positions).all()) else measured

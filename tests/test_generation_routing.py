@@ -213,6 +213,28 @@ def test_eager_attention_models_are_routed_too():
     assert model.config._attn_implementation == "eager"
 
 
+def test_mask_mode_returns_every_layers_attention_weights_with_eager_attention():
+    """``output_attentions=True`` on an eager model: mask mode's decode kernels returned no
+    weights, and transformers leaves a layer without weights out of the tuple. On Gemma 3 the
+    decode steps reported 2 layers instead of 4 (entry 1 was layer 2's weights, no error)."""
+    model = tiny("gemma3")
+    model.set_attn_implementation("eager")
+    row = left_padded([100])[2][0][None]
+    weights = {}
+    for mode in ("evict", "mask"):
+        press = kc.make_press("chunkkv", compression_ratio=0.7, compile=False, apply=mode)
+        with press(model) as session, torch.no_grad():
+            out = model.generate(row, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True, output_attentions=True)
+        assert sorted(session.views) == [1, 3]
+        weights[mode] = out.attentions[-1]  # the last decode step
+    assert len(weights["mask"]) == len(weights["evict"]) == 4
+    for evict, mask in zip(weights["evict"], weights["mask"]):
+        # The same probabilities, over kept slots (evict) or every slot with the hidden ones at 0 (mask).
+        kept = mask.sort(dim=-1, descending=True).values[..., : evict.shape[-1]]
+        torch.testing.assert_close(kept, evict.sort(dim=-1, descending=True).values, atol=1e-6, rtol=1e-5)
+
+
 def test_unsupported_attention_implementations_are_refused_clearly():
     model = tiny("llama")
     model.config._attn_implementation = "flash_attention_2"

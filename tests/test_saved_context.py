@@ -351,6 +351,49 @@ def test_wrong_model(saved, other, fragment):
     refused(path, tiny(*other), fragment)
 
 
+def test_the_same_weights_under_another_rope_setting_are_refused(tmp_path, saved):
+    """The cached keys were rotated with the saving model's RoPE: the same weights loaded with
+    another theta continued the context with other tokens after 4 steps, no error."""
+    model, _, path, _ = saved
+    rope = {kind: {**params, "rope_theta": params["rope_theta"] * 8} for kind, params in model.config.rope_parameters.items()}
+    other = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, rope_parameters=rope)
+    refused(path, other, "rope_parameters")
+    # A file written before rope_parameters was recorded is compared on the keys it holds.
+    def drop_rope(metadata):
+        recorded = json.loads(metadata["model_config"])
+        del recorded["rope_parameters"]
+        metadata["model_config"] = json.dumps(recorded, sort_keys=True)
+
+    older = rewrite(tmp_path / "older.safetensors", path, edit_metadata=drop_rope, resign=True)
+    assert load_context(older, model).cache.get_seq_length() > 0
+
+
+def test_a_context_another_library_compressed_reports_its_kept_tokens_after_loading(tmp_path):
+    """Such a context has no views: its kept count is measured at prefill. The file held it in
+    its header but loading dropped it: a cache of 30 slots per layer reported all 70 tokens kept."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def keep_last_30(model):  # a press of another library: evicts in place after the forward
+        def evict(module, args, kwargs, output):
+            for layer in output.past_key_values.layers:
+                layer.keys, layer.values = layer.keys[..., -30:, :], layer.values[..., -30:, :]
+
+        handle = model.register_forward_hook(evict, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    model = tiny("llama")
+    context = prefill(model, *left_padded((70,)), press=keep_last_30)
+    assert context.kept_per_row().tolist() == [30]
+    path = save_context(context, tmp_path / "foreign.safetensors", model)
+    assert load_context(path, model).kept_per_row().tolist() == [30]
+    plain = save_context(prefill(model, *left_padded((70,))), tmp_path / "plain.safetensors", model)
+    assert load_context(plain, model).kept_per_row().tolist() == [70]
+
+
 def test_wrong_dtype(saved):
     _, _, path, _ = saved
     half = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, dtype=torch.bfloat16)

@@ -426,6 +426,21 @@ def plain_attention(args: tuple, kwargs: dict) -> bool:
     return True
 
 
+def attention_weights_recorded() -> bool:
+    """Whether the forward in flight records attention weights (``output_attentions=True``):
+    transformers collects each attention module's returned weights and skips a ``None``. Why it
+    matters: the mask-mode decode kernels return no weights, so an eager model's decode steps
+    reported fewer layers' attentions (Gemma 3: its two compressed layers were left out, and entry
+    1 of the tuple was layer 2's weights, no error). ``True`` when this transformers release's
+    collector cannot be read: the dense path is right either way, only slower."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - a release without the collector
+        return True
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
 def _make_routed_attention(implementation: str):
     def routed_attention(module, query, key, value, attention_mask, *args, **kwargs):
         override = PASS_ATTENTION.get(module)
@@ -450,7 +465,8 @@ def _make_routed_attention(implementation: str):
             # mask sized for another layer: 5.14+ sizes it from the first cache layer when the
             # cache was built without config=, a full-length sliding layer on Gemma 2/3.)
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
-        if view.flex_block_size is not None and q_length == 1 and appended is None and plain_attention(args, kwargs):
+        weights = implementation == "eager" and (bool(kwargs.get("output_attentions")) or attention_weights_recorded())
+        if view.flex_block_size is not None and q_length == 1 and appended is None and not weights and plain_attention(args, kwargs):
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             if decode_kernel(query.device) == "gather":
                 out = view.prefix_slots().attend(query, key, value, scale)

@@ -198,7 +198,11 @@ class RecencyScorer(Scorer):
 class RandomScorer(Scorer):
     """Uniform random scores, seeded per layer (``seed + layer index``): the baseline to beat.
 
-    The random draw happens in :meth:`prepare` because random generators do not trace.
+    The random draw happens in :meth:`prepare` because random generators do not trace. Each row
+    draws its own real tokens' scores from a freshly seeded generator, so a row of a padded batch
+    is scored as alone (one draw over the whole batch gave a row other scores with other
+    batch-mates or padding: logits 0.4 away from the row alone). Batch 1, unpadded: the same
+    draw as one ``rand(1, H, T)``.
     """
 
     seed: int = 0
@@ -209,9 +213,15 @@ class RandomScorer(Scorer):
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         keys = inputs.keys
+        valid = inputs.valid.to(keys.device)
+        batch, heads, length = keys.shape[:-1]
         generator = torch.Generator(device=keys.device)
-        generator.manual_seed(self.seed + inputs.layer_idx)
-        noise = torch.rand(keys.shape[:-1], generator=generator, device=keys.device, dtype=torch.float32)
+        noise = torch.zeros(batch, heads, length, device=keys.device, dtype=torch.float32)
+        for row in range(batch):
+            real = valid[row]
+            generator.manual_seed(self.seed + inputs.layer_idx)
+            drawn = torch.rand(heads, int(real.sum()), generator=generator, device=keys.device, dtype=torch.float32)
+            noise[row][:, real] = drawn
         return {"noise": noise}
 
     def score(self, keys: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -426,18 +426,25 @@ def plain_attention(args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def attention_weights_recorded() -> bool:
-    """Whether the forward in flight records attention weights (``output_attentions=True``):
-    transformers collects each attention module's returned weights and skips a ``None``. Why it
-    matters: the mask-mode decode kernels return no weights, so an eager model's decode steps
-    reported fewer layers' attentions (Gemma 3: its two compressed layers were left out, and entry
-    1 of the tuple was layer 2's weights, no error). ``True`` when this transformers release's
-    collector cannot be read: the dense path is right either way, only slower."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - a release without the collector
+try:  # transformers' collector of returned attention weights (5.2 and 5.25 have it)
+    from transformers.utils.output_capturing import _active_collector as _WEIGHTS_COLLECTOR
+except ImportError:  # pragma: no cover - a release without it
+    _WEIGHTS_COLLECTOR = None
+
+
+def attention_weights_wanted(implementation: str, kwargs: dict) -> bool:
+    """Whether this attention call must return its weights: an eager model asked for
+    ``output_attentions`` (as a keyword, or by the forward in flight, whose collector gathers each
+    module's returned weights and skips a ``None``). Why it matters: the mask-mode decode kernels
+    return no weights, so an eager model's decode steps reported fewer layers' attentions (Gemma 3:
+    its two compressed layers were left out, and entry 1 of the tuple was layer 2's weights, no
+    error). ``True`` for eager models when this transformers release's collector cannot be read:
+    the dense path is right either way, only slower."""
+    if implementation != "eager":
+        return False
+    if kwargs.get("output_attentions") or _WEIGHTS_COLLECTOR is None:
         return True
-    collected = _active_collector.get()
+    collected = _WEIGHTS_COLLECTOR.get()
     return isinstance(collected, dict) and "attentions" in collected
 
 
@@ -465,8 +472,8 @@ def _make_routed_attention(implementation: str):
             # mask sized for another layer: 5.14+ sizes it from the first cache layer when the
             # cache was built without config=, a full-length sliding layer on Gemma 2/3.)
             return delegate(module, query, key, value, attention_mask, *args, **kwargs)
-        weights = implementation == "eager" and (bool(kwargs.get("output_attentions")) or attention_weights_recorded())
-        if view.flex_block_size is not None and q_length == 1 and appended is None and not weights and plain_attention(args, kwargs):
+        if (view.flex_block_size is not None and q_length == 1 and appended is None and plain_attention(args, kwargs)
+                and not attention_weights_wanted(implementation, kwargs)):
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             if decode_kernel(query.device) == "gather":
                 out = view.prefix_slots().attend(query, key, value, scale)

@@ -169,3 +169,29 @@ def test_generate_answers_with_no_new_tokens_answers_nothing(smollm2, query_awar
     answers = kc.generate_answers(model, tokenizer, "The sky is blue. " * 5, ["What colour is the sky?"],
                                   max_new_tokens=0, query_aware=query_aware)
     assert answers == [""]
+
+
+def test_the_embedded_tokenizer_decodes_the_models_exact_text_on_every_release(tmp_path, monkeypatch, capfd):
+    """transformers 5.2 converted the GGUF tokenizer with ``clean_up_tokenization_spaces: true``,
+    which 5.2 applies on decode ("5 ." -> "5.") and 5.24+ ignores with a warning on every load:
+    the same generated tokens read differently on the two lines. A folder converted now, and one
+    converted by an older release (flag true), both decode the model's exact text, warning-free."""
+    import json
+
+    from kvpress_chunk.hf import models
+
+    converted = models.resolve_model_folder(None)
+    older = tmp_path / "converted-by-an-older-release"
+    older.mkdir()
+    for item in converted.iterdir():
+        if item.name != "tokenizer_config.json":
+            (older / item.name).symlink_to(item)
+    config = json.loads((converted / "tokenizer_config.json").read_text())
+    (older / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    text = "The code is 5 . Yes , it is ! Do n't stop ."
+    for folder in (converted, older):
+        monkeypatch.setitem(models.EMBEDDED_MODELS, models.DEFAULT_MODEL, lambda folder=folder: folder)
+        capfd.readouterr()
+        _, tokenizer = models.load_model(models.DEFAULT_MODEL)
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text, folder.name
+        assert "clean_up_tokenization_spaces" not in capfd.readouterr().err, folder.name

@@ -130,16 +130,26 @@ def _save_dense(model, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
+# The GGUF conversion of transformers 5.2 writes ``clean_up_tokenization_spaces: true``, a WordPiece
+# post-processing step that strips the space before punctuation ("5 ." decodes as "5."). 5.2 applies
+# it, 5.24 and later ignore it for BPE tokenizers (with a warning on every load), so the same tokens
+# decoded to different text on the two lines. Embedded models always decode the model's exact text,
+# also from a folder an older release converted.
+EMBEDDED_TOKENIZER_OPTIONS = {"clean_up_tokenization_spaces": False}
+
+
 def _save_fast_tokenizer(tokenizer, folder: Path) -> None:
     """Save ``tokenizer`` so that every transformers version loads exactly its ``tokenizer.json``:
     transformers 5.24 read the class name written by 5.2 (``CodeLlamaTokenizer``) and rebuilt a
-    different, wrong tokenizer from it (a space became ``<|endoftext|>``)."""
+    different, wrong tokenizer from it (a space became ``<|endoftext|>``). Decoding keeps the
+    model's exact text (no clean-up, see :data:`EMBEDDED_TOKENIZER_OPTIONS`)."""
     import json
 
     tokenizer.save_pretrained(folder)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.update(EMBEDDED_TOKENIZER_OPTIONS)
     config_path.write_text(json.dumps(config, indent=2))
 
 
@@ -308,13 +318,15 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     folder = resolve_model_folder(path)
     try:
         with _quiet_offline():
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            embedded = path is None or (isinstance(path, str) and path in EMBEDDED_MODELS)
+            options = EMBEDDED_TOKENIZER_OPTIONS if embedded else {}
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **options)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
                                                          attn_implementation=attn_implementation)
     except (OSError, ValueError, ImportError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileNotFoundError(f"cannot load a causal LM and its tokenizer from {str(folder)!r}: {first_line}") from None
-    if path is None or (isinstance(path, str) and path in EMBEDDED_MODELS):
+    if embedded:
         check_tokenizer(tokenizer, folder)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

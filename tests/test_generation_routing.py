@@ -431,3 +431,27 @@ def test_chunkkv_kvpress_scores_a_padded_row_as_if_alone():
                 kept_alone = view.visible[0].sum(-1)
                 assert torch.equal(batched.layer_views[layer].visible[r].sum(-1), kept_alone), (r, layer)
             torch.testing.assert_close(batched.last_logits[r], alone.last_logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("entry", ["generate", "prefill"])
+def test_a_row_that_is_all_padding_is_refused_by_name_before_the_forward_runs(mode, entry):
+    # generate failed one step after the prefill with "its new tokens start at position(s) [1, 40],
+    # the text it stands for ends before [0, 40]", after compressing the batch.
+    model = make_tiny_model("llama")
+    ids, mask, _ = left_padded([40, 30, 20])
+    ids[1], mask[1] = 0, 0
+    press = kc.make_press("chunkkv", compression_ratio=0.5, apply=mode)
+    ran = []
+    handle = kc.find_attention_layers(model)[0][1].register_forward_hook(lambda *args: ran.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\] of this batch are all padding"):
+            if entry == "generate":
+                with press(model), torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            else:
+                prefill(model, ids, attention_mask=mask, press=press)
+    finally:
+        handle.remove()
+    assert not ran  # refused before any layer ran

@@ -50,14 +50,26 @@ FORMAT = "kvpress_chunk.compressed_context"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-#: Config keys that decide the cache's layout or its keys (a different value means a different
-#: model). ``rope_parameters`` (theta, scaling, partial rotary factor): the cached keys are rotated
-#: with them, so the same weights under another RoPE setting continued a loaded context with
-#: queries rotated otherwise (other tokens after 4 steps, no error). Files written before a key
-#: was added are compared on the keys they hold.
+#: Config keys that decide the cache's layout or its keys, or how the model reads them (a
+#: different value means a different model). ``rope_parameters`` (theta, scaling, partial rotary
+#: factor): the cached keys are rotated with them, so the same weights under another RoPE setting
+#: continued a loaded context with queries rotated otherwise (other tokens after 4 steps, no
+#: error). The second group is the same story for the residual stream and the attention: the same
+#: weights with another norm epsilon, activation, query scale or soft cap computed other keys at
+#: prefill than the loading model computes for the new tokens (and other ``last_logits``), and
+#: the weights fingerprint cannot tell. Only keys the config has are recorded, and a file is
+#: compared on the keys both it and the model hold (files written before a key was added, a
+#: transformers release that adds or drops an attribute).
 FINGERPRINT_KEYS = (
     "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
     "vocab_size", "layer_types", "sliding_window", "rope_parameters",
+    # what the cached keys/values are (the residual stream that feeds them) and how they are read
+    "rms_norm_eps", "layer_norm_eps", "norm_eps", "hidden_act", "hidden_activation", "attention_bias", "mlp_bias",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "use_sliding_window",
+    "max_window_layers", "sliding_window_pattern", "partial_rotary_factor", "rope_theta", "max_position_embeddings",
+    "attention_multiplier", "embedding_multiplier", "residual_multiplier", "logits_scaling", "no_rope_layers",
+    "no_rope_layer_interval", "use_qk_norm", "attention_chunk_size", "num_kv_shared_layers", "tie_word_embeddings",
+    "use_bidirectional_attention",
 )
 
 #: Cache layer classes this format knows how to restore (transformers 5.x names).
@@ -93,13 +105,15 @@ class SavedContextInfo:
 
 
 def model_config_summary(model: nn.Module) -> dict[str, Any]:
-    """The config keys of :data:`FINGERPRINT_KEYS` (text config of multimodal models); absent keys are None."""
+    """The config keys of :data:`FINGERPRINT_KEYS` the config has (text config of multimodal models)."""
     config = model.config
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
     summary: dict[str, Any] = {}
     for key in FINGERPRINT_KEYS:
-        value = getattr(config, key, None)
+        if not hasattr(config, key):
+            continue
+        value = getattr(config, key)
         if isinstance(value, tuple):
             value = list(value)
         summary[key] = value
@@ -379,7 +393,9 @@ def _check_model(path: Path, info: SavedContextInfo, metadata: Mapping[str, str]
                  check_weights: bool = True) -> None:
     current = model_config_summary(model)
     recorded = info.model_config if isinstance(info.model_config, dict) else {}
-    differing = [key for key in sorted(recorded) if recorded.get(key) != current.get(key)]
+    # Compared on the keys both hold (older files lack the newer keys; files written before
+    # absent keys were left out hold them as None).
+    differing = [key for key in sorted(recorded) if key in current and recorded[key] != current[key]]
     if not isinstance(info.model_config, dict) or differing:
         differences = ", ".join(f"{key} {recorded.get(key)!r} (file) vs {current.get(key)!r} (model)" for key in differing)
         raise SavedContextError(f"{str(path)!r} was saved for a different model: {differences or 'unreadable config'}")

@@ -390,6 +390,23 @@ def test_the_same_weights_under_another_config_that_shapes_keys_or_reads_them_ar
     assert load_context(older, model).cache.get_seq_length() > 0
 
 
+def test_a_model_with_some_rows_fine_tuned_is_refused(tmp_path):
+    """The weights fingerprint sampled each parameter's first 8 values: a model whose embeddings
+    of the text's tokens (rows 40-79) were tuned had the same fingerprint, loaded the context
+    silently and answered [67, 43, 103, 18, 25, ...] where its own prefill gives [67, 43, 103, 112, 102, ...]."""
+    base, tuned = tiny("llama"), make_tiny_model("llama")
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight[40:80] += 0.5 * torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
+    path = save_context(prefill(base, torch.arange(40, 100)[None], press=make_press(("chunkkv", {}), 0.5)),
+                        tmp_path / "base.safetensors", base)
+    refused(path, tuned, "different weights")
+    assert load_context(path, base).cache.get_seq_length() > 0
+    # A file written before the rows and columns were fingerprinted is checked on the sample.
+    older = rewrite(tmp_path / "older.safetensors", path, resign=True,
+                    edit_metadata=lambda metadata: metadata.pop("weights_fingerprint_lines"))
+    assert load_context(older, tuned).cache.get_seq_length() > 0
+
+
 def test_a_context_another_library_compressed_reports_its_kept_tokens_after_loading(tmp_path):
     """Such a context has no views: its kept count is measured at prefill. The file held it in
     its header but loading dropped it: a cache of 30 slots per layer reported all 70 tokens kept."""

@@ -255,9 +255,18 @@ def _ragged_continue(model: nn.Module, context: CompressedContext, input_ids: to
     fed = int(lengths.min())
     step_ids = questions[:, :fed]
     arange = torch.arange(batch, device=device)
+    from .decoding import READING_ATTR
+
+    cache = context.cache
     with routed(model, context):
         while max_new_tokens > 0:
-            out, mask, positions = forward_after(model, context.cache, mask, positions, step_ids, logits_to_keep=1)
+            # Rows still reading their question: a decoding press must not compress them in the
+            # middle of it (alone, the question goes in at once). Cleared after every forward.
+            cache.__dict__[READING_ATTR] = lengths > fed
+            try:
+                out, mask, positions = forward_after(model, cache, mask, positions, step_ids, logits_to_keep=1)
+            finally:
+                cache.__dict__.pop(READING_ATTR, None)
             answering = (lengths <= fed) & ~finished & (produced < max_new_tokens)
             next_token = out.logits[:, -1].argmax(dim=-1)
             slot = produced.clamp(max=max_new_tokens - 1)

@@ -161,6 +161,12 @@ def decode_press(press: "Press") -> "Press":
 #: instance attribute of a cache decoded under a press with ``decoding``: its :class:`CacheDecoding`
 DECODING_ATTR = "_kvpress_chunk_decoding"
 
+#: instance attribute set for one forward by ``greedy_continue`` on a padded batch of questions:
+#: ``bool[B]``, rows still reading their question (fed one token per forward). They do not
+#: compress in that forward: alone, a row's question goes in one forward, with no compression
+#: in the middle of it.
+READING_ATTR = "_kvpress_chunk_reading"
+
 
 @dataclass
 class CacheDecoding:
@@ -267,6 +273,9 @@ class DecodingCompressor:
             state.since = state.since + hidden.shape[1]
             m, n = self.policy.max_cache, self.policy.every
             self.fire = (count > m) & ((state.since >= n) | (count >= m + n))
+            reading = getattr(cache, "__dict__", {}).get(READING_ATTR)
+            if reading is not None:
+                self.fire = self.fire & ~reading.to(self.fire.device)
             self.firing = bool(self.fire.any())
             self.earlier = {}
         if not self.firing:

@@ -182,15 +182,32 @@ def greedy_continue(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     eos_token_ids: Sequence[int] = (),
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Feed ``input_ids[B, Q]`` (e.g. a question) after the context, then decode greedily.
 
+    ``attention_mask[B, Q]`` (optional): which of ``input_ids`` are real tokens, for a padded
+    batch of questions of different lengths (left or right padding). Without it every id is fed
+    as a real token, padding included. Padding is never fed: each row's question follows its
+    context directly, as if the row were alone (the rows' common length in one forward, then one
+    token per row per forward, each row starting its answer as soon as its question is in).
+
     Mutates ``context`` (pass ``context.copy()`` to keep it). Returns the new tokens
-    ``[B, <= max_new_tokens]``; rows that finished early are padded with their EOS token.
+    ``[B, <= max_new_tokens]``; rows that finished early are padded with their EOS token (with
+    a padded question batch, a row that has all its tokens keeps repeating its last one while
+    longer questions finish, and those repeats stay in the context).
     """
     device = model.device
     input_ids = input_ids.to(device)
     batch = input_ids.shape[0]
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+            )
+        if not bool(attention_mask.bool().all()):
+            return _ragged_continue(model, context, input_ids, attention_mask.bool(), max_new_tokens, eos_token_ids)
     eos = torch.tensor(list(eos_token_ids), device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
@@ -212,6 +229,64 @@ def greedy_continue(
     if not generated:
         return torch.empty(batch, 0, dtype=torch.long, device=device)
     return torch.stack(generated, dim=1)
+
+
+def _ragged_continue(model: nn.Module, context: CompressedContext, input_ids: torch.Tensor, real: torch.Tensor,
+                     max_new_tokens: int, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """:func:`greedy_continue` for questions of different lengths (``real[B, Q]``): no padding
+    enters the cache. The rows' common length goes in one forward, then every forward feeds one
+    token per row: the next question token of a row still reading its question, else the token
+    it just generated."""
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    rows = [input_ids[r][real[r]] for r in range(batch)]
+    lengths = torch.tensor([len(row) for row in rows], device=device)
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"row(s) {empty} of input_ids are all padding: every row needs at least one token to feed")
+    width = int(lengths.max())
+    questions = torch.stack([torch.nn.functional.pad(row, (0, width - len(row))) for row in rows])  # right-aligned at 0
+    eos = torch.tensor(list(eos_token_ids), device=device, dtype=torch.long)
+    generated = torch.zeros(batch, max(0, max_new_tokens), dtype=torch.long, device=device)
+    produced = torch.zeros(batch, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    mask = context.attention_mask
+    positions = context.next_positions.to(device)
+    fed = int(lengths.min())
+    step_ids = questions[:, :fed]
+    arange = torch.arange(batch, device=device)
+    from .decoding import READING_ATTR
+
+    cache = context.cache
+    with routed(model, context):
+        while max_new_tokens > 0:
+            # Rows still reading their question: a decoding press must not compress them in the
+            # middle of it (alone, the question goes in at once). Cleared after every forward.
+            cache.__dict__[READING_ATTR] = lengths > fed
+            try:
+                out, mask, positions = forward_after(model, cache, mask, positions, step_ids, logits_to_keep=1)
+            finally:
+                cache.__dict__.pop(READING_ATTR, None)
+            answering = (lengths <= fed) & ~finished & (produced < max_new_tokens)
+            next_token = out.logits[:, -1].argmax(dim=-1)
+            slot = produced.clamp(max=max_new_tokens - 1)
+            generated[arange[answering], slot[answering]] = next_token[answering]
+            if eos.numel():
+                finished = finished | (answering & torch.isin(next_token, eos))
+            produced = produced + answering.to(torch.long)
+            if bool((finished | (produced >= max_new_tokens)).all()):
+                break
+            last = generated[arange, (produced - 1).clamp(min=0)]
+            reading = lengths > fed
+            step_ids = torch.where(reading, questions[:, min(fed, width - 1)], last)[:, None]
+            fed += 1
+    context.attention_mask, context.next_positions = mask, positions
+    width = int(produced.max()) if batch else 0
+    out = generated[:, :width]
+    if width:  # rows that finished early repeat their EOS (their last token), as greedy_continue does
+        filler = generated[arange, (produced - 1).clamp(min=0)][:, None].expand(-1, width)
+        out = torch.where(torch.arange(width, device=device) < produced[:, None], out, filler)
+    return out
 
 
 @torch.inference_mode()

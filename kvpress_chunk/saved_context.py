@@ -18,7 +18,8 @@ plus header metadata (strings; JSON where structured): ``format``, ``format_vers
 ``decoding`` (optional: each layer's protected prompt width and the tokens generated since the
 last compression, so a loaded context decodes under a ``decoding`` press exactly as the original),
 ``model_config`` / ``model_fingerprint`` (the config keys that shape the cache),
-``weights_fingerprint`` (a sample of every parameter), ``dtype``, ``batch_size``,
+``weights_fingerprint`` (a sample of every parameter), ``weights_fingerprint_lines`` (the first
+row and column of every parameter), ``dtype``, ``batch_size``,
 ``text_length``, ``kept_tokens``, ``press`` / ``press_spec``, versions, ``created``, the
 caller's ``meta``, and ``digest``: a BLAKE2b over the header and every tensor (name, dtype,
 shape, bytes), so a truncated, bit-flipped or edited file is refused rather than decoded into
@@ -50,14 +51,26 @@ FORMAT = "kvpress_chunk.compressed_context"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-#: Config keys that decide the cache's layout or its keys (a different value means a different
-#: model). ``rope_parameters`` (theta, scaling, partial rotary factor): the cached keys are rotated
-#: with them, so the same weights under another RoPE setting continued a loaded context with
-#: queries rotated otherwise (other tokens after 4 steps, no error). Files written before a key
-#: was added are compared on the keys they hold.
+#: Config keys that decide the cache's layout or its keys, or how the model reads them (a
+#: different value means a different model). ``rope_parameters`` (theta, scaling, partial rotary
+#: factor): the cached keys are rotated with them, so the same weights under another RoPE setting
+#: continued a loaded context with queries rotated otherwise (other tokens after 4 steps, no
+#: error). The second group is the same story for the residual stream and the attention: the same
+#: weights with another norm epsilon, activation, query scale or soft cap computed other keys at
+#: prefill than the loading model computes for the new tokens (and other ``last_logits``), and
+#: the weights fingerprint cannot tell. Only keys the config has are recorded, and a file is
+#: compared on the keys both it and the model hold (files written before a key was added, a
+#: transformers release that adds or drops an attribute).
 FINGERPRINT_KEYS = (
     "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
     "vocab_size", "layer_types", "sliding_window", "rope_parameters",
+    # what the cached keys/values are (the residual stream that feeds them) and how they are read
+    "rms_norm_eps", "layer_norm_eps", "norm_eps", "hidden_act", "hidden_activation", "attention_bias", "mlp_bias",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "use_sliding_window",
+    "max_window_layers", "sliding_window_pattern", "partial_rotary_factor", "rope_theta", "max_position_embeddings",
+    "attention_multiplier", "embedding_multiplier", "residual_multiplier", "logits_scaling", "no_rope_layers",
+    "no_rope_layer_interval", "use_qk_norm", "attention_chunk_size", "num_kv_shared_layers", "tie_word_embeddings",
+    "use_bidirectional_attention",
 )
 
 #: Cache layer classes this format knows how to restore (transformers 5.x names).
@@ -93,13 +106,15 @@ class SavedContextInfo:
 
 
 def model_config_summary(model: nn.Module) -> dict[str, Any]:
-    """The config keys of :data:`FINGERPRINT_KEYS` (text config of multimodal models); absent keys are None."""
+    """The config keys of :data:`FINGERPRINT_KEYS` the config has (text config of multimodal models)."""
     config = model.config
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
     summary: dict[str, Any] = {}
     for key in FINGERPRINT_KEYS:
-        value = getattr(config, key, None)
+        if not hasattr(config, key):
+            continue
+        value = getattr(config, key)
         if isinstance(value, tuple):
             value = list(value)
         summary[key] = value
@@ -121,6 +136,29 @@ def weights_fingerprint(model: nn.Module, sample: int = 8) -> str:
                 continue
             values = parameter.detach().reshape(-1)[:sample].to(device="cpu", dtype=torch.float32)
             digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_fingerprint_lines(model: nn.Module) -> str:
+    """Hash of every parameter's name, shape, first row and first column (as ``[-1, last dim]``;
+    1-D parameters whole), as float32. What :func:`weights_fingerprint` misses: an edit of some
+    rows only (a fine-tune of some token embeddings, pruned heads): a context saved from such a
+    model loaded silently into the other and answered with other tokens. Costs one strided read
+    per matrix (rows + columns values), a few milliseconds on SmolLM2-135M."""
+    digest = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            digest.update(f"{name}:{tuple(parameter.shape)};".encode())
+            if parameter.device.type == "meta" or parameter.numel() == 0:
+                continue
+            flat = parameter.detach()
+            if flat.dim() < 2:
+                lines = [flat.reshape(-1)]
+            else:
+                flat = flat.reshape(-1, flat.shape[-1])
+                lines = [flat[0], flat[:, 0]]
+            for line in lines:
+                digest.update(line.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -236,6 +274,7 @@ def save_context(context: Any, path: str | os.PathLike, model: nn.Module, press:
         "model_config": json.dumps(model_config_summary(model), sort_keys=True),
         "model_fingerprint": model_fingerprint(model),
         "weights_fingerprint": weights_fingerprint(model),
+        "weights_fingerprint_lines": weights_fingerprint_lines(model),
         "dtype": str(dtype or model.dtype).removeprefix("torch."),
         "batch_size": str(context.attention_mask.shape[0]),
         "text_length": str(context.attention_mask.shape[-1]),
@@ -379,7 +418,9 @@ def _check_model(path: Path, info: SavedContextInfo, metadata: Mapping[str, str]
                  check_weights: bool = True) -> None:
     current = model_config_summary(model)
     recorded = info.model_config if isinstance(info.model_config, dict) else {}
-    differing = [key for key in sorted(recorded) if recorded.get(key) != current.get(key)]
+    # Compared on the keys both hold (older files lack the newer keys; files written before
+    # absent keys were left out hold them as None).
+    differing = [key for key in sorted(recorded) if key in current and recorded[key] != current[key]]
     if not isinstance(info.model_config, dict) or differing:
         differences = ", ".join(f"{key} {recorded.get(key)!r} (file) vs {current.get(key)!r} (model)" for key in differing)
         raise SavedContextError(f"{str(path)!r} was saved for a different model: {differences or 'unreadable config'}")
@@ -389,7 +430,10 @@ def _check_model(path: Path, info: SavedContextInfo, metadata: Mapping[str, str]
             f"{str(path)!r} holds {info.dtype} keys/values but the model runs in {model_dtype}: load the model "
             f"with dtype=torch.{info.dtype}"
         )
-    if check_weights and metadata.get("weights_fingerprint") != weights_fingerprint(model):
+    # Files written before the first row and column were fingerprinted are checked on the sample.
+    lines = metadata.get("weights_fingerprint_lines")
+    if check_weights and (metadata.get("weights_fingerprint") != weights_fingerprint(model)
+                          or (lines is not None and lines != weights_fingerprint_lines(model))):
         raise SavedContextError(
             f"{str(path)!r} was saved for a model of the same architecture ({current.get('model_type')}) but "
             "different weights: load it with the model that compressed it"

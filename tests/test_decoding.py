@@ -195,3 +195,24 @@ def test_beam_search_is_refused_with_a_clear_error(apply):
     with press.replace(decoding=None)(model):
         beams = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0)
     assert beams.shape == (2, ids.shape[1] + 8)
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("protect_prompt", [False, True])
+def test_a_padded_batch_of_questions_compresses_while_decoding_as_each_row_alone(mode, protect_prompt):
+    # greedy_continue feeds questions of different lengths one token per row per forward; the
+    # decoding press compressed a row in the middle of its question (max_cache 34: a 12-token
+    # question answered other tokens than the row alone, which takes its question in one forward).
+    model = tiny()
+    ids, mask, rows = left_padded([60, 45, 52])
+    questions = [torch.arange(5, 17), torch.tensor([11, 12]), torch.tensor([20, 21, 22, 23, 24])]
+    q_ids, q_mask = torch.zeros(3, 12, dtype=torch.long), torch.zeros(3, 12, dtype=torch.long)
+    for r, q in enumerate(questions):
+        q_ids[r, 12 - len(q):], q_mask[r, 12 - len(q):] = q, 1
+    press = kc.make_press("chunkkv", compression_ratio=0.5, apply=mode,
+                          decoding={"every": 4, "max_cache": 34, "protect_prompt": protect_prompt})
+    with press(model):
+        batched = greedy_continue(model, prefill(model, ids, mask), q_ids, 12, attention_mask=q_mask)
+        for r, (row, question) in enumerate(zip(rows, questions)):
+            alone = greedy_continue(model, prefill(model, row[None]), question[None], 12)
+            assert batched[r].tolist() == alone[0].tolist(), r

@@ -431,3 +431,58 @@ def test_chunkkv_kvpress_scores_a_padded_row_as_if_alone():
                 kept_alone = view.visible[0].sum(-1)
                 assert torch.equal(batched.layer_views[layer].visible[r].sum(-1), kept_alone), (r, layer)
             torch.testing.assert_close(batched.last_logits[r], alone.last_logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("entry", ["generate", "prefill"])
+def test_a_row_that_is_all_padding_is_refused_by_name_before_the_forward_runs(mode, entry):
+    # generate failed one step after the prefill with "its new tokens start at position(s) [1, 40],
+    # the text it stands for ends before [0, 40]", after compressing the batch.
+    model = make_tiny_model("llama")
+    ids, mask, _ = left_padded([40, 30, 20])
+    ids[1], mask[1] = 0, 0
+    press = kc.make_press("chunkkv", compression_ratio=0.5, apply=mode)
+    ran = []
+    handle = kc.find_attention_layers(model)[0][1].register_forward_hook(lambda *args: ran.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"row\(s\) \[1\] of this batch are all padding"):
+            if entry == "generate":
+                with press(model), torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            else:
+                prefill(model, ids, attention_mask=mask, press=press)
+    finally:
+        handle.remove()
+    assert not ran  # refused before any layer ran
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_greedy_continue_feeds_a_padded_batch_of_questions_as_each_row_alone(family, mode, padding_side):
+    # greedy_continue took no mask: a padded batch of questions fed its padding as tokens (a
+    # 2-token question left-padded to 5 answered [9, 90, 91, 54, 83, 9, 90, 91] instead of the
+    # row alone's [9, 90, 91, 54, 25, 25, 25, 25] on tiny Llama, no error).
+    model = tiny(family)
+    ids, mask, rows = left_padded([60, 45, 70])
+    press = kc.make_press("chunkkv", compression_ratio=0.5, apply=mode, compile=False)
+    questions = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12]), torch.tensor([13, 14, 15])]
+    width = max(len(q) for q in questions)
+    q_ids, q_mask = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
+    for r, q in enumerate(questions):
+        span = slice(width - len(q), width) if padding_side == "left" else slice(0, len(q))
+        q_ids[r, span], q_mask[r, span] = q, 1
+    context = prefill(model, ids, attention_mask=mask, press=press)
+    batched = greedy_continue(model, context.copy(), q_ids, 8, attention_mask=q_mask)
+    eos = int(batched[1, 3])  # a token row 1 generates: it stops there and pads with it
+    stopped = greedy_continue(model, context.copy(), q_ids, 8, eos_token_ids=[eos], attention_mask=q_mask)
+    for r, row in enumerate(rows):
+        alone = prefill(model, row[None], press=press)
+        assert batched[r].tolist() == greedy_continue(model, alone.copy(), questions[r][None], 8)[0].tolist(), r
+        own = greedy_continue(model, alone.copy(), questions[r][None], 8, eos_token_ids=[eos])[0].tolist()
+        assert stopped[r, :len(own)].tolist() == own and set(stopped[r, len(own):].tolist()) <= {eos}, r
+    # The context continues after the question like the rows alone do.
+    after = context.copy()
+    greedy_continue(model, after, q_ids, 3, attention_mask=q_mask)
+    assert after.next_positions.tolist() == [n + width + 2 for n in (60, 45, 70)]

@@ -368,6 +368,45 @@ def test_the_same_weights_under_another_rope_setting_are_refused(tmp_path, saved
     assert load_context(older, model).cache.get_seq_length() > 0
 
 
+@pytest.mark.parametrize("key, value", [("rms_norm_eps", 1e-2), ("hidden_activation", "silu"),
+                                        ("query_pre_attn_scalar", 4), ("final_logit_softcapping", 2.0),
+                                        ("attn_logit_softcapping", 1.0)])
+def test_the_same_weights_under_another_config_that_shapes_keys_or_reads_them_are_refused(tmp_path, saved, key, value):
+    """The weights fingerprint cannot tell these apart: the same weights with another norm epsilon,
+    activation, query scale or soft cap loaded the context silently (rms_norm_eps 1e-2: last_logits
+    1.1 away from the model's own prefill; query_pre_attn_scalar 4: all 8 greedy tokens differed)."""
+    model, _, path, _ = saved
+    other = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, **{key: value})
+    refused(path, other, key)
+    # A file written before these keys were recorded, or holding a key this release's config
+    # lacks, is compared on the keys both hold.
+    def older_and_foreign(metadata):
+        recorded = json.loads(metadata["model_config"])
+        del recorded[key]
+        recorded["a_key_this_config_lacks"] = 1
+        metadata["model_config"] = json.dumps(recorded, sort_keys=True)
+
+    older = rewrite(tmp_path / "older.safetensors", path, edit_metadata=older_and_foreign, resign=True)
+    assert load_context(older, model).cache.get_seq_length() > 0
+
+
+def test_a_model_with_some_rows_fine_tuned_is_refused(tmp_path):
+    """The weights fingerprint sampled each parameter's first 8 values: a model whose embeddings
+    of the text's tokens (rows 40-79) were tuned had the same fingerprint, loaded the context
+    silently and answered [67, 43, 103, 18, 25, ...] where its own prefill gives [67, 43, 103, 112, 102, ...]."""
+    base, tuned = tiny("llama"), make_tiny_model("llama")
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight[40:80] += 0.5 * torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
+    path = save_context(prefill(base, torch.arange(40, 100)[None], press=make_press(("chunkkv", {}), 0.5)),
+                        tmp_path / "base.safetensors", base)
+    refused(path, tuned, "different weights")
+    assert load_context(path, base).cache.get_seq_length() > 0
+    # A file written before the rows and columns were fingerprinted is checked on the sample.
+    older = rewrite(tmp_path / "older.safetensors", path, resign=True,
+                    edit_metadata=lambda metadata: metadata.pop("weights_fingerprint_lines"))
+    assert load_context(older, tuned).cache.get_seq_length() > 0
+
+
 def test_a_context_another_library_compressed_reports_its_kept_tokens_after_loading(tmp_path):
     """Such a context has no views: its kept count is measured at prefill. The file held it in
     its header but loading dropped it: a cache of 30 slots per layer reported all 70 tokens kept."""

@@ -224,6 +224,15 @@ def padding_mask(attention_mask: Any, length: int) -> torch.Tensor | None:
     valid = attention_mask.bool()
     if bool(valid.all()):
         return None
+    empty = (~valid.any(dim=-1)).nonzero().flatten().tolist()
+    if empty:
+        # Such a row has nothing to score, keep or continue from: its budget, positions and views
+        # would be defined on zero tokens (model.generate failed a step later with a misleading
+        # positions mismatch). Refused before the forward runs.
+        raise ValueError(
+            f"row(s) {empty} of this batch are all padding (attention_mask all zeros): a press compresses each "
+            "row's own tokens, so every row needs at least one real token. Drop the empty row(s) from the batch"
+        )
     if valid.shape[-1] > 1 and bool((valid[:, 1:].int() < valid[:, :-1].int()).any()):
         raise ValueError(
             "the press supports left padding only (real tokens at the end of each row); "

@@ -27,33 +27,40 @@ DEFAULTS = {
 QUICK = {"presses": ["chunkkv", "snapkv"], "ratios": [0.75, 0.9], "lengths": [1000], "depths": [0.25, 0.75]}
 
 
-def _listed(items: list, text: str, what: str) -> list:
-    """``items``, or an argparse error when the list is empty.
+def _listed(raw: list[str], text: str, what: str, parse=str) -> list:
+    """The comma-separated entries ``raw`` parsed with ``parse``, or an argparse error.
 
-    Why: the commands read an empty list as "not given" and ran their default grid, so
-    ``--ratios ""`` (a variable left empty in a script) swept 0.5,0.75,0.9 as if asked for."""
-    if not items:
+    Why each refusal: the commands read an empty list as "not given" and ran their default grid,
+    so ``--ratios ""`` (a variable left empty in a script) swept 0.5,0.75,0.9 as if asked for; an
+    empty entry (``--ratios ,0.5``, a variable left empty inside a list) was dropped without a
+    word; a repeated entry (``--presses chunkkv,chunkkv``) ran and reported every case twice."""
+    items = [x.strip() for x in raw]
+    if not any(items):
         raise argparse.ArgumentTypeError(f"expected at least one comma-separated {what}, got {text!r}")
-    return items
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"empty entry in {text!r}: expected comma-separated {what}s")
+    try:
+        values = [parse(x) for x in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r}") from None
+    repeated = sorted({str(v) for i, v in enumerate(values) if v in values[:i]})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} listed more than once in {text!r}")
+    return values
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        return _listed([float(x) for x in text.split(",") if x.strip()], text, "number")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return _listed(text.split(","), text, "number", float)
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        return _listed([int(x) for x in text.split(",") if x.strip()], text, "integer")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return _listed(text.split(","), text, "integer", int)
 
 
 def _names(text: str) -> list[str]:
     """Split a comma-separated list at top-level commas only, so a parametrised preset such as
-    ``kvzip(chunk_size=512, sinks=8)`` stays one item. An empty list is an argparse error."""
+    ``kvzip(chunk_size=512, sinks=8)`` stays one item. An empty list or entry, or a repeated
+    one, is an argparse error."""
     items, depth, current = [], 0, []
     for char in text:
         depth += {"(": 1, ")": -1}.get(char, 0)
@@ -63,7 +70,7 @@ def _names(text: str) -> list[str]:
         else:
             current.append(char)
     items.append("".join(current))
-    return _listed([x.strip() for x in items if x.strip()], text, "name")
+    return _listed(items, text, "name")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -66,7 +66,22 @@ def test_press_lists_keep_parametrised_presets_whole():
     from kvpress_chunk.cli import _names
 
     assert _names("chunkkv, kvzip(chunk_size=512, sinks=8),snapkv") == ["chunkkv", "kvzip(chunk_size=512, sinks=8)", "snapkv"]
-    assert _names("a,,b ,") == ["a", "b"]
+    assert _names(" a , b ") == ["a", "b"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["niah", "--ratios", ",0.5"], "empty entry"), (["niah", "--presses", "chunkkv,,snapkv"], "empty entry"),
+    (["niah", "--lengths", "1000,"], "empty entry"), (["leaderboard", "--tasks", "niah, ,fidelity"], "empty entry"),
+    (["niah", "--presses", "chunkkv,snapkv,chunkkv"], "chunkkv listed more than once"),
+    (["niah", "--ratios", "0.5,0.50"], "0.5 listed more than once"), (["eval", "fidelity", "--lengths", "512,512"], "512 listed"),
+    (["niah", "--ratios", "0.5,x"], "expected comma-separated numbers"),
+])
+def test_an_empty_or_repeated_entry_is_refused_not_dropped_or_run_twice(argv, message, capsys, no_model):
+    """`--ratios ,0.5` silently ran 0.5 alone (an empty variable inside a list); `--presses
+    chunkkv,chunkkv` ran and reported every case twice."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert f"argument {argv[-2]}: " in (err := capsys.readouterr().err) and message in err, err
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ the decoding passes (a whole-cache pass per step would hold every layer's scores
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -166,6 +168,39 @@ DECODING_ATTR = "_kvpress_chunk_decoding"
 #: compress in that forward: alone, a row's question goes in one forward, with no compression
 #: in the middle of it.
 READING_ATTR = "_kvpress_chunk_reading"
+
+
+class DecodingOutsideThePressWarning(RuntimeWarning):
+    """A cache prefilled under a press with ``decoding`` is continued where no such press runs."""
+
+
+#: instance attribute of a cache once :func:`warn_if_decoding_outside_its_press` warned for it
+WARNED_ATTR = "_kvpress_chunk_decoding_warned"
+
+
+def warn_if_decoding_outside_its_press(model: Any, cache: Any) -> None:
+    """Warn once per cache when a cache prefilled (or decoded) under a press with ``decoding`` is
+    continued with no such press applied to ``model``.
+
+    Why: decoding-time compression runs in the press's hooks, so outside its ``with`` block the
+    cache grows past ``max_cache`` and the answers are those of the press without ``decoding``:
+    the bound the user asked for silently did not hold (``greedy_continue`` after the block)."""
+    attributes = getattr(cache, "__dict__", {})
+    if attributes.get(DECODING_ATTR) is None or attributes.get(WARNED_ATTR):
+        return
+    from .session import active_session
+
+    session = active_session(model)
+    if session is not None and session.decoder is not None:
+        return
+    attributes[WARNED_ATTR] = True
+    warnings.warn(
+        "kvpress-chunk: this context was prefilled under a press with decoding-time compression, but no such "
+        "press is applied now: it decodes without compressing (the cache grows past max_cache). Continue it "
+        "inside `with press(model):` with that press",
+        DecodingOutsideThePressWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .decoding import warn_if_decoding_outside_its_press
 from .hf.hooks import cache_keyword, find_attention_layers, windowed_layers
 from .modes.routing import LayerView, attached_views, compressed_attention, router_of
 from .press import Press
@@ -197,6 +198,7 @@ def greedy_continue(
     a padded question batch, a row that has all its tokens keeps repeating its last one while
     longer questions finish, and those repeats stay in the context).
     """
+    warn_if_decoding_outside_its_press(model, context.cache)
     device = model.device
     input_ids = input_ids.to(device)
     batch = input_ids.shape[0]

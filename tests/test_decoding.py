@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import kvpress_chunk as kc
 from kvpress_chunk.decoding import Decoding
 from kvpress_chunk.generation import greedy_continue, prefill
-from kvpress_chunk.modes.routing import router_of
+from kvpress_chunk.modes.routing import attached_views, router_of
 from kvpress_chunk.registry import SpecError
 from tiny_models import left_padded, make_tiny_model
 
@@ -32,7 +32,8 @@ def tiny():
 
 def row_counts(model, cache) -> list[int]:
     """Real tokens per row of every compressed layer's cache (views + tokens appended since)."""
-    views = router_of(model).views.get(cache, {})
+    router = router_of(model)
+    views = router.views.get(cache, {}) if router is not None else (attached_views(cache) or {})  # outside a press
     worst = None
     for idx, layer in enumerate(cache.layers):
         length = layer.keys.shape[-2]
@@ -216,3 +217,31 @@ def test_a_padded_batch_of_questions_compresses_while_decoding_as_each_row_alone
         for r, (row, question) in enumerate(zip(rows, questions)):
             alone = greedy_continue(model, prefill(model, row[None]), question[None], 12)
             assert batched[r].tolist() == alone[0].tolist(), r
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_a_context_continued_outside_its_decoding_press_warns_once(mode):
+    """Decoding-time compression runs in the press's hooks: a context prefilled under such a press
+    and continued after the block grew past max_cache (answers of the press without `decoding`),
+    no word said. Now a warning, once per cache; inside the block (or under another decoding
+    press) none, and a copy made inside is warned for on its own."""
+    from kvpress_chunk.decoding import DecodingOutsideThePressWarning
+
+    model = tiny()
+    ids, mask, _ = left_padded([60, 45])
+    press = kc.make_press("chunkkv", compression_ratio=0.5, apply=mode, compile=False,
+                          decoding={"every": 4, "max_cache": 34})
+    with press(model):
+        context = prefill(model, ids, mask)
+        spare = context.copy()
+        greedy_continue(model, context, ids[:, -1:], 3)  # inside: no warning (pytest turns it into an error)
+    with pytest.warns(DecodingOutsideThePressWarning, match="decodes without compressing"):
+        greedy_continue(model, context, ids[:, -1:], 40)
+    assert max(row_counts(model, context.cache)) > 34 + 4  # what the warning says: the bound did not hold
+    greedy_continue(model, context, ids[:, -1:], 2)  # once per cache (an error if it warned again)
+    with pytest.warns(DecodingOutsideThePressWarning):
+        greedy_continue(model, spare, ids[:, -1:], 2)
+    plain = kc.make_press("chunkkv", compression_ratio=0.5, apply=mode, compile=False)
+    with plain(model):
+        fresh = prefill(model, ids, mask)
+    greedy_continue(model, fresh, ids[:, -1:], 2)  # no decoding press at prefill: nothing to warn about

@@ -344,6 +344,39 @@ def test_mask_mode_decodes_gpt_oss_with_its_sink_logits():
     _rows_alone_and_modes_agree(model)
 
 
+def test_a_wrapper_passing_dropout_by_position_keeps_mask_mode_on_its_decode_kernel(monkeypatch):
+    """NVIDIA kvpress wraps every attention function registered when it is imported (ours too,
+    once a press ran) as ``(..., attention_mask, dropout, **kwargs)``, passing the dropout by
+    position. Read as an unknown argument, it sent every mask-mode decode step to the dense path
+    (and KVzip's pass off its fused attention) for the rest of the process: same answers, slower,
+    no word. Simulated here with kvpress' calling convention (kvpress itself: pinned leg only)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from kvpress_chunk.modes import gathered
+
+    model = tiny("llama")
+    ids, mask, _ = left_padded([60, 40])
+    press = kc.make_press("chunkkv", compression_ratio=0.5, apply="mask", compile=False)
+    monkeypatch.setenv("KVPRESS_CHUNK_MASK_DECODE", "gather")
+    calls = []
+    attend = gathered.PrefixSlots.attend
+    monkeypatch.setattr(gathered.PrefixSlots, "attend", lambda self, *a: calls.append(1) or attend(self, *a))
+    expected = generate(model, ids, mask, press)  # registers the routed functions
+    direct = len(calls)
+    assert direct > 0
+
+    def positional_dropout(func):
+        def wrapper(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+            return func(module, query, key, value, attention_mask, dropout, **kwargs)
+        return wrapper
+
+    routed = [name for name in list(ALL_ATTENTION_FUNCTIONS.keys()) if name.startswith("kvpress_chunk_")]
+    for name in routed:
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, name, positional_dropout(ALL_ATTENTION_FUNCTIONS[name]))
+    assert torch.equal(generate(model, ids, mask, press), expected)
+    assert len(calls) - direct == direct  # every decode step again on the mask-mode kernel
+
+
 def test_a_compressed_layer_that_skips_the_routed_attention_is_an_error_not_a_silent_pass_through(monkeypatch):
     """The safety net behind the build-time check: a model that accepts the implementation but
     whose attention still calls its own kernel (simulated on a tiny Llama) is refused at the

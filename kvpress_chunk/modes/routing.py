@@ -410,12 +410,22 @@ PLAIN_ATTENTION_KWARGS = frozenset({
 })
 
 
+def no_positional_extras(args: tuple) -> bool:
+    """Whether the positional arguments after the attention mask carry nothing: none, or only a
+    zero dropout. Why the dropout: transformers passes it by keyword, but a wrapper of the
+    registered attention functions may pass it by position (NVIDIA kvpress wraps every function
+    registered when it is imported, ours included, as ``(..., attention_mask, dropout, **kwargs)``).
+    Read as an unknown argument, it sent every mask-mode decode step of a process that had run
+    kvpress to the dense path and KVzip's pass off its fused attention: right, but silently slow."""
+    return not args or (len(args) == 1 and isinstance(args[0], (int, float)) and not args[0])
+
+
 def plain_attention(args: tuple, kwargs: dict) -> bool:
     """Whether an attention call is plain scaled softmax attention, which the mask-mode decode
     kernels compute. Why: they take only the query, keys, values and scale; GPT-OSS's learned
     sink logits (``s_aux``) were dropped by them, so mask mode decoded with other logits than
     evict mode (0.65 apart on a tiny GPT-OSS, no error)."""
-    if args:
+    if not no_positional_extras(args):
         return False
     for name, value in kwargs.items():
         if name in PLAIN_ATTENTION_KWARGS or value is None:
@@ -451,7 +461,7 @@ def attention_weights_wanted(implementation: str, kwargs: dict) -> bool:
 def _make_routed_attention(implementation: str):
     def routed_attention(module, query, key, value, attention_mask, *args, **kwargs):
         override = PASS_ATTENTION.get(module)
-        if override is not None and not args:
+        if override is not None and no_positional_extras(args):
             output = override(query, key, value, kwargs)
             if output is not None:
                 return output, None

@@ -24,7 +24,7 @@ import kvpress_chunk as kc
 from kvpress_chunk.generation import applied
 from kvpress_chunk.hf.hooks import cache_keyword
 from kvpress_chunk.session import CONTINUATION_ATTR, continuation_of
-from workloads import new_cache, prompt_ids, smoke_only, smollm2
+from workloads import SMOKE_LENGTH, new_cache, prompt_ids, smoke_only, smollm2
 
 STEPS = 8
 
@@ -34,7 +34,7 @@ def case_id(length: int, mode: str, ratio: float) -> str:
 
 
 SMOKE_MODES = [("full", 0.0), ("evict", 0.75), ("mask", 0.75), ("mask-flex", 0.75)]
-CASES = [smoke_only(1024, mode, ratio, id=case_id(1024, mode, ratio)) for mode, ratio in SMOKE_MODES] + [
+CASES = [smoke_only(SMOKE_LENGTH, mode, ratio, id=case_id(SMOKE_LENGTH, mode, ratio)) for mode, ratio in SMOKE_MODES] + [
     pytest.param(length, mode, ratio, id=case_id(length, mode, ratio))
     for length in (4096, 8000)  # SmolLM2 has 8192 positions: 8000 leaves room for decoding
     for mode, ratio in [("full", 0.0)] + [(m, r) for m in ("evict", "mask") for r in (0.5, 0.75, 0.9)] + [("mask-flex", 0.75)]

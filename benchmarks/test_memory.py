@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 
 import kvpress_chunk as kc
-from workloads import LiveCacheProbe, cache_bytes, peak_rss_growth, prompt_ids, run_prefill, smoke_only, smollm2
+from workloads import SMOKE_LENGTH, LiveCacheProbe, cache_bytes, peak_rss_growth, prompt_ids, run_prefill, smoke_only, smollm2
 
 RATIO = 0.75
 
@@ -30,7 +30,7 @@ def megabytes(count: int) -> str:
 
 
 @pytest.mark.parametrize("name", ["none", "chunkkv"])
-@pytest.mark.parametrize("length", [smoke_only(1024), 2048, 4096])
+@pytest.mark.parametrize("length", [smoke_only(SMOKE_LENGTH), 2048, 4096])
 def test_prefill_memory(benchmark, length, name):
     model, _ = smollm2()
     ids = prompt_ids(length)

@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import kvpress_chunk as kc
-from workloads import cache_bytes, capture_layer_inputs, prompt_ids, run_prefill, smoke_only, smollm2
+from workloads import SMOKE_LENGTH, cache_bytes, capture_layer_inputs, prompt_ids, run_prefill, smoke_only, smollm2
 
 kvpress = pytest.importorskip("kvpress")
 
 RATIO = 0.75
-LENGTHS = [smoke_only(1024), 2048, 4096]
+LENGTHS = [smoke_only(SMOKE_LENGTH), 2048, 4096]
 
 
 def press_factories():

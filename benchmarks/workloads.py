@@ -17,6 +17,12 @@ from kvpress_chunk.hf.hooks import cache_argument, call_argument, find_attention
 from kvpress_chunk.policies import LayerInputs
 
 
+#: Prompt length of the ``smoke_only`` stand-ins of the timed SmolLM2 prefills and decodes: the
+#: same code paths and checks (exact budgets, kvpress parity, one layer alive at a time, mask ==
+#: evict logits) as at 2k-8k, at a fraction of the normal test run's time.
+SMOKE_LENGTH = 512
+
+
 def smoke_only(*values, id: str | None = None):
     """A case for the normal test run only, smaller than the timed ones it stands in for: it
     checks the same code path in a fraction of the time (timed runs drop it, ``conftest.py``)."""

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .decoding import warn_if_decoding_outside_its_press
+from .decoding import READING_ATTR, warn_if_decoding_outside_its_press
 from .hf.hooks import cache_keyword, find_attention_layers, windowed_layers
 from .modes.routing import LayerView, attached_views, compressed_attention, router_of
 from .press import Press
@@ -257,19 +257,18 @@ def _ragged_continue(model: nn.Module, context: CompressedContext, input_ids: to
     fed = int(lengths.min())
     step_ids = questions[:, :fed]
     arange = torch.arange(batch, device=device)
-    from .decoding import READING_ATTR
-
     cache = context.cache
     with routed(model, context):
         while max_new_tokens > 0:
             # Rows still reading their question: a decoding press must not compress them in the
             # middle of it (alone, the question goes in at once). Cleared after every forward.
-            cache.__dict__[READING_ATTR] = lengths > fed
+            reading = lengths > fed
+            cache.__dict__[READING_ATTR] = reading
             try:
                 out, mask, positions = forward_after(model, cache, mask, positions, step_ids, logits_to_keep=1)
             finally:
                 cache.__dict__.pop(READING_ATTR, None)
-            answering = (lengths <= fed) & ~finished & (produced < max_new_tokens)
+            answering = ~reading & ~finished & (produced < max_new_tokens)
             next_token = out.logits[:, -1].argmax(dim=-1)
             slot = produced.clamp(max=max_new_tokens - 1)
             generated[arange[answering], slot[answering]] = next_token[answering]
@@ -279,7 +278,6 @@ def _ragged_continue(model: nn.Module, context: CompressedContext, input_ids: to
             if bool((finished | (produced >= max_new_tokens)).all()):
                 break
             last = generated[arange, (produced - 1).clamp(min=0)]
-            reading = lengths > fed
             step_ids = torch.where(reading, questions[:, min(fed, width - 1)], last)[:, None]
             fed += 1
     context.attention_mask, context.next_positions = mask, positions

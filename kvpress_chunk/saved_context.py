@@ -125,18 +125,31 @@ def model_fingerprint(model: nn.Module) -> str:
     return _hash_json(model_config_summary(model))
 
 
-def weights_fingerprint(model: nn.Module, sample: int = 8) -> str:
-    """Hash of every parameter's name, shape and first ``sample`` values (as float32): tells two
-    models of the same architecture apart (another seed or fine-tune) in milliseconds."""
+def _parameters_digest(model: nn.Module, lines_of) -> str:
+    """Hash of every parameter's name and shape and of the float32 values of ``lines_of(parameter)``
+    (a list of tensors); what the two weights fingerprints share."""
     digest = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             digest.update(f"{name}:{tuple(parameter.shape)};".encode())
             if parameter.device.type == "meta" or parameter.numel() == 0:
                 continue
-            values = parameter.detach().reshape(-1)[:sample].to(device="cpu", dtype=torch.float32)
-            digest.update(values.numpy().tobytes())
+            for line in lines_of(parameter.detach()):
+                digest.update(line.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def weights_fingerprint(model: nn.Module, sample: int = 8) -> str:
+    """Hash of every parameter's name, shape and first ``sample`` values (as float32): tells two
+    models of the same architecture apart (another seed or fine-tune) in milliseconds."""
+    return _parameters_digest(model, lambda parameter: [parameter.reshape(-1)[:sample]])
+
+
+def _first_row_and_column(parameter: torch.Tensor) -> list[torch.Tensor]:
+    if parameter.dim() < 2:
+        return [parameter.reshape(-1)]
+    flat = parameter.reshape(-1, parameter.shape[-1])
+    return [flat[0], flat[:, 0]]
 
 
 def weights_fingerprint_lines(model: nn.Module) -> str:
@@ -145,21 +158,7 @@ def weights_fingerprint_lines(model: nn.Module) -> str:
     rows only (a fine-tune of some token embeddings, pruned heads): a context saved from such a
     model loaded silently into the other and answered with other tokens. Costs one strided read
     per matrix (rows + columns values), a few milliseconds on SmolLM2-135M."""
-    digest = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            digest.update(f"{name}:{tuple(parameter.shape)};".encode())
-            if parameter.device.type == "meta" or parameter.numel() == 0:
-                continue
-            flat = parameter.detach()
-            if flat.dim() < 2:
-                lines = [flat.reshape(-1)]
-            else:
-                flat = flat.reshape(-1, flat.shape[-1])
-                lines = [flat[0], flat[:, 0]]
-            for line in lines:
-                digest.update(line.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return _parameters_digest(model, _first_row_and_column)
 
 
 def _hash_json(value: Any) -> str:

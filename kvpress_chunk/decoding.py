@@ -373,7 +373,7 @@ class DecodingCompressor:
             sub_keys, sub_values, sub_valid = keys[..., start:, :], values[..., start:, :], valid[:, start:]
         length = sub_keys.shape[-2]
         inner = self.inner
-        source = inner.planner.source_layer(layer_idx)
+        source = inner.planner.source_among(layer_idx, self.session.compressible)
         reused = self.earlier.get(source) if source != layer_idx else None
         if reused is not None and reused.length == length:
             kept_keys, kept_values = reused.apply(sub_keys, sub_values)

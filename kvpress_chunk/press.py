@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -226,12 +226,18 @@ class Press:
         return kept_keys, kept_values, trimmed
 
     def compress_layer(
-        self, inputs: LayerInputs, earlier: Mapping[int, Selection], layer_budget: torch.Tensor | None = None
+        self, inputs: LayerInputs, earlier: Mapping[int, Selection], layer_budget: torch.Tensor | None = None,
+        compressed: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Selection]:
         """Planner, then select: apply the source layer's selection when the planner names another
         layer that was already compressed (``earlier``: layer -> Selection of this prefill), else
-        score and select afresh. What the hooks do per layer, usable without them (benchmarks)."""
-        source = self.planner.source_layer(inputs.layer_idx)
+        score and select afresh. ``compressed``: the layers the press compresses, in order (the
+        planner groups those; default: every layer). What the hooks do per layer, usable without
+        them (benchmarks)."""
+        if compressed is None:
+            source = self.planner.source_layer(inputs.layer_idx)
+        else:
+            source = self.planner.source_among(inputs.layer_idx, compressed)
         reused = earlier.get(source) if source != inputs.layer_idx else None
         if reused is None:
             return self.select(inputs, layer_budget)

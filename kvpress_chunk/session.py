@@ -634,7 +634,7 @@ class PressSession:
         """Planner, allocator budget, fused op, apply mode: one layer compressed now."""
         rank = self.compressible.index(layer_idx) if layer_idx in self.compressible else 0
         budget = self.press.layer_budget(inputs.valid, rank, len(self.compressible))
-        kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections, budget)
+        kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections, budget, self.compressible)
         self.selections[layer_idx] = selection
         self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
 
@@ -642,7 +642,7 @@ class PressSession:
         """Hold a layer until the prefill ends: score it now (whole-cache stage) unless its scores
         come from the context pass; keep what selecting it later needs (not its hidden states, only
         the trailing ones its scorer asks for: ``Scorer.deferred_hidden``)."""
-        source = self.press.planner.source_layer(layer_idx)
+        source = self.press.planner.source_among(layer_idx, self.compressible)
         if source == layer_idx or source not in self.pending_layers:
             source = layer_idx
             if self.press.whole_cache and not self.press.scorer.context_pass:

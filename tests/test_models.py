@@ -152,6 +152,26 @@ def test_reuse_planner_shares_one_selection_per_group():
     assert not torch.equal(sel[0].indices, sel[2].indices)  # layers really select afresh
 
 
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_reuse_groups_consecutive_compressed_layers_when_sliding_layers_sit_between(family):
+    """Sliding-window layers are never compressed, so ``reuse_every`` groups the compressed ones.
+    Grouped by layer index, layer 3's group leader was sliding layer 2: on Gemma 2/3 every full
+    layer selected afresh, so ``reuse_every=2`` changed nothing (no reuse, no saving), silently."""
+    model = make_tiny_model(family, num_layers=8)  # full-attention layers 1, 3, 5, 7
+    press = kc.make_press("chunkkv", compression_ratio=0.75, reuse_every=2, compile=False)
+    ids = prompt()
+    _, cache, session = run(model, ids, press)
+    sel = session.selections
+    assert sorted(sel) == [1, 3, 5, 7]
+    assert sel[3] is sel[1] and sel[7] is sel[5]
+    assert sel[5] is not sel[1] and not torch.equal(sel[5].indices, sel[1].indices)  # groups select afresh
+    # The reused layers hold their own keys at the leader's kept positions: evict == mask mode.
+    with torch.no_grad():
+        evicted = greedy_continue(model, prefill(model, ids, press=press), ids[:, :3], max_new_tokens=4)
+        hidden = greedy_continue(model, prefill(model, ids, press=press.replace(apply="mask")), ids[:, :3], max_new_tokens=4)
+    assert torch.equal(evicted, hidden)
+
 def test_layers_are_compressed_one_by_one_so_the_full_cache_is_never_alive():
     """Each layer is evicted right after its attention runs: at any point of the prefill the
     cache holds the compressed earlier layers plus one uncompressed layer, never all of them."""

@@ -4,11 +4,17 @@ ChunkKV's layer-wise index reuse (paper, Algorithm 2): kept indices of adjacent 
 much more for chunks than for single tokens, so layers are split into consecutive groups of
 ``every`` layers; the first layer of each group scores and selects, the others gather with its
 indices and skip scoring entirely (the saving grows with ``every``; the paper uses 2).
+
+The groups are of consecutive *compressed* layers: a model whose sliding-window layers sit between
+its full-attention ones (Gemma 2: every other layer; Gemma 3: five in six) groups its full layers.
+Grouped by layer index, each full layer's group leader was a sliding layer, which is never
+compressed, so every layer selected afresh and ``reuse_every`` did nothing, without a word.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..registry import register
 from .validation import check_int
@@ -20,6 +26,12 @@ class Planner:
     def source_layer(self, layer_idx: int) -> int:
         """The layer whose selection ``layer_idx`` applies (itself = select afresh)."""
         raise NotImplementedError
+
+    def source_among(self, layer_idx: int, compressed: Sequence[int]) -> int:
+        """The layer whose selection ``layer_idx`` applies, knowing the layers the press
+        compresses (``compressed``, in order; sliding-window layers are not among them). What the
+        press calls; by default :meth:`source_layer`."""
+        return self.source_layer(layer_idx)
 
 
 @register("planner", "every_layer")
@@ -34,7 +46,7 @@ class EveryLayer(Planner):
 @register("planner", "reuse")
 @dataclass(frozen=True)
 class ReuseEvery(Planner):
-    """Groups of ``every`` consecutive layers share the selection of their first layer."""
+    """Groups of ``every`` consecutive compressed layers share the selection of their first layer."""
 
     every: int = 2
 
@@ -42,4 +54,12 @@ class ReuseEvery(Planner):
         check_int(self, "every", minimum=1, meaning="layers sharing one selection")
 
     def source_layer(self, layer_idx: int) -> int:
+        """The group leader when every layer is compressed (groups by layer index)."""
         return layer_idx - layer_idx % self.every
+
+    def source_among(self, layer_idx: int, compressed: Sequence[int]) -> int:
+        layers = list(compressed)
+        if layer_idx not in layers:
+            return self.source_layer(layer_idx)
+        rank = layers.index(layer_idx)
+        return layers[rank - rank % self.every]

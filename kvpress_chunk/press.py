@@ -94,6 +94,14 @@ class Press:
             raise SpecError(f"the {_name(self.allocator)} allocator counts tokens: use a selector with count='tokens'")
         if self.allocator.sets_layer_budgets and self.selector.needs_ratio:
             raise SpecError(f"the {_name(self.allocator)} allocator sets token budgets per layer: use count='tokens'")
+        if self.allocator.sets_layer_budgets and self.planner.shares_selections:
+            # A layer that applies another's selection keeps that layer's budget, not its own: the
+            # pyramid's reusing layers kept their leader's larger share, over the allocator's total.
+            raise SpecError(
+                f"the {_name(self.allocator)} allocator gives each layer its own budget, but the {_name(self.planner)} "
+                "planner has layers apply another layer's selection (and so its budget): the cache would keep more "
+                "than the allocator's total. Use planner 'every_layer' with it, or a uniform / adaptive allocator"
+            )
         if ragged and not mode.holds_ragged_heads:
             holders = [name for name in mode_names() if get_mode(name).holds_ragged_heads]
             culprit = f"{_name(self.selector)} selector" if self.selector.ragged_heads else f"{_name(self.allocator)} allocator"

@@ -238,6 +238,8 @@ class PressSession:
         # Decided from the model, not from the cache a caller hands over (``windowed_layers``).
         self.windowed = windowed_layers(model, self.layers)
         self.compressible = [idx for idx, _ in self.layers if idx not in self.windowed]
+        if press.whole_cache:
+            self._check_groups_for_one_ranking()
         # Deferred layers (whole-cache stage, context pass): held until the prefill's forward ends.
         self.pending_scores: dict[int, LayerScores] = {}
         self.pending_layers: dict[int, tuple[Any, int, LayerInputs]] = {}
@@ -254,6 +256,27 @@ class PressSession:
         # every query, Scorer.reads_queries); taken by that layer's attention hook right after.
         self.projected_queries: dict[int, torch.Tensor] = {}
         self.attended: set[int] | None = None  # layers whose attention ran in the forward in flight
+
+    def _check_groups_for_one_ranking(self) -> None:
+        """Refuse a whole-cache allocator (one top-k over every layer) with a planner whose groups
+        of layers sharing a selection differ in size on this model.
+
+        Why: only each group's first layer is ranked, and its kept tokens then count once per
+        layer of its group; with unequal groups the total is not the press's (tiny Llama, 5
+        layers, chunkkv-global with reuse every 2: 906 tokens kept instead of 1000, no error).
+        Equal groups keep the total exactly."""
+        groups: dict[int, int] = {}
+        for idx in self.compressible:
+            source = self.press.planner.source_among(idx, self.compressible)
+            groups[source] = groups.get(source, 0) + 1
+        if len(set(groups.values())) > 1:
+            raise SpecError(
+                f"the {type(self.press.allocator).__name__} ranks every layer's tokens at once, but on this "
+                f"{type(self.model).__name__} the planner's groups of layers sharing a selection differ in size "
+                f"({sorted(groups.values(), reverse=True)} layers): a shared selection counts once per layer of its group, "
+                "so the cache would not keep the press's total. Use a planner whose groups divide the "
+                f"{len(self.compressible)} compressed layers, or planner 'every_layer'"
+            )
 
     @contextmanager
     def attached(self) -> Iterator["PressSession"]:

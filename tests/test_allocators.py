@@ -80,6 +80,47 @@ def test_every_allocator_keeps_exactly_the_press_budget_over_the_whole_cache(pre
             assert bool((selection.indices[r][selection.slot_valid[r]] >= max(lengths) - n).all())
 
 
+
+def test_a_planner_that_shares_selections_is_refused_with_per_layer_budgets():
+    """A layer that reuses another's selection keeps that layer's budget, so under the pyramid
+    allocator the reusing layers kept their leader's (larger) share instead of their own: the
+    cache kept more than ``layers x heads x kept`` without a word."""
+    spec = {"preset": "pyramidkv", "planner": "reuse(every=2)", "compression_ratio": 0.75, "compile": False}
+    with pytest.raises(kc.SpecError, match="pyramid allocator.*reuse planner"):
+        kc.make_press(spec)
+    with pytest.raises(kc.SpecError, match="pyramid allocator.*reuse planner"):
+        kc.make_press({**spec, "decoding": {"every": 8, "max_cache": 96}})
+    kc.make_press({**spec, "planner": "reuse(every=1)"})  # every layer selects: nothing shared
+
+
+def test_one_ranking_over_every_layer_is_refused_with_groups_of_unequal_size():
+    """The global allocator ranks each group's first layer only; its tokens then count once per
+    layer of the group. 5 layers in groups of 2, 2 and 1 kept 906 tokens instead of 1000."""
+    press = kc.make_press({"preset": "chunkkv-global", "planner": "reuse(every=2)", "compression_ratio": 0.75,
+                           "compile": False})
+    with pytest.raises(kc.SpecError, match=r"groups of layers sharing a selection differ in size \(\[2, 2, 1\]"):
+        with press(make_tiny_model("llama", num_layers=5)):
+            pass
+
+
+@pytest.mark.parametrize("spec", [
+    {"preset": "chunkkv", "planner": "reuse(every=2)"},
+    {"preset": "chunkkv-adaptive", "planner": "reuse(every=2)"},
+    {"preset": "chunkkv-global", "planner": "reuse(every=2)"},  # 6 layers: groups of equal size
+])
+def test_shared_selections_keep_the_budget_with_allocators_that_size_layers_alike(spec):
+    model = make_tiny_model("llama", num_layers=LAYERS)
+    heads = model.config.num_key_value_heads
+    press = kc.make_press({**spec, "compression_ratio": 0.75, "compile": False})
+    lengths = [200, 137]
+    ids, mask = left_padded(lengths)
+    with press(model) as session:
+        prefill(model, ids, mask)
+    assert session.selections[1] is session.selections[0]
+    protected = press.selector.protected_count(press.scorer.window)
+    assert kept_per_row(session, heads).tolist() == [LAYERS * heads * max(press.rule.kept(n), min(protected, n))
+                                                     for n in lengths]
+
 @pytest.mark.parametrize("preset", ["pyramidkv", "adakv", "chunkkv-global"])
 def test_each_row_of_a_padded_batch_is_selected_as_if_alone(preset):
     model = make_tiny_model("qwen2", num_layers=4)

@@ -33,6 +33,11 @@ class Planner:
         press calls; by default :meth:`source_layer`."""
         return self.source_layer(layer_idx)
 
+    @property
+    def shares_selections(self) -> bool:
+        """Whether some layer applies another layer's selection (read over the first 256 layers)."""
+        return any(self.source_layer(idx) != idx for idx in range(256))
+
 
 @register("planner", "every_layer")
 @dataclass(frozen=True)

@@ -161,18 +161,30 @@ def expected_attention_scores(
     epsilon: float = 0.0,
 ) -> torch.Tensor:
     """``float32[B, Hkv, T]``: softmax over the context of ``k.mu + k^T Sigma k / 2`` (``mean`` /
-    ``cov`` pre-scaled, per query head), averaged over each KV head's query group, times ``||v||``."""
+    ``cov`` pre-scaled, per query head), averaged over each KV head's query group, times ``||v||``.
+
+    How: both terms come from one matmul per KV head, ``k @ [Sigma_1 / 2 | ... | Sigma_G / 2]``
+    with ``[mu_1 | ... | mu_G]`` as its additive term, then ``sum_d k_d (k Sigma_g / 2 + mu_g)_d``
+    (= ``k^T Sigma_g k / 2 + k.mu_g``). Why: a broadcast matmul of ``k[B, Hkv, 1, T, D]`` with
+    ``Sigma[B, Hkv, G, D, D]`` copies the keys ``G`` times and runs ``G`` narrow (``D``-column)
+    products, and the linear term was a third pass over the keys."""
     batch, kv_heads, length, dim = keys.shape
     groups = mean.shape[1] // kv_heads
     k = keys.float()
     mu = mean.view(batch, kv_heads, groups, dim)
-    logits = torch.einsum("bhtd,bhgd->bhgt", k, mu)
     if covariance:
-        sigma = cov.view(batch, kv_heads, groups, dim, dim)
-        quadratic = (torch.matmul(k[:, :, None], sigma) * k[:, :, None]).sum(dim=-1)  # [B, Hkv, G, T]
-        logits = logits + 0.5 * quadratic
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    scores = torch.softmax(logits, dim=-1).mean(dim=2)
+        # column block g of [D, G * D] is Sigma_g / 2 (symmetric: rows or columns alike)
+        halves = (0.5 * cov.float()).view(batch, kv_heads, groups, dim, dim).permute(0, 1, 3, 2, 4)
+        projected = torch.baddbmm(
+            mu.reshape(batch * kv_heads, 1, groups * dim),
+            k.reshape(batch * kv_heads, length, dim),
+            halves.reshape(batch * kv_heads, dim, groups * dim),
+        ).view(batch, kv_heads, length, groups, dim)
+        logits = (projected * k[:, :, :, None, :]).sum(dim=-1)  # [B, Hkv, T, G]
+    else:
+        logits = torch.einsum("bhtd,bhgd->bhtg", k, mu)
+    logits = logits.masked_fill(~valid[:, None, :, None], float("-inf"))
+    scores = torch.softmax(logits, dim=2).mean(dim=-1)
     if value_norm:
         scores = (scores + epsilon) * value_norms
     return scores * valid[:, None, :].to(scores.dtype)

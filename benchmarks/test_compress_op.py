@@ -166,6 +166,30 @@ OWN_FLOORS = {"observed": "floor-256", "expected-attention": "floor-expected", "
 FLOOR_LABELS = {"floor-64": FLOOR_64, "floor-256": FLOOR_256, "floor-expected": FLOOR_EXPECTED}
 
 
+#: share of a row's kept (head, token) pairs that compiled and eager selections may place
+#: differently, where float reassociation flips a near-tie (see the function below)
+NEAR_TIE_SHARE = 1e-3
+
+
+def assert_compiled_keeps_what_eager_keeps(got: tuple, want: tuple, label: str) -> None:
+    """The compiled op's ``(keys, values, selection)`` against its eager twin's: the same keys and
+    values bit for bit, or, where they differ, the same number of kept (head, token) pairs per row
+    of which at most :data:`NEAR_TIE_SHARE` sit elsewhere. Why the allowance: the compiled graph
+    sums in another order, so scores that tie to the last bits may rank the other way. Seen at
+    32k tokens (random inputs, 2026-12-07): ``expected-attention`` moved one token of 24578
+    between two heads (their eager scores 2.576057e-4 and 2.576059e-4), so each head's slots
+    shifted and the kept keys differed from that slot on; ``chunkkv-expected`` did the same
+    before the scorer's matmuls were merged, and not after. A real divergence moves far more."""
+    if torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]):
+        return
+    for row in range(got[2].indices.shape[0]):
+        pairs = [{(head, int(token)) for head in range(sel.indices.shape[1])
+                  for token in sel.indices[row, head][sel.slot_valid[row, head]].tolist()} for sel in (got[2], want[2])]
+        moved = len(pairs[0] - pairs[1])
+        assert len(pairs[0]) == len(pairs[1]), f"{label}: compiled keeps {len(pairs[0])} pairs in row {row}, eager {len(pairs[1])}"
+        assert moved <= NEAR_TIE_SHARE * len(pairs[1]), f"{label}: {moved} of {len(pairs[1])} kept pairs differ in row {row}"
+
+
 def floor_case(name: str, inputs: LayerInputs):
     """The bare computation a floor case times, on the op's inputs."""
     if name == "floor-expected":
@@ -191,8 +215,7 @@ def test_scorer_op_vs_floor(benchmark, attention_layer, length, preset):
         else:
             press = kc.make_press(preset, compression_ratio=RATIO, compile=True)
             fn = lambda: press.select(inputs)[:2]  # noqa: E731
-            got, want = fn(), press.replace(compile=False).select(inputs)[:2]
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), preset
+            assert_compiled_keeps_what_eager_keeps(press.select(inputs), press.replace(compile=False).select(inputs), preset)
         benchmark.group = f"no-pass scorers per layer vs the floor, {length} tokens, batch 1, 75% removed"
         label = FLOOR_LABELS.get(preset, f"{preset}, compiled")
         benchmark.extra_info.update(label=label, baseline=preset == "floor-64", reading="speedup")

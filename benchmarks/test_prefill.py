@@ -78,8 +78,9 @@ def test_prefill_overhead(benchmark, length, name):
 def compress_all_layers(press, captured):
     """The hooks' per-layer work over a whole model (planner, then select or reuse)."""
     selections = {}
+    compressed = [inputs.layer_idx for inputs in captured]  # SmolLM2: every layer, none slides
     for inputs in captured:
-        *_, selections[inputs.layer_idx] = press.compress_layer(inputs, selections)
+        *_, selections[inputs.layer_idx] = press.compress_layer(inputs, selections, compressed)
     return selections
 
 

@@ -49,7 +49,7 @@ import torch
 
 from .hf.hooks import cache_argument, call_argument
 from .policies.layer_inputs import LayerInputs
-from .registry import SpecError
+from .registry import SpecError, part_name
 from .modes.block_masks import KV_BLOCK_SIZE
 from .modes.routing import attach_views
 from .selection import Selection, gather_kv
@@ -136,10 +136,10 @@ def check_press(press: "Press") -> None:
         raise SpecError("decoding compression evicts to a token budget: use a selector with count='tokens'")
     if press.scorer.context_pass:
         raise SpecError(
-            f"the {type(press.scorer).__name__} scores with an extra pass over the whole context, run at prefill "
+            f"scorer {part_name(press.scorer)!r} scores with an extra pass over the whole context, run at prefill "
             "only: decoding compression needs a scorer without one"
         )
-    if getattr(type(press.grouper), "registered_name", "") == "sentence":
+    if part_name(press.grouper) == "sentence":
         raise SpecError("decoding compression does not support the sentence grouper (it needs token ids, "
                         "which decode steps do not record): use chunk or token grouping")
     protected = press.selector.protected_count(press.scorer.window)

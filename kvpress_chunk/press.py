@@ -34,7 +34,7 @@ from .policies.layer_inputs import LayerInputs
 from .policies.planners import Planner
 from .policies.scorers import Scorer
 from .policies.selectors import Selector
-from .registry import PART_KINDS, SpecError, build_part, describe_part
+from .registry import PART_KINDS, SpecError, build_part, describe_part, part_name
 from .selection import Selection
 from .session import PressSession
 
@@ -87,24 +87,24 @@ class Press:
         ragged = self.selector.ragged_heads or self.allocator.pools_heads
         if self.allocator.pools_heads and not self.selector.per_head:
             raise SpecError(
-                f"the {_name(self.allocator)} allocator shares budgets across heads, so the selector must score "
+                f"the {part_name(self.allocator)} allocator shares budgets across heads, so the selector must score "
                 "heads separately: use selector 'topk(per_head=True)'"
             )
         if self.allocator.pools_heads and getattr(self.selector, "count", "tokens") != "tokens":
-            raise SpecError(f"the {_name(self.allocator)} allocator counts tokens: use a selector with count='tokens'")
+            raise SpecError(f"the {part_name(self.allocator)} allocator counts tokens: use a selector with count='tokens'")
         if self.allocator.sets_layer_budgets and self.selector.needs_ratio:
-            raise SpecError(f"the {_name(self.allocator)} allocator sets token budgets per layer: use count='tokens'")
+            raise SpecError(f"the {part_name(self.allocator)} allocator sets token budgets per layer: use count='tokens'")
         if self.allocator.sets_layer_budgets and self.planner.shares_selections:
             # A layer that applies another's selection keeps that layer's budget, not its own: the
             # pyramid's reusing layers kept their leader's larger share, over the allocator's total.
             raise SpecError(
-                f"the {_name(self.allocator)} allocator gives each layer its own budget, but the {_name(self.planner)} "
+                f"the {part_name(self.allocator)} allocator gives each layer its own budget, but the {part_name(self.planner)} "
                 "planner has layers apply another layer's selection (and so its budget): the cache would keep more "
                 "than the allocator's total. Use planner 'every_layer' with it, or a uniform / adaptive allocator"
             )
         if ragged and not mode.holds_ragged_heads:
             holders = [name for name in mode_names() if get_mode(name).holds_ragged_heads]
-            culprit = f"{_name(self.selector)} selector" if self.selector.ragged_heads else f"{_name(self.allocator)} allocator"
+            culprit = f"{part_name(self.selector)} selector" if self.selector.ragged_heads else f"{part_name(self.allocator)} allocator"
             raise SpecError(
                 f"the {culprit} keeps different token counts per head, "
                 f"which apply={self.apply!r} cannot hold: use apply={holders[0]!r}"
@@ -200,7 +200,7 @@ class Press:
         """
         if self.whole_cache:
             raise ValueError(
-                f"the {_name(self.allocator)} allocator selects over every layer at once: apply the press with "
+                f"the {part_name(self.allocator)} allocator selects over every layer at once: apply the press with "
                 "`with press(model):` (or call kvpress_chunk.whole_cache.select_globally on every layer's scores)"
             )
         keys, values = inputs.keys, inputs.values
@@ -234,18 +234,15 @@ class Press:
         return kept_keys, kept_values, trimmed
 
     def compress_layer(
-        self, inputs: LayerInputs, earlier: Mapping[int, Selection], layer_budget: torch.Tensor | None = None,
-        compressed: Sequence[int] | None = None,
+        self, inputs: LayerInputs, earlier: Mapping[int, Selection], compressed: Sequence[int],
+        layer_budget: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Selection]:
         """Planner, then select: apply the source layer's selection when the planner names another
         layer that was already compressed (``earlier``: layer -> Selection of this prefill), else
         score and select afresh. ``compressed``: the layers the press compresses, in order (the
-        planner groups those; default: every layer). What the hooks do per layer, usable without
-        them (benchmarks)."""
-        if compressed is None:
-            source = self.planner.source_layer(inputs.layer_idx)
-        else:
-            source = self.planner.source_among(inputs.layer_idx, compressed)
+        planner groups those; ``range(num_layers)`` on a model without sliding-window layers).
+        What the hooks do per layer, usable without them (benchmarks)."""
+        source = self.planner.source_among(inputs.layer_idx, compressed)
         reused = earlier.get(source) if source != inputs.layer_idx else None
         if reused is None:
             return self.select(inputs, layer_budget)
@@ -271,10 +268,6 @@ class Press:
             yield session
 
 
-def _name(part: Any) -> str:
-    return getattr(type(part), "registered_name", type(part).__name__)
-
-
 def part_spec(part: Any) -> dict[str, Any]:
     """``{"name": registered name, setting: value, ...}`` of a part instance."""
-    return {"name": _name(part), **{f.name: getattr(part, f.name) for f in dataclasses.fields(part) if f.init}}
+    return {"name": part_name(part), **{f.name: getattr(part, f.name) for f in dataclasses.fields(part) if f.init}}

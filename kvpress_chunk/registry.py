@@ -174,8 +174,14 @@ def build_part(kind: str, spec: Any, base: type | None = None) -> Any:
         raise SpecError(f"{kind} {name!r}: {exc}") from None
 
 
+def part_name(part: Any) -> str:
+    """The name a part instance was registered under (its class name if it never was): what
+    specs and error messages call it, e.g. ``'global'`` rather than ``GlobalAllocator``."""
+    return getattr(type(part), "registered_name", type(part).__name__)
+
+
 def describe_part(part: Any) -> str:
     """``name(key=value, ...)`` for a part instance: the inverse of :func:`parse_call`."""
-    name = getattr(type(part), "registered_name", type(part).__name__)
+    name = part_name(part)
     args = ", ".join(f"{f.name}={getattr(part, f.name)!r}" for f in dataclasses.fields(part) if f.init)
     return f"{name}({args})"

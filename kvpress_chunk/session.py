@@ -44,7 +44,7 @@ from .context_pass import load_tokenizer_for, run_context_pass
 from .modes.routing import attached_views, compressed_attention, routing_cache
 from .policies.layer_inputs import LayerInputs
 from .selection import Selection
-from .registry import SpecError
+from .registry import SpecError, part_name
 from .whole_cache import LayerScores, select_globally
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class PressSession:
             self.tokenizer = load_tokenizer_for(model)
             if self.tokenizer is None:
                 raise SpecError(
-                    f"the {type(press.scorer).__name__} runs the model over a prompt after the prefill, so it needs "
+                    f"scorer {part_name(press.scorer)!r} runs the model over a prompt after the prefill, so it needs "
                     "the model's tokenizer: `with press(model, tokenizer=tokenizer):` (none was found at "
                     f"config.name_or_path={getattr(model.config, 'name_or_path', None)!r})"
                 )
@@ -271,7 +271,7 @@ class PressSession:
             groups[source] = groups.get(source, 0) + 1
         if len(set(groups.values())) > 1:
             raise SpecError(
-                f"the {type(self.press.allocator).__name__} ranks every layer's tokens at once, but on this "
+                f"allocator {part_name(self.press.allocator)!r} ranks every layer's tokens at once, but on this "
                 f"{type(self.model).__name__} the planner's groups of layers sharing a selection differ in size "
                 f"({sorted(groups.values(), reverse=True)} layers): a shared selection counts once per layer of its group, "
                 "so the cache would not keep the press's total. Use a planner whose groups divide the "
@@ -657,7 +657,7 @@ class PressSession:
         """Planner, allocator budget, fused op, apply mode: one layer compressed now."""
         rank = self.compressible.index(layer_idx) if layer_idx in self.compressible else 0
         budget = self.press.layer_budget(inputs.valid, rank, len(self.compressible))
-        kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections, budget, self.compressible)
+        kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections, self.compressible, budget)
         self.selections[layer_idx] = selection
         self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
 

@@ -93,6 +93,18 @@ def test_a_planner_that_shares_selections_is_refused_with_per_layer_budgets():
     kc.make_press({**spec, "planner": "reuse(every=1)"})  # every layer selects: nothing shared
 
 
+@pytest.mark.parametrize("planner", ["every_layer", "reuse(every=1)", "reuse(every=2)", "reuse(every=3)"])
+def test_planners_declare_whether_they_share_selections_as_their_layers_do(planner):
+    """The declared ``shares_selections`` (what the refusal above reads) agrees with the
+    planner's own layer map, the base class's probe."""
+    from kvpress_chunk.policies.planners import Planner
+    from kvpress_chunk.registry import build_part
+
+    part = build_part("planner", planner)
+    assert part.shares_selections == Planner.shares_selections.fget(part)
+    assert part.shares_selections == (planner in ("reuse(every=2)", "reuse(every=3)"))
+
+
 def test_one_ranking_over_every_layer_is_refused_with_groups_of_unequal_size():
     """The global allocator ranks each group's first layer only; its tokens then count once per
     layer of the group. 5 layers in groups of 2, 2 and 1 kept 906 tokens instead of 1000."""

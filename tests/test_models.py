@@ -202,7 +202,7 @@ def test_compress_layer_without_hooks_follows_the_planner():
     _, _, session = run(model, prompt(), press)
     keys = torch.randn(1, model.config.num_key_value_heads, LENGTH, model.config.head_dim)
     inputs = kc.policies.LayerInputs(None, 1, None, keys, keys + 1, torch.ones(1, LENGTH, dtype=torch.bool))
-    kept_keys, kept_values, selection = press.compress_layer(inputs, {0: session.selections[0]})
+    kept_keys, kept_values, selection = press.compress_layer(inputs, {0: session.selections[0]}, range(4))
     assert selection is session.selections[0]
     assert torch.equal(kept_keys, selection.apply(keys, keys)[0]) and torch.equal(kept_values, kept_keys + 1)
 

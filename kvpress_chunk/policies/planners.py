@@ -35,7 +35,9 @@ class Planner:
 
     @property
     def shares_selections(self) -> bool:
-        """Whether some layer applies another layer's selection (read over the first 256 layers)."""
+        """Whether some layer applies another layer's selection: allocators that size each layer
+        on its own refuse such planners. Planners declare it; one that does not is probed over
+        the first 256 layers (as deep as any released model goes)."""
         return any(self.source_layer(idx) != idx for idx in range(256))
 
 
@@ -43,6 +45,8 @@ class Planner:
 @dataclass(frozen=True)
 class EveryLayer(Planner):
     """Each layer scores and selects on its own."""
+
+    shares_selections = False  # type: ignore[assignment]
 
     def source_layer(self, layer_idx: int) -> int:
         return layer_idx
@@ -57,6 +61,10 @@ class ReuseEvery(Planner):
 
     def __post_init__(self) -> None:
         check_int(self, "every", minimum=1, meaning="layers sharing one selection")
+
+    @property
+    def shares_selections(self) -> bool:
+        return self.every > 1
 
     def source_layer(self, layer_idx: int) -> int:
         """The group leader when every layer is compressed (groups by layer index)."""

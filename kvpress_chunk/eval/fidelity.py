@@ -109,8 +109,9 @@ def run_fidelity(
     for window, entry, ratio in bar:
         label = "full" if entry is None else entry.label
         bar.set_postfix_str(f"{label} r={ratio}", refresh=False)
+        press = None if entry is None else entry.build(ratio)  # built before the clock: `seconds` is the run's
         start = time.perf_counter()
-        logprobs, kept = continuation_logprobs(model, tokenizer, window, None if entry is None else entry.build(ratio))
+        logprobs, kept = continuation_logprobs(model, tokenizer, window, press)
         seconds = time.perf_counter() - start
         if entry is None:
             references[window.index] = logprobs

@@ -10,8 +10,11 @@ A token's score is the largest attention it receives from any reconstruction que
 and KV head, maxed over the query heads of its GQA group. Long contexts are reconstructed in
 chunks of at most ``chunk_size`` tokens; chunk ``c > 0`` is prompted with "Repeat the part ...
 starting with" and the last 8 tokens of chunk ``c - 1``. The chat template's prefix (system
-prompt, user turn) is not reconstructed: it scores 0 apart from the sinks, as in kvpress. As in the paper (and kvpress), each
-chunk's queries are scored over the attention sinks, the chunk's own span of the context and the
+prompt, user turn) is not reconstructed: it scores 0 apart from the sinks, as in kvpress. The
+repeat prompt ends with the template's assistant turn whenever the tokenizer has a template, also
+for a context that was not formatted with it (``generate_answers(chat_template=False)``): the
+press sees token ids, not how they were built; a tokenizer without a template gets a plain
+newline. As in the paper (and kvpress), each chunk's queries are scored over the attention sinks, the chunk's own span of the context and the
 reconstruction tokens themselves: the softmax the score is read from is over that subset.
 
 Where this differs from kvpress' ``KVzipPress``: a left-padded batch is scored row by row

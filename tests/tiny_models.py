@@ -91,6 +91,13 @@ class ByteTokenizer:
     """A real (if trivial) tokenizer for the tiny models: one id per byte, modulo their vocab."""
 
     chat_template = None
+    eos_token_id = None  # answers run to max_new_tokens
+
+    def get_vocab(self) -> dict[str, int]:
+        return {chr(i): i for i in range(128)}
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return bytes(int(i) % 128 for i in ids).decode("ascii")
 
     def __call__(self, text, add_special_tokens=False, return_tensors=None):
         ids = [b % 128 for b in text.encode()]

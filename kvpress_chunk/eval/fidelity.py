@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from ..generation import prefill, prompt_parts, teacher_forced_logits
-from .runner import PressEntry
+from .runner import PressEntry, completed, failure_lines, reference_failure
 from .tasks import prose_sentences
 
 
@@ -109,26 +109,31 @@ def run_fidelity(
     for window, entry, ratio in bar:
         label = "full" if entry is None else entry.label
         bar.set_postfix_str(f"{label} r={ratio}", refresh=False)
+        library = "-" if entry is None else entry.library
         press = None if entry is None else entry.build(ratio)  # built before the clock: `seconds` is the run's
         start = time.perf_counter()
-        logprobs, kept = continuation_logprobs(model, tokenizer, window, press)
-        seconds = time.perf_counter() - start
-        if entry is None:
-            references[window.index] = logprobs
-        figures = compare(references[window.index], logprobs, window.continuation_ids[0].to(logprobs.device))
+        try:
+            logprobs, kept = continuation_logprobs(model, tokenizer, window, press)
+            if entry is None:
+                references[window.index] = logprobs
+            figures = {"kept_tokens": kept,
+                       **compare(references[window.index], logprobs, window.continuation_ids[0].to(logprobs.device))}
+        except Exception as error:  # noqa: BLE001 - reference_failure raises again unless it is kvpress'
+            figures = reference_failure(library, error)
         results.append({
             "task": "fidelity", "window": window.index, "context_tokens": int(window.context_ids.shape[-1]),
             "continuation_tokens": int(window.continuation_ids.shape[-1]),
-            "library": "-" if entry is None else entry.library, "press": label, "compression_ratio": ratio,
-            "kept_tokens": kept, **figures, "seconds": round(seconds, 3),
+            "library": library, "press": label, "compression_ratio": ratio,
+            **figures, "seconds": round(time.perf_counter() - start, 3),
         })
     return results
 
 
 def format_fidelity_table(results: list[dict[str, Any]]) -> str:
-    """Mean figures per (press, ratio), full cache first: a markdown table."""
+    """Mean figures per (press, ratio), full cache first: a markdown table, then a line per
+    (press, ratio) whose runs failed (kvpress' presses only; see :func:`.runner.reference_failure`)."""
     groups: dict[tuple, list[dict]] = {}
-    for record in results:
+    for record in completed(results):
         groups.setdefault((record["library"], record["press"], record["compression_ratio"]), []).append(record)
     lines = [
         "| library | press | removed | windows | NLL | ΔNLL vs full | KL to full | top-1 agree | s/run |",
@@ -143,4 +148,5 @@ def format_fidelity_table(results: list[dict[str, Any]]) -> str:
             f"| {library} | {press} | {ratio:.0%} | {len(rows)} | {mean(rows, 'nll'):.3f} | {mean(rows, 'delta_nll'):+.3f} | "
             f"{mean(rows, 'kl'):.3f} | {mean(rows, 'top1'):.1%} | {mean(rows, 'seconds'):.1f} |"
         )
-    return "\n".join(lines)
+    failures = failure_lines(results)
+    return "\n".join(lines + ([""] + failures if failures else []))

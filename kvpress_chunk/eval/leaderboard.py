@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .fidelity import compare, continuation_logprobs, make_windows
-from .runner import PressEntry, answer_case
+from .runner import PressEntry, answer_case, reference_failure
 from .tasks import NEEDLE_FORMATS, draw_case, make_case, score_answer
 
 
@@ -132,12 +132,8 @@ def run_leaderboard(
             try:
                 kept, figures = _run_case(model, tokenizer, task, name, case, press, entry is None, references,
                                           max_new_tokens)
-            except Exception as error:  # noqa: BLE001 - only the reference library's failures are recorded
-                if library != "kvpress":
-                    raise  # ours must never fail silently
-                # kvpress' press failed on this case (e.g. its PyramidKV's per-layer lengths under
-                # transformers 5.2's decoding masks): record it, shown under the table, and go on.
-                kept, figures = None, {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+            except Exception as error:  # noqa: BLE001 - reference_failure raises again unless it is kvpress'
+                kept, figures = None, reference_failure(library, error)
             record = {
                 "task": task, "case": name, "library": library, "press": label, "compression_ratio": float(ratio),
                 "kept_tokens": kept, **figures, "seconds": round(time.perf_counter() - start, 3), **settings,

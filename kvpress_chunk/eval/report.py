@@ -7,6 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .runner import completed, failure_lines
+
 PLOT_HINT = "plots need matplotlib: pip install 'kvpress-chunk[plot]'  (or: pip install matplotlib)"
 
 
@@ -32,6 +34,7 @@ def _save(plt, fig, path: Path, dpi: int = 110, **options: Any) -> None:
 
 def summary_rows(results: list[dict[str, Any]]) -> tuple[list[float], list[tuple[str, str, dict[float, float]]]]:
     """Mean score per (library, press) and ratio; the full cache first."""
+    results = completed(results)
     ratios = sorted({r["compression_ratio"] for r in results if r["press"] != "full"})
     scores: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
@@ -53,7 +56,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         else:
             cells = "".join(f"{100 * by_ratio[r]:>8.0f}%" if r in by_ratio else f"{'-':>9}" for r in ratios)
         lines.append(f"{press:<18} {library:<14}{cells}")
-    return "\n".join(lines)
+    failures = failure_lines(results)
+    return "\n".join(lines + ([""] + failures if failures else []))
 
 
 def write_json(path: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
@@ -69,6 +73,7 @@ def plot_press_grid(results: list[dict[str, Any]], path: Path, title: str = "") 
     plt = _pyplot()
     if plt is None:
         return False
+    results = completed(results)
     depths = sorted({r["depth"] for r in results})
     ratios = sorted({r["compression_ratio"] for r in results if r["press"] != "full"}) or [0.0]
     cells: dict[tuple[str, float, float], list[float]] = defaultdict(list)
@@ -110,6 +115,7 @@ def plot_heatmaps(results: list[dict[str, Any]], path: Path, title: str = "") ->
     plt = _pyplot()
     if plt is None:
         return False
+    results = completed(results)
     lengths = sorted({r["target_tokens"] for r in results})
     depths = sorted({r["depth"] for r in results})
     panels: dict[tuple[str, str, float], dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -166,7 +172,7 @@ def plot_fidelity(results: list[dict[str, Any]], path: Path, title: str = "") ->
     if plt is None:
         return False
     lines: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
+    for r in completed(results):
         if r["press"] != "full":
             lines[(r["library"], r["press"])][r["compression_ratio"]].append((r["kl"], r["delta_nll"]))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)

@@ -69,6 +69,37 @@ def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
     return list(entries.values())
 
 
+REFERENCE_LIBRARY = "kvpress"
+
+
+def reference_failure(library: str, error: BaseException) -> dict[str, str]:
+    """What a failed run records, ``{"error": "Type: message"}``, for kvpress' presses only: a
+    press of the library we compare against that breaks on a case (its PyramidKV's per-layer
+    lengths under transformers 5.2's decoding masks, its ChunkKV on Gemma 3's sliding layers) is
+    listed under the tables and the sweep goes on, instead of losing every run done so far. Our
+    own presses must never fail quietly: their errors (and anything but an ``Exception``, such as
+    Ctrl-C) are raised again."""
+    if library != REFERENCE_LIBRARY or not isinstance(error, Exception):
+        raise error
+    return {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+
+
+def completed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of runs that finished (failed runs carry ``error`` and no figures)."""
+    return [r for r in results if "error" not in r]
+
+
+def failure_lines(results: list[dict[str, Any]]) -> list[str]:
+    """One line per (library, press, ratio) whose runs failed, with the first error: printed
+    under a table so a failure is never mistaken for a missing row."""
+    failed: dict[tuple, list[str]] = {}
+    for r in results:
+        if "error" in r:
+            failed.setdefault((r["library"], r["press"], r["compression_ratio"]), []).append(r["error"])
+    return [f"failed: {library} {press} at {ratio:.0%} removed, {len(errors)} run(s): {errors[0]}"
+            for (library, press, ratio), errors in sorted(failed.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0]))]
+
+
 @torch.inference_mode()
 def answer_case(model, tokenizer, case: Case, press, query_aware: bool, max_new_tokens: int) -> tuple[str, int]:
     """``(answer, kept cache tokens)`` for one case, through the library's own generation path
@@ -102,19 +133,16 @@ def run_sweep(
     for case, entry, ratio in bar:
         label = "full" if entry is None else entry.label
         bar.set_postfix_str(f"{label} r={ratio} {case.target_tokens} tok", refresh=False)
+        library = "-" if entry is None else entry.library
         press = None if entry is None else entry.build(ratio)
         start = time.perf_counter()
-        answer, kept = answer_case(model, tokenizer, case, press, query_aware, max_new_tokens)
-        results.append(
-            {
-                **case.to_dict(),
-                "library": "-" if entry is None else entry.library,
-                "press": label,
-                "compression_ratio": ratio,
-                "kept_tokens": kept,
-                "answer": answer,
-                "score": score_answer(answer, case.answers),
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-        )
+        try:
+            answer, kept = answer_case(model, tokenizer, case, press, query_aware, max_new_tokens)
+            figures = {"kept_tokens": kept, "answer": answer, "score": score_answer(answer, case.answers)}
+        except Exception as error:  # noqa: BLE001 - reference_failure raises again unless it is kvpress'
+            figures = reference_failure(library, error)
+        results.append({
+            **case.to_dict(), "library": library, "press": label, "compression_ratio": ratio, **figures,
+            "seconds": round(time.perf_counter() - start, 3),
+        })
     return results

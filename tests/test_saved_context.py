@@ -642,3 +642,36 @@ def test_cli_compress_keeps_the_specs_own_budget_ratio_and_compile(tmp_path):
     assert press_for("--press", str(ratio_file), "--ratio", "0.5").compression_ratio == 0.5  # given: it wins
     assert press_for("--press", "chunkkv", "--compile").compile is True
     assert press_for("--press", "chunkkv").compile == "auto"
+
+
+def _character_tokenizer(order: list[str]):
+    """A real fast tokenizer (``tokenizers`` WordLevel, one token per character) whose ids
+    follow ``order``: two orders are two tokenizers that encode the same text differently."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{char: i + 1 for i, char in enumerate(order)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_cli_ask_refuses_a_tokenizer_that_encodes_differently_from_the_one_compressed_with(tmp_path, capsys):
+    """A saved context holds token states; ``ask`` encodes the question with the tokenizer it
+    loads now. The same weights with another tokenizer (here: the folder's tokenizer replaced by
+    one with another id order) answered from other ids than the context's, without a word."""
+    model = make_tiny_model("llama", num_layers=2)
+    folder = tmp_path / "model"
+    characters = [chr(c) for c in range(32, 127)] + ["\n"]
+    model.save_pretrained(folder)
+    _character_tokenizer(characters).save_pretrained(folder)
+    document = tmp_path / "doc.txt"
+    document.write_text("The passcode for the amber vault is 4417203. " * 6)
+    out = tmp_path / "doc.ctx.safetensors"
+    assert run_cli(["compress", str(document), "--model", str(folder), "--press", "knorm", "--ratio", "0.5",
+                    "--out", str(out)]) == 0
+    assert run_cli(["ask", str(out), "What is the passcode?", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    _character_tokenizer(characters[::-1]).save_pretrained(folder)  # same weights, other ids
+    assert run_cli(["ask", str(out), "What is the passcode?", "--max-new-tokens", "4"]) == 2
+    assert "encodes text differently" in capsys.readouterr().err

@@ -532,3 +532,33 @@ def test_aligned_reconstruction_stays_within_the_models_positions():
         assert int(b.positions.max()) <= max(limit, int(r.positions.max()))
         assert torch.equal(b.positions, f.positions) or int(b.positions.max()) >= int(r.positions.max())
     assert not torch.equal(bounded[-1].positions, free[-1].positions)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_pass_scores_equal_the_models_own_attention_maxed_over_reconstruction_queries(family, monkeypatch):
+    """The end-to-end oracle: one chunk, no chat prefix, no sinks, so each reconstruction query's
+    softmax runs over the whole context and the reconstruction tokens: exactly the model's own
+    attention in one eager forward over ``context + repeat prompt + context``. A token's score must
+    be its largest attention probability from any reconstruction query of its GQA group. Gemma 3's
+    context (60 tokens) passes its 32-token sliding window, so its full layers are scored while
+    sliding layers run the pass beside them."""
+    import kvpress_chunk.session as session_module
+
+    model = make_tiny_model(family, num_layers=4)
+    tokenizer, length = ByteTokenizer(), 60
+    ids = torch.randint(1, 128, (1, length), generator=torch.Generator().manual_seed(1))
+    scores = {}
+    run_pass = session_module.run_context_pass
+    monkeypatch.setattr(session_module, "run_context_pass", lambda *a, **k: scores.update(run_pass(*a, **k)) or scores)
+    with make_press("kvzip", compression_ratio=0.5, chunk_size=4096, sinks=0)(model, tokenizer=tokenizer) as session:
+        prefill(model, ids)
+    assert sorted(scores) == sorted(session.selections) and scores
+    prompt = torch.tensor([tokenizer(FIRST_PROMPT + "\n").input_ids])
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = model(torch.cat([ids, prompt, ids], dim=-1), output_attentions=True).attentions
+    kv_heads = model.config.num_key_value_heads
+    for layer_idx, ours in scores.items():
+        probs = attentions[layer_idx][0, :, length:, :length]  # [Hq, reconstruction queries, context]
+        expected = probs.amax(dim=1).view(kv_heads, -1, length).amax(dim=1)
+        torch.testing.assert_close(ours[0], expected, atol=1e-6, rtol=1e-5)

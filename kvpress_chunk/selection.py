@@ -64,9 +64,16 @@ class Selection:
         return gather_kv(keys, values, self.indices)
 
     def trimmed(self) -> "Selection":
-        """Drop leading slots that are padding in every row (costs one host sync)."""
-        empty = int((~self.slot_valid).sum(dim=-1).min())
-        if empty == 0:
+        """Drop leading slots that are padding in every row (costs one host sync), all but one
+        when the layer keeps no token at all (a pyramid budget of 0, a layer the global top-k
+        starved): one hidden slot stays, so that an evicted layer never holds 0 slots.
+
+        Why: a layer of 0 slots reads as an empty one (its next forward of Q tokens was taken
+        for a prefill of Q tokens and compressed; a first layer of 0 slots made
+        ``get_seq_length()`` 0, so nothing was routed), and ``Press.select``'s ``kept[..., -0:]``
+        kept every gathered slot: position 0's key and value, visible to later tokens."""
+        empty = min(int((~self.slot_valid).sum(dim=-1).min()), self.indices.shape[-1] - 1)
+        if empty <= 0:
             return self
         return Selection(self.indices[..., empty:].contiguous(), self.slot_valid[..., empty:].contiguous(), self.length)
 

@@ -7,13 +7,17 @@ The invariant every allocator keeps: over the whole cache a row keeps exactly
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvpress_chunk as kc
+from kvpress_chunk import register
 from kvpress_chunk.generation import greedy_continue, prefill
+from kvpress_chunk.policies import Scorer
 from kvpress_chunk.policies.allocators import pyramid_budgets
 from tiny_models import make_tiny_model
 
@@ -190,6 +194,58 @@ def test_ragged_heads_in_evict_mode_give_the_logits_of_mask_mode_and_save_memory
     evicted = sum(layer.keys.nbytes for layer in out["evict"][2].cache.layers)
     whole = sum(layer.keys.nbytes for layer in out["mask"][2].cache.layers)
     assert evicted < 0.6 * whole
+
+
+@register("scorer", "test-starved-layer")
+@dataclass(frozen=True)
+class StarvedLayerScorer(Scorer):
+    """Key norms, but every token of layer ``layer`` scores far below the others: a global top-k
+    keeps nothing there."""
+
+    layer: int = 0
+
+    def prepare(self, inputs):
+        return {"bias": torch.tensor(-1e6 if inputs.layer_idx == self.layer else 0.0)}
+
+    def score(self, keys, valid, bias):
+        return -keys.float().norm(dim=-1) + bias
+
+
+@pytest.mark.parametrize("spec,budget", [
+    ({"scorer": "knorm", "grouper": "token", "selector": "topk", "allocator": "pyramid"}, {"compression_ratio": 0.9}),
+    ({"scorer": "knorm", "grouper": "token", "selector": "topk", "allocator": "pyramid"}, {"budget": 1}),
+    ({"scorer": {"name": "test-starved-layer", "layer": 3}, "grouper": "token", "selector": "topk(per_head=True)",
+      "allocator": "global"}, {"compression_ratio": 0.9}),
+    ({"scorer": {"name": "test-starved-layer", "layer": 0}, "grouper": "token", "selector": "topk(per_head=True)",
+      "allocator": "global"}, {"compression_ratio": 0.9}),
+], ids=["pyramid-ratio", "pyramid-budget", "global-last-layer", "global-first-layer"])
+def test_a_layer_that_keeps_no_token_decodes_like_mask_mode(spec, budget):
+    """A layer can keep no token at all: with nothing protected, the pyramid gives the top
+    layers 0 of a 1-token budget, and a global top-k may starve a layer. Before, evict mode got
+    it wrong, without an error: the in-hook path (pyramid) kept one gathered slot, position 0's
+    key and value (``x[-0:]`` is all of ``x``), which later tokens attended to as if appended
+    (question logits 0.31 away from mask mode); the whole-cache path (global) left 0 slots, which
+    read as an empty layer, so the question's forward was taken for a prefill of that layer and
+    compressed (2 of its 5 tokens kept; the next logits 0.26 away), and a first layer of 0 slots
+    made ``get_seq_length()`` 0 (routing off: a shape error). Now such a layer holds one hidden slot."""
+    model = make_tiny_model("llama", num_layers=4)
+    ids, mask = left_padded([6, 9], seed=2)
+    question, more = torch.tensor([[7, 8, 9, 10, 11]] * 2), torch.tensor([[12, 13]] * 2)
+    out = {}
+    for mode in ("evict", "mask"):
+        with kc.make_press(spec, apply=mode, compile=False, **budget)(model) as session:
+            context = prefill(model, ids, mask)
+            selections = dict(session.selections)
+            asked = kc.generation.teacher_forced_logits(model, context, question)
+            assert session.selections == selections  # the question is no prefill of any layer
+            later = kc.generation.teacher_forced_logits(model, context, more)
+            tokens = greedy_continue(model, context, more, max_new_tokens=4)
+        out[mode] = (asked, later, tokens, selections, context)
+    starved = [idx for idx, s in out["evict"][3].items() if int(s.slot_valid.sum()) == 0]
+    assert starved  # the case this test is about: some layer keeps nothing
+    torch.testing.assert_close(out["evict"][0], out["mask"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["evict"][1], out["mask"][1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out["evict"][2], out["mask"][2])
 
 
 def test_allocator_capabilities_are_checked_in_one_place():

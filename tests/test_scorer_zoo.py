@@ -188,6 +188,32 @@ def test_padded_batch_rows_are_selected_as_alone(preset):
                 assert torch.equal(mine, sel.indices[0, head][sel.slot_valid[0, head]]), f"{preset} row {r} layer {idx}"
 
 
+@pytest.mark.parametrize("selector", ["topk(keep_window=False)", "entropy-gated(keep_window=False)"])
+@pytest.mark.parametrize("budget", [{"budget": 20}, {"budget": 24}])
+def test_recency_scores_of_a_padded_row_are_its_own_positions(selector, budget):
+    """The streamingllm scorer scored positions in the padded batch: a row's scores shifted by
+    its padding. Token-level top-k does not care, but chunk sums do (the short last chunk gains
+    less than the full ones) and so does the entropy gate: with chunks of 16 and budget=20 a
+    60-token row beside a 73-token one kept other tokens than alone, logits 0.21 away."""
+    model = make_tiny_model("llama", num_layers=2)
+    press = kc.make_press({"scorer": "streamingllm", "grouper": "chunk(size=16)", "selector": selector},
+                          compile=False, **budget)
+    rows = [prompt(n, seed=n)[0] for n in (60, 73)]
+    ids = torch.zeros(2, 73, dtype=torch.long)
+    mask = torch.zeros(2, 73, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, 73 - len(row):], mask[r, 73 - len(row):] = row, 1
+    with press(model) as session:
+        prefill(model, ids, mask)
+    together = dict(session.selections)
+    for r, row in enumerate(rows):
+        with press(model) as alone:
+            prefill(model, row[None])
+        for idx, sel in alone.selections.items():
+            mine = together[idx].indices[r, 0][together[idx].slot_valid[r, 0]] - (73 - len(row))
+            assert torch.equal(mine, sel.indices[0, 0][sel.slot_valid[0, 0]]), f"row {r} layer {idx}"
+
+
 @pytest.mark.parametrize("preset", ["expected-attention", "keydiff", "tova", "observed"])
 def test_compiled_equals_eager_on_a_model(preset):
     model = make_tiny_model("llama", num_layers=2)

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvpress_chunk as kc
-from kvpress_chunk import register
 from kvpress_chunk.generation import greedy_continue, prefill
 from kvpress_chunk.policies import Scorer
 from kvpress_chunk.policies.allocators import pyramid_budgets
@@ -196,11 +195,11 @@ def test_ragged_heads_in_evict_mode_give_the_logits_of_mask_mode_and_save_memory
     assert evicted < 0.6 * whole
 
 
-@register("scorer", "test-starved-layer")
 @dataclass(frozen=True)
 class StarvedLayerScorer(Scorer):
     """Key norms, but every token of layer ``layer`` scores far below the others: a global top-k
-    keeps nothing there."""
+    keeps nothing there. Passed as an instance, never registered: a registered test part would
+    join the registry-wide setting checks of tests/test_part_validation.py."""
 
     layer: int = 0
 
@@ -214,9 +213,9 @@ class StarvedLayerScorer(Scorer):
 @pytest.mark.parametrize("spec,budget", [
     ({"scorer": "knorm", "grouper": "token", "selector": "topk", "allocator": "pyramid"}, {"compression_ratio": 0.9}),
     ({"scorer": "knorm", "grouper": "token", "selector": "topk", "allocator": "pyramid"}, {"budget": 1}),
-    ({"scorer": {"name": "test-starved-layer", "layer": 3}, "grouper": "token", "selector": "topk(per_head=True)",
+    ({"scorer": StarvedLayerScorer(layer=3), "grouper": "token", "selector": "topk(per_head=True)",
       "allocator": "global"}, {"compression_ratio": 0.9}),
-    ({"scorer": {"name": "test-starved-layer", "layer": 0}, "grouper": "token", "selector": "topk(per_head=True)",
+    ({"scorer": StarvedLayerScorer(layer=0), "grouper": "token", "selector": "topk(per_head=True)",
       "allocator": "global"}, {"compression_ratio": 0.9}),
 ], ids=["pyramid-ratio", "pyramid-budget", "global-last-layer", "global-first-layer"])
 def test_a_layer_that_keeps_no_token_decodes_like_mask_mode(spec, budget):

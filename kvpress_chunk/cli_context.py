@@ -216,10 +216,11 @@ def _ask(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(model_name)
     context = load_context(args.context, model)
     recorded = info.meta.get("tokenizer_fingerprint") if isinstance(info.meta, dict) else None
-    if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):  # files before 2026-12-07: none
+    current = tokenizer_fingerprint(tokenizer)
+    if recorded is not None and recorded != current:  # files before 2026-12-07: none
         raise _CommandError(
             f"{args.context!r} was compressed with a tokenizer that encodes text differently from the one loaded "
-            f"with {model_name or EMBEDDED!r} (fingerprint {recorded} vs {tokenizer_fingerprint(tokenizer)}): the question "
+            f"with {model_name or EMBEDDED!r} (fingerprint {recorded} vs {current}): the question "
             "would be read in other token ids than the context. Ask with the tokenizer it was compressed with, or "
             "compress the document again"
         )

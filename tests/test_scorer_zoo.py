@@ -167,15 +167,15 @@ def test_tova_and_observed_attention_equal_the_models_own_attention_weights():
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("preset", ALONE)
-def test_padded_batch_rows_are_selected_as_alone(preset):
-    model = make_tiny_model("qwen3", num_layers=3)
-    press = kc.make_press(preset, compression_ratio=0.7)
-    rows = [prompt(n, seed=n)[0] for n in (90, 61)]
-    ids = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
+def assert_padded_rows_select_as_alone(model, press, lengths, label):
+    """Rows of ``lengths`` tokens (``prompt(n, seed=n)``), left-padded into one batch: every
+    layer and head keeps, in each row, the tokens that row keeps when prefilled alone."""
+    width = max(lengths)
+    rows = [prompt(n, seed=n)[0] for n in lengths]
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
     for r, row in enumerate(rows):
-        ids[r, 90 - len(row):], mask[r, 90 - len(row):] = row, 1
+        ids[r, width - len(row):], mask[r, width - len(row):] = row, 1
     with press(model) as session:
         prefill(model, ids, mask)
     together = dict(session.selections)
@@ -184,8 +184,14 @@ def test_padded_batch_rows_are_selected_as_alone(preset):
             prefill(model, row[None])
         for idx, sel in alone.selections.items():
             for head in range(sel.indices.shape[1]):
-                mine = together[idx].indices[r, head][together[idx].slot_valid[r, head]] - (90 - len(row))
-                assert torch.equal(mine, sel.indices[0, head][sel.slot_valid[0, head]]), f"{preset} row {r} layer {idx}"
+                mine = together[idx].indices[r, head][together[idx].slot_valid[r, head]] - (width - len(row))
+                assert torch.equal(mine, sel.indices[0, head][sel.slot_valid[0, head]]), f"{label} row {r} layer {idx}"
+
+
+@pytest.mark.parametrize("preset", ALONE)
+def test_padded_batch_rows_are_selected_as_alone(preset):
+    model = make_tiny_model("qwen3", num_layers=3)
+    assert_padded_rows_select_as_alone(model, kc.make_press(preset, compression_ratio=0.7), (90, 61), preset)
 
 
 @pytest.mark.parametrize("selector", ["topk(keep_window=False)", "entropy-gated(keep_window=False)"])
@@ -198,20 +204,7 @@ def test_recency_scores_of_a_padded_row_are_its_own_positions(selector, budget):
     model = make_tiny_model("llama", num_layers=2)
     press = kc.make_press({"scorer": "streamingllm", "grouper": "chunk(size=16)", "selector": selector},
                           compile=False, **budget)
-    rows = [prompt(n, seed=n)[0] for n in (60, 73)]
-    ids = torch.zeros(2, 73, dtype=torch.long)
-    mask = torch.zeros(2, 73, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, 73 - len(row):], mask[r, 73 - len(row):] = row, 1
-    with press(model) as session:
-        prefill(model, ids, mask)
-    together = dict(session.selections)
-    for r, row in enumerate(rows):
-        with press(model) as alone:
-            prefill(model, row[None])
-        for idx, sel in alone.selections.items():
-            mine = together[idx].indices[r, 0][together[idx].slot_valid[r, 0]] - (73 - len(row))
-            assert torch.equal(mine, sel.indices[0, 0][sel.slot_valid[0, 0]]), f"row {r} layer {idx}"
+    assert_padded_rows_select_as_alone(model, press, (60, 73), selector)
 
 
 @pytest.mark.parametrize("preset", ["expected-attention", "keydiff", "tova", "observed"])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .fidelity import compare, continuation_logprobs, make_windows
-from .runner import PressEntry, answer_case, reference_failure
+from .runner import PressEntry, answer_case, failures, reference_failure
 from .tasks import NEEDLE_FORMATS, draw_case, make_case, score_answer
 
 
@@ -190,18 +190,6 @@ def rescore(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[t
 def save_store(path: Path, records: list[dict[str, Any]]) -> None:
     """Write ``records`` as the store ``path``, one JSON line each, in their order."""
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
-def failures(records: list[dict[str, Any]]) -> dict[tuple[str, str, float], tuple[int, str]]:
-    """``(library, press, ratio) -> (failed runs, first error)`` for the runs that recorded an
-    error instead of figures (kvpress' presses only)."""
-    failed: dict[tuple[str, str, float], tuple[int, str]] = {}
-    for r in records:
-        if "error" in r:
-            key = (r["library"], r["press"], r["compression_ratio"])
-            count, first = failed.get(key, (0, r["error"]))
-            failed[key] = (count + 1, first)
-    return failed
 
 
 def _full_scores(records: list[dict[str, Any]]) -> dict[tuple[str, str], float]:

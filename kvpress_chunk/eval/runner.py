@@ -89,15 +89,24 @@ def completed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in results if "error" not in r]
 
 
+def failures(records: list[dict[str, Any]]) -> dict[tuple[str, str, float], tuple[int, str]]:
+    """``(library, press, ratio) -> (failed runs, first error)`` for the runs that recorded an
+    error instead of figures (kvpress' presses only)."""
+    failed: dict[tuple[str, str, float], tuple[int, str]] = {}
+    for r in records:
+        if "error" in r:
+            key = (r["library"], r["press"], r["compression_ratio"])
+            count, first = failed.get(key, (0, r["error"]))
+            failed[key] = (count + 1, first)
+    return failed
+
+
 def failure_lines(results: list[dict[str, Any]]) -> list[str]:
     """One line per (library, press, ratio) whose runs failed, with the first error: printed
     under a table so a failure is never mistaken for a missing row."""
-    failed: dict[tuple, list[str]] = {}
-    for r in results:
-        if "error" in r:
-            failed.setdefault((r["library"], r["press"], r["compression_ratio"]), []).append(r["error"])
-    return [f"failed: {library} {press} at {ratio:.0%} removed, {len(errors)} run(s): {errors[0]}"
-            for (library, press, ratio), errors in sorted(failed.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0]))]
+    return [f"failed: {library} {press} at {ratio:.0%} removed, {count} run(s): {error}"
+            for (library, press, ratio), (count, error) in sorted(failures(results).items(),
+                                                                   key=lambda kv: (kv[0][1], kv[0][2], kv[0][0]))]
 
 
 @torch.inference_mode()

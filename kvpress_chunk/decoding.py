@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from .hf.growing_layer import grow_in_place
 from .hf.hooks import cache_argument, call_argument
 from .policies.layer_inputs import LayerInputs
 from .registry import SpecError, part_name
@@ -393,6 +394,7 @@ class DecodingCompressor:
             budget = torch.where(self.fire.to(budget.device), budget, sub_valid.sum(dim=-1).to(budget.dtype))
             kept_keys, kept_values, selection = inner.select(inputs, budget)
         self.earlier[layer_idx] = selection
+        grow_in_place(layer)  # the decoding goes on: no copy of the whole layer per token
         if masked:
             heads = max(order.shape[1], selection.indices.shape[1])
             positions = order.expand(-1, heads, -1).gather(-1, selection.indices.expand(-1, heads, -1).clamp(min=0))

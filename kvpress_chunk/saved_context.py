@@ -47,6 +47,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .hf.growing_layer import GrowingDynamicLayer, grow_in_place
+
 FORMAT = "kvpress_chunk.compressed_context"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -183,7 +185,7 @@ def _content_digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Ten
 
 
 def _layer_record(index: int, layer: Any) -> dict[str, Any]:
-    kind = type(layer).__name__
+    kind = getattr(type(layer), "saved_kind", type(layer).__name__)  # a growing layer is saved as a DynamicLayer
     if kind not in (FULL_LAYER, SLIDING_LAYER):
         raise SavedContextError(
             f"cannot save cache layer {index} of type {kind}: only {FULL_LAYER} and {SLIDING_LAYER} "
@@ -192,6 +194,8 @@ def _layer_record(index: int, layer: Any) -> dict[str, Any]:
     keys = getattr(layer, "keys", None)
     initialized = bool(getattr(layer, "is_initialized", False)) and isinstance(keys, torch.Tensor) and keys.dim() == 4
     record: dict[str, Any] = {"type": kind, "initialized": initialized}
+    if isinstance(layer, GrowingDynamicLayer):
+        record["grows_in_place"] = True  # a compressed layer: it grows the same way once loaded
     if kind == SLIDING_LAYER:
         record["sliding_window"] = int(layer.sliding_window)
         record["cumulative_length"] = int(layer.cumulative_length)
@@ -561,6 +565,8 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
             layer.cumulative_length = int(record["cumulative_length"])
             if hasattr(layer, "record_past"):
                 layer.record_past = bool(record.get("record_past", False))
+        if record.get("grows_in_place"):
+            grow_in_place(layer)
 
     views = {}
     for key, spec in views_meta.items():

@@ -41,6 +41,7 @@ from .hf.hooks import (
     windowed_layers,
 )
 from .context_pass import load_tokenizer_for, run_context_pass
+from .hf.growing_layer import grow_in_place
 from .modes.routing import attached_views, compressed_attention, routing_cache
 from .policies.layer_inputs import LayerInputs
 from .selection import Selection
@@ -658,8 +659,14 @@ class PressSession:
         rank = self.compressible.index(layer_idx) if layer_idx in self.compressible else 0
         budget = self.press.layer_budget(inputs.valid, rank, len(self.compressible))
         kept_keys, kept_values, selection = self.press.compress_layer(inputs, self.selections, self.compressible, budget)
+        self._apply(layer_idx, layer, selection, kept_keys, kept_values)
+
+    def _apply(self, layer_idx: int, layer: Any, selection: Selection, kept_keys, kept_values) -> None:
+        """The apply mode, then the layer grows in place while decoding (no copy of the whole
+        layer per token: :mod:`.hf.growing_layer`)."""
         self.selections[layer_idx] = selection
         self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
+        grow_in_place(layer)
 
     def _defer_layer(self, layer_idx: int, layer: Any, inputs: LayerInputs, cache: Any) -> None:
         """Hold a layer until the prefill ends: score it now (whole-cache stage) unless its scores
@@ -715,5 +722,4 @@ class PressSession:
         for layer_idx, (layer, source, _) in sorted(self.pending_layers.items()):
             selection = chosen[source]
             kept_keys, kept_values = selection.apply(layer.keys, layer.values)
-            self.selections[layer_idx] = selection
-            self.views[layer_idx] = self.press.mode.apply(layer, selection, kept_keys, kept_values)
+            self._apply(layer_idx, layer, selection, kept_keys, kept_values)

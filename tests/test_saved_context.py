@@ -194,7 +194,13 @@ def test_methods_and_header(tmp_path):
     assert info.press == press.describe()
     assert (info.batch_size, info.text_length, info.dtype) == (2, 80, "float32")
     assert info.model_config["model_type"] == model.config.model_type
-    assert [layer["type"] for layer in info.layers] == [type(layer).__name__ for layer in context.cache.layers]
+    # a compressed full layer grows in place (kvpress_chunk/hf/growing_layer.py): stored as the
+    # transformers layer it is a subclass of, and grown again once loaded
+    assert [(layer["type"], layer.get("grows_in_place", False)) for layer in info.layers] == [
+        ("DynamicLayer", True) if type(layer).__name__ == "GrowingDynamicLayer" else (type(layer).__name__, False)
+        for layer in context.cache.layers
+    ]
+    assert any(layer.get("grows_in_place") for layer in info.layers)
     sliding = [layer for layer in info.layers if layer["type"] == "DynamicSlidingWindowLayer"]
     assert sliding and all(layer["cumulative_length"] == 80 for layer in sliding)
     loaded = CompressedContext.load(path, model)

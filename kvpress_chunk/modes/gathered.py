@@ -4,7 +4,9 @@ A decoding query over a mask-mode cache needs the keys its row and head may see:
 prefix slots, plus every token added after compression. :class:`PrefixSlots` lists the kept
 prefix slots once per view (the selection does not change while decoding); each step gathers
 them, with the new tokens, from the live cache in one ``index_select`` over the flattened
-``[B * Hkv * L, D]`` keys (and values), and runs SDPA (``enable_gqa``) over that short copy.
+``[B * Hkv * L, D]`` keys (and values; a view, also of a growing layer's buffers:
+:func:`~kvpress_chunk.hf.growing_layer.flat_rows`), and runs SDPA (``enable_gqa``) over that
+short copy.
 Rows or heads that keep fewer slots than the widest are padded and hidden by a boolean mask.
 
 Why on CPU: torch 2.13's CPU FlexAttention picks its flash-decoding template (KV split across
@@ -22,6 +24,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from ..hf.growing_layer import flat_rows
 
 #: Decode kernel of mask mode per device type; other devices use ``"flex"``. The environment
 #: variable ``KVPRESS_CHUNK_MASK_DECODE`` (``flex`` or ``gather``) overrides it everywhere.
@@ -60,10 +64,12 @@ class PrefixSlots:
         new = torch.arange(self.prefix, length, device=key.device)
         index = self.index.expand(batch, kv_heads, -1) if self.index.shape[1] == 1 else self.index
         index = torch.cat([index, new.expand(batch, kv_heads, -1)], dim=-1)  # [B, Hkv, W + L - T]
-        rows = torch.arange(batch * kv_heads, device=key.device).view(batch, kv_heads, 1) * length
-        flat = (index + rows).reshape(-1)
-        keys = key.reshape(batch * kv_heads * length, key.shape[-1]).index_select(0, flat)
-        values = value.reshape(batch * kv_heads * length, value.shape[-1]).index_select(0, flat)
+        # rows of the flattened cache without copying it (a growing layer's views are strided)
+        flat_keys, key_row = flat_rows(key)
+        flat_values, value_row = flat_rows(value)
+        row_heads = torch.arange(batch * kv_heads, device=key.device).view(batch, kv_heads, 1)
+        keys = flat_keys.index_select(0, (index + row_heads * key_row).reshape(-1))
+        values = flat_values.index_select(0, (index + row_heads * value_row).reshape(-1))
         keys = keys.view(batch, kv_heads, -1, key.shape[-1])
         values = values.view(batch, kv_heads, -1, value.shape[-1])
         mask = None

@@ -205,3 +205,14 @@ def test_generation_after_compression_grows_in_place_and_answers_as_with_stock_l
     assert {type(layer) for layer in stock_cache.layers} == {DynamicLayer}
     assert torch.equal(grown.sequences, stock.sequences)
     torch.testing.assert_close(torch.stack(grown.logits), torch.stack(stock.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_evicted_while_decoding_lets_go_of_its_old_buffers_at_once():
+    _, growing = layer_pair(prefill=300)
+    growing.update(tokens(2, 3, 1, 3), tokens(2, 3, 1, 4))  # now in a buffer of ~320 slots
+    old = growing._growth.key_buffer.untyped_storage().data_ptr()
+    growing.keys, growing.values = growing.keys[..., -40:, :].clone(), growing.values[..., -40:, :].clone()  # evicted
+    grow_in_place(growing)  # what the session and the decoding compressor call after each compression
+    assert "_growth" not in growing.__dict__
+    held = {getattr(value, "untyped_storage", lambda: None)() for value in growing.__dict__.values()}
+    assert old not in {storage.data_ptr() for storage in held if storage is not None}

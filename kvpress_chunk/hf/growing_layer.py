@@ -119,9 +119,15 @@ class GrowingDynamicLayer(DynamicLayer):
 
 def grow_in_place(layer: Any) -> None:
     """Switch a plain transformers ``DynamicLayer`` to :class:`GrowingDynamicLayer`; any other
-    layer (sliding-window, quantized, offloaded, ...) is left as it is."""
+    layer (sliding-window, quantized, offloaded, ...) is left as it is. Called after every
+    compression: a growing layer whose keys were just replaced (evicted while decoding) drops its
+    old buffers now rather than at its next step, so a context kept after that compression does
+    not hold the larger pre-eviction buffers."""
     if type(layer) is DynamicLayer:
         layer.__class__ = GrowingDynamicLayer
+    growth = layer.__dict__.get("_growth") if isinstance(layer, GrowingDynamicLayer) else None
+    if growth is not None and (layer.keys is not growth.keys or layer.values is not growth.values):
+        del layer._growth
 
 
 def flat_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:

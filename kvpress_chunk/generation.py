@@ -371,6 +371,21 @@ def encode_context(tokenizer, text: str, prefix: str) -> torch.Tensor:
     return tokenizer(prefix + text, return_tensors="pt", add_special_tokens=not prefix).input_ids
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text when asked for its special tokens (Gemma's and
+    Llama's ``<bos>``; none for tokenizers that add none). For code that encodes a text in pieces
+    with ``add_special_tokens=False`` and must start it as :func:`encode_context` does: a base
+    model fed its context without the BOS it was trained with computes other attention (Gemma 3
+    makes BOS its attention sink), so every figure measured on it describes another input."""
+    probe = "The quick brown fox."
+    plain = list(tokenizer(probe, add_special_tokens=False).input_ids)
+    full = list(tokenizer(probe, add_special_tokens=True).input_ids)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def encode_question(tokenizer, question: str, suffix: str) -> torch.Tensor:
     """``[1, Q]`` ids fed after a (compressed) context: blank line, question, template suffix."""
     return tokenizer(QUESTION_SEPARATOR + question + suffix, return_tensors="pt", add_special_tokens=False).input_ids

@@ -428,3 +428,32 @@ def test_a_kvpress_press_that_fails_is_listed_and_the_sweep_goes_on_ours_raise()
         run_fidelity(model, tokenizer, make_windows(tokenizer, 160, 8, count=1), as_ours, [0.75], progress=False)
     with pytest.raises(RuntimeError):
         run_sweep(model, tokenizer, [case], as_ours, [0.75], max_new_tokens=2, progress=False)
+
+
+def _bos_tokenizer():
+    """A real fast tokenizer that starts every text with ``<bos>`` (as Gemma's and Llama's do)
+    and has no chat template: a base model's."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<bos>": 1, **{char: i + 2 for i, char in enumerate(string.printable)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<bos>")
+
+
+def test_windows_of_a_base_model_start_with_its_bos_as_every_other_context_does():
+    """Without a chat template, ``encode_context`` (niah, the CLI, the library) starts a context
+    with the tokenizer's BOS; the fidelity windows started without it, so a base model (Gemma 3,
+    whose attention sinks on BOS) was measured on an input it never sees."""
+    from kvpress_chunk.generation import encode_context, leading_special_ids
+
+    tokenizer = _bos_tokenizer()
+    assert leading_special_ids(tokenizer) == [1]
+    assert leading_special_ids(ByteTokenizer()) == []
+    (window,) = make_windows(tokenizer, 120, 8, count=1)
+    assert window.context_ids.shape == (1, 121) and int(window.context_ids[0, 0]) == 1
+    assert encode_context(tokenizer, "Some prose.", "")[0, 0].item() == window.context_ids[0, 0].item()

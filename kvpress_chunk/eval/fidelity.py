@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ..generation import prefill, prompt_parts, teacher_forced_logits
+from ..generation import leading_special_ids, prefill, prompt_parts, teacher_forced_logits
 from .runner import PressEntry, completed, failure_lines, reference_failure
 from .tasks import prose_sentences
 
@@ -51,7 +51,9 @@ def make_windows(
             f"{context_tokens}, {continuation_tokens}, {count}"
         )
     prefix, _ = prompt_parts(tokenizer)
-    prefix_ids = tokenizer(prefix, add_special_tokens=not prefix).input_ids if prefix else []
+    # As encode_context starts a context: the chat template's prefix, else the tokenizer's own
+    # start (BOS). Without it a base model (Gemma 3) was measured on a context it never sees.
+    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else leading_special_ids(tokenizer)
     sentences = list(prose_sentences())
     windows = []
     for index in range(count):

@@ -35,8 +35,11 @@ class CompressedContext:
 
     ``attention_mask[B, L]``: the 2-D mask of the text so far (prefill padding, then every token
     added since), in original coordinates; ``next_positions[B]``: RoPE position of each row's
-    next token; ``layer_views``: layer -> :class:`LayerView` of each compressed layer (empty when
-    nothing was compressed by this library).
+    next token; ``last_logits[B, V]``: the next-token logits after the last token the cache holds
+    (kept current by :func:`greedy_continue` and :func:`teacher_forced_logits`: a context saved
+    after answering once held the prefill's, so its first token continued the prompt instead);
+    ``layer_views``: layer -> :class:`LayerView` of each compressed layer (empty when nothing was
+    compressed by this library).
     """
 
     cache: object
@@ -225,6 +228,7 @@ def greedy_continue(
                 finished = finished | torch.isin(next_token, eos)
             generated.append(next_token)
             step_ids = next_token[:, None]
+            context.last_logits = out.logits[:, -1]  # after the last token the cache holds, as prefill's
             if bool(finished.all()):
                 break
     context.attention_mask, context.next_positions = mask, positions
@@ -270,6 +274,7 @@ def _ragged_continue(model: nn.Module, context: CompressedContext, input_ids: to
                 cache.__dict__.pop(READING_ATTR, None)
             answering = ~reading & ~finished & (produced < max_new_tokens)
             next_token = out.logits[:, -1].argmax(dim=-1)
+            context.last_logits = out.logits[:, -1]  # every row fed one token: after each row's last
             slot = produced.clamp(max=max_new_tokens - 1)
             generated[arange[answering], slot[answering]] = next_token[answering]
             if eos.numel():
@@ -292,15 +297,16 @@ def _ragged_continue(model: nn.Module, context: CompressedContext, input_ids: to
 @torch.inference_mode()
 def teacher_forced_logits(model: nn.Module, context: CompressedContext, input_ids: torch.Tensor) -> torch.Tensor:
     """Feed ``input_ids[B, Q]`` after the context in one forward; ``float32[B, Q, V]``: the
-    next-token logits after each of them. With ``context.last_logits`` in front, they are the
-    model's predictions of ``input_ids`` themselves (what the fidelity eval scores). Mutates
-    ``context`` like :func:`greedy_continue`."""
+    next-token logits after each of them. With ``context.last_logits`` (read before the call) in
+    front, they are the model's predictions of ``input_ids`` themselves (what the fidelity eval
+    scores). Mutates ``context`` like :func:`greedy_continue` (``last_logits`` too)."""
     device = model.device
     input_ids = input_ids.to(device)
     with routed(model, context) as router:
         out, context.attention_mask, context.next_positions = forward_after(
             model, context.cache, context.attention_mask, context.next_positions.to(device), input_ids, logits_to_keep=0
         )
+    context.last_logits = out.logits[:, -1].clone()  # not a view keeping every position's logits alive
     return out.logits.float()
 
 

@@ -33,9 +33,11 @@ def test_teacher_forced_logits_equal_one_forward_over_the_whole_text(press):
         whole = model(ids).logits.float()
     press = None if press is None else kc.make_press(press, compression_ratio=0.0)  # keeps everything
     context = prefill(model, ids[:, :70], press=press)
+    torch.testing.assert_close(context.last_logits.float(), whole[:, 69], atol=1e-4, rtol=1e-4)
     later = teacher_forced_logits(model, context, ids[:, 70:])
     torch.testing.assert_close(later, whole[:, 70:], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(context.last_logits.float(), whole[:, 69], atol=1e-4, rtol=1e-4)
+    # the context moved past the forced tokens: its last logits too (hunt round 9)
+    torch.testing.assert_close(context.last_logits.float(), whole[:, 89], atol=1e-4, rtol=1e-4)
     assert int(context.next_positions[0]) == 90 and context.attention_mask.shape[-1] == 90
 
 

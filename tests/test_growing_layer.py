@@ -207,12 +207,42 @@ def test_generation_after_compression_grows_in_place_and_answers_as_with_stock_l
     torch.testing.assert_close(torch.stack(grown.logits), torch.stack(stock.logits), rtol=1e-5, atol=1e-5)
 
 
-def test_a_layer_evicted_while_decoding_lets_go_of_its_old_buffers_at_once():
-    _, growing = layer_pair(prefill=300)
-    growing.update(tokens(2, 3, 1, 3), tokens(2, 3, 1, 4))  # now in a buffer of ~320 slots
-    old = growing._growth.key_buffer.untyped_storage().data_ptr()
-    growing.keys, growing.values = growing.keys[..., -40:, :].clone(), growing.values[..., -40:, :].clone()  # evicted
-    grow_in_place(growing)  # what the session and the decoding compressor call after each compression
-    assert "_growth" not in growing.__dict__
-    held = {getattr(value, "untyped_storage", lambda: None)() for value in growing.__dict__.values()}
-    assert old not in {storage.data_ptr() for storage in held if storage is not None}
+def held_buffers(layer) -> set[int]:
+    """Storages of every tensor a layer holds (its attributes and its growth record's)."""
+    tensors = [value for value in layer.__dict__.values() if isinstance(value, torch.Tensor)]
+    growth = layer.__dict__.get("_growth")
+    if growth is not None:
+        tensors += [growth.key_buffer, growth.value_buffer, growth.keys, growth.values]
+    return {tensor.untyped_storage().data_ptr() for tensor in tensors}
+
+
+@pytest.mark.parametrize("replace", ["evicted", "reordered", "selected"])
+def test_keys_replaced_do_not_leave_the_old_buffer_alive(replace):
+    """Hunt round 9: the record kept the buffer after the layer's keys were replaced (an
+    eviction, a beam reorder), until the next update, or for good when none came."""
+    _, growing = layer_pair()
+    growing.update(tokens(2, 3, 1, 3), tokens(2, 3, 1, 4))
+    assert "_growth" in growing.__dict__
+    if replace == "evicted":  # what decoding-time compression does
+        growing.keys, growing.values = tokens(2, 3, 5, 5).contiguous(), tokens(2, 3, 5, 6).contiguous()
+    elif replace == "reordered":
+        growing.reorder_cache(torch.tensor([1, 0]))
+    else:
+        growing.batch_select_indices(torch.tensor([1]))
+    assert held_buffers(growing) == {growing.keys.untyped_storage().data_ptr(), growing.values.untyped_storage().data_ptr()}
+
+
+def test_a_context_whose_decoding_ended_on_a_compression_holds_only_its_kept_tokens():
+    """Evict mode bounds memory: after greedy decoding whose last step compressed (decoding-time
+    compression), every layer held its pre-eviction buffer too (74240 bytes for 32768 of keys and
+    values on this model, hunt round 9)."""
+    model = make_tiny_model("llama", num_layers=2)
+    ids = torch.randint(3, 120, (1, 200), generator=torch.Generator().manual_seed(0))
+    press = kc.make_press("chunkkv", compression_ratio=0.5, decoding={"every": 16, "max_cache": 64}, compile=False)
+    with press(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        context = kc.prefill(model, ids)
+        kc.greedy_continue(model, context, ids[:, :3], max_new_tokens=17)  # the 17th forward compresses
+    for layer in context.cache.layers:
+        assert layer.keys.shape[-2] == 64
+        assert held_buffers(layer) == {layer.keys.untyped_storage().data_ptr(), layer.values.untyped_storage().data_ptr()}

@@ -681,3 +681,41 @@ def test_cli_ask_refuses_a_tokenizer_that_encodes_differently_from_the_one_compr
     _character_tokenizer(characters[::-1]).save_pretrained(folder)  # same weights, other ids
     assert run_cli(["ask", str(out), "What is the passcode?", "--max-new-tokens", "4"]) == 2
     assert "encodes text differently" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["greedy", "ragged", "teacher-forced"])
+def test_a_context_saved_after_answering_holds_the_logits_after_its_last_token(tmp_path, how):
+    """Hunt round 9: ``last_logits`` stayed the prefill's after greedy_continue /
+    teacher_forced_logits, so a context saved after answering (file: "logits after the last
+    token") led its loader to start from the token that followed the *prompt* (tiny llama: argmax
+    [1, 79] instead of [96, 124], the tokens the context's last step predicted)."""
+    from kvpress_chunk.generation import teacher_forced_logits
+    from tiny_models import left_padded
+
+    model = make_tiny_model("llama", num_layers=2)
+    ids, mask, _ = left_padded([70, 55], seed=2)
+    question = torch.randint(3, 120, (2, 5), generator=torch.Generator().manual_seed(5))
+    press = kc.make_press("chunkkv", compression_ratio=0.5, compile=False)
+    with press(model):
+        context = prefill(model, ids, mask)
+        if how == "teacher-forced":
+            predicted = teacher_forced_logits(model, context, question)[:, -1]
+        else:
+            asked = torch.ones_like(question)
+            if how == "ragged":
+                asked[1, :2] = 0  # row 1 asks a shorter question (left-padded)
+            tokens = greedy_continue(model, context, question, max_new_tokens=6, attention_mask=asked)
+        path = tmp_path / "answered.safetensors"
+        context.save(path, model, press)
+        loaded = CompressedContext.load(path, model)
+        probe = torch.tensor([[7], [9]])
+        expected = teacher_forced_logits(model, context.copy(), probe)
+    if how == "teacher-forced":
+        torch.testing.assert_close(context.last_logits.float(), predicted, rtol=0, atol=0)
+    else:  # (a ragged batch's shorter question finished first and repeats its last token since)
+        rows = slice(0, 1) if how == "ragged" else slice(None)
+        assert torch.equal(context.last_logits.argmax(dim=-1)[rows], tokens[rows, -1])
+    assert torch.equal(loaded.last_logits, context.last_logits.cpu())
+    # the loaded context continues as the original: its last logits and its cache agree
+    with press(model):
+        torch.testing.assert_close(teacher_forced_logits(model, loaded, probe), expected, rtol=1e-5, atol=1e-5)

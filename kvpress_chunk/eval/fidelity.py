@@ -79,8 +79,9 @@ def continuation_logprobs(model, tokenizer, window: Window, press=None) -> tuple
     context = prefill(model, window.context_ids, press=press, tokenizer=tokenizer)
     kept = int(context.kept_per_row()[0])
     continuation = window.continuation_ids.to(model.device)
+    first = context.last_logits.float()  # before teacher forcing moves it past the continuation
     later = teacher_forced_logits(model, context, continuation[:, :-1])  # [1, K-1, V]
-    logits = torch.cat([context.last_logits.float()[:, None], later], dim=1)[0]
+    logits = torch.cat([first[:, None], later], dim=1)[0]
     return torch.log_softmax(logits, dim=-1), kept
 
 

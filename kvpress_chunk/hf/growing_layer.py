@@ -105,6 +105,18 @@ class GrowingDynamicLayer(DynamicLayer):
 
     saved_kind = "DynamicLayer"
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Keys or values replaced by anything but the record's latest views (an eviction by
+        # decoding-time compression, a beam reorder, a crop...): the record is stale, and it
+        # alone would keep the old buffers alive (after a decoding compression the layer held
+        # its pre-eviction buffer as well as the kept tokens: 2.3x the memory of the cache until
+        # the next token, for good when decoding stopped there). The next update starts afresh.
+        if name in ("keys", "values"):
+            growth = self.__dict__.get("_growth")
+            if growth is not None and value is not getattr(growth, name):
+                del self.__dict__["_growth"]
+        super().__setattr__(name, value)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         keys, values = getattr(self, "keys", None), getattr(self, "values", None)
         if not (self.is_initialized and _plain(keys, key_states) and _plain(values, value_states)):
@@ -120,14 +132,10 @@ class GrowingDynamicLayer(DynamicLayer):
 def grow_in_place(layer: Any) -> None:
     """Switch a plain transformers ``DynamicLayer`` to :class:`GrowingDynamicLayer`; any other
     layer (sliding-window, quantized, offloaded, ...) is left as it is. Called after every
-    compression: a growing layer whose keys were just replaced (evicted while decoding) drops its
-    old buffers now rather than at its next step, so a context kept after that compression does
-    not hold the larger pre-eviction buffers."""
+    compression (a growing layer whose keys were replaced has already dropped its old buffers:
+    see ``GrowingDynamicLayer.__setattr__``)."""
     if type(layer) is DynamicLayer:
         layer.__class__ = GrowingDynamicLayer
-    growth = layer.__dict__.get("_growth") if isinstance(layer, GrowingDynamicLayer) else None
-    if growth is not None and (layer.keys is not growth.keys or layer.values is not growth.values):
-        del layer._growth
 
 
 def flat_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -50,6 +50,13 @@ class CompressedContext:
     #: ``int64[B]`` kept tokens measured at prefill for a cache compressed by another library's
     #: press (see :func:`kept_in_cache`); ``None`` otherwise
     measured_kept: torch.Tensor | None = None
+    #: layer -> the key mask another library's press left on that layer's attention module at
+    #: prefill (kvpress' ``masked_key_indices``: AdaKV, ExpectedAttention under AdaKV, KVzip).
+    #: Why on the context: the mask lives on the *model*, so the next prefill replaced it (ours
+    #: clears it) and a context continued after it attended to every key it had masked (tiny
+    #: Llama, AdaKV at 0.7: the full cache's answer while reporting 24 of 80 tokens kept).
+    #: :func:`routed` puts it back on the modules while the context is continued.
+    module_masks: dict[int, tuple] | None = None
 
     def copy(self) -> "CompressedContext":
         """An independent copy, so several questions can start from the same context."""
@@ -59,6 +66,7 @@ class CompressedContext:
             cache, self.next_positions.clone(), self.attention_mask.clone(), self.last_logits,
             carried if carried is not None else dict(self.layer_views),
             None if self.measured_kept is None else self.measured_kept.clone(),
+            None if self.module_masks is None else dict(self.module_masks),
         )
 
     def kept_per_row(self) -> torch.Tensor:
@@ -138,7 +146,11 @@ def prefill(
     measured = None if views else kept_in_cache(model, attention, cache, attention_mask)
     if measured is not None and bool((measured == attention_mask.sum(dim=-1)).all()):
         measured = None  # nothing compressed: the context's own positions say it, as it grows
-    return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views, measured)
+    masks = None if views else {
+        idx: module.masked_key_indices for idx, module in attention if getattr(module, "masked_key_indices", None) is not None
+    }
+    return CompressedContext(cache, attention_mask.sum(dim=-1), attention_mask, out.logits[:, -1], views, measured,
+                             masks or None)
 
 
 def kept_in_cache(
@@ -313,13 +325,33 @@ def teacher_forced_logits(model: nn.Module, context: CompressedContext, input_id
 @contextlib.contextmanager
 def routed(model: nn.Module, context: CompressedContext):
     """Route ``context``'s compressed layers through their views for the block (the views the
-    context holds, else those its cache carries); no router when nothing was compressed."""
+    context holds, else those its cache carries); no router when nothing was compressed. A
+    context another library's press masked (:attr:`CompressedContext.module_masks`) has its
+    masks put back on the attention modules for the block (whatever another prefill left there
+    is restored after)."""
     views = context.layer_views or attached_views(context.cache)
     if not views:
-        yield None
+        with _module_masks(model, context.module_masks):
+            yield None
         return
     with compressed_attention(model) as router, router.using(context.cache, views):
         yield router
+
+
+@contextlib.contextmanager
+def _module_masks(model: nn.Module, masks: dict[int, tuple] | None):
+    if not masks:
+        yield
+        return
+    modules = dict(find_attention_layers(model))
+    saved = {idx: getattr(modules[idx], "masked_key_indices", None) for idx in masks}
+    for idx, mask in masks.items():
+        modules[idx].masked_key_indices = mask
+    try:
+        yield
+    finally:
+        for idx, mask in saved.items():
+            modules[idx].masked_key_indices = mask
 
 
 def forward_after(model: nn.Module, cache, mask: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor, logits_to_keep: int):

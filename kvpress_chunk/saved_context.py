@@ -225,6 +225,16 @@ def save_context(context: Any, path: str | os.PathLike, model: nn.Module, press:
     if not isinstance(context, CompressedContext):
         raise TypeError(f"save_context needs a CompressedContext, got {type(context).__name__}")
     path = Path(path)
+    if context.module_masks:
+        # The masks are the other library's state on the model, read by its attention patch: a
+        # file cannot carry them, and the loaded context attended to every key it had masked
+        # (kvpress' AdaKV at 0.7 on tiny Llama: the full cache's answer, 24 of 80 tokens "kept").
+        raise SavedContextError(
+            f"cannot save this context: another library's press (kvpress' AdaKV, ExpectedAttention under AdaKV or "
+            f"KVzip) masks its keys on the model's attention modules (layers {sorted(context.module_masks)}) instead "
+            "of evicting them, and a file cannot carry those masks: loaded, it would attend to every key. Save a "
+            "context compressed by a press that evicts (ours, or kvpress' SnapKV, ...)"
+        )
     cache = context.cache
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list) or not layers:

@@ -144,3 +144,27 @@ def test_a_kvpress_evicting_press_reports_the_mean_over_its_full_attention_layer
             context = prefill(model, ids, press=press)
         full = [layer.keys.shape[-2] for layer in context.cache.layers if not getattr(layer, "is_sliding", False)]
         assert int(context.kept_per_row()[0]) == round(sum(full) / len(full)) < 300
+
+
+def test_a_context_kvpress_masked_stays_masked_after_another_prefill_and_is_not_saved(tmp_path):
+    """kvpress' AdaKV masks keys on the model's attention modules, not in the cache. A context
+    continued after another prefill (which replaces or, ours, clears those masks) attended to
+    every key: the full cache's answer while reporting 24 of 80 tokens kept; and a saved one
+    loaded without them, silently. The context now carries its masks for its continuations,
+    and saving it is refused."""
+    from kvpress_chunk.generation import greedy_continue, prefill
+    from kvpress_chunk.saved_context import SavedContextError
+
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(0)
+    ids, other, question = (torch.randint(3, 128, (1, n), generator=generator) for n in (80, 80, 4))
+    context = prefill(model, ids, press=kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=0.7)))
+    want = greedy_continue(model, context.copy(), question, 8)  # right after its prefill: masked
+    full = greedy_continue(model, prefill(model, ids), question, 8)
+    assert not torch.equal(want, full)  # the masks matter for this case
+    prefill(model, other, press=kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=0.3)))  # other masks
+    assert torch.equal(greedy_continue(model, context.copy(), question, 8), want)
+    prefill(model, other)  # no masks at all
+    assert torch.equal(greedy_continue(model, context, question, 8), want)
+    with pytest.raises(SavedContextError, match="masks its keys"):
+        context.save(tmp_path / "masked.safetensors", model)

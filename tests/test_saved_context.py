@@ -439,6 +439,40 @@ def test_a_context_another_library_compressed_reports_its_kept_tokens_after_load
     assert load_context(plain, model).kept_per_row().tolist() == [70]
 
 
+def test_a_context_whose_keys_another_library_masks_on_the_model_is_not_saved(tmp_path):
+    """A press of another library that masks keys on the attention modules (kvpress' AdaKV:
+    ``masked_key_indices``) leaves the cache whole: its file held every key and no mask, so the
+    loaded context attended to all of them while its header said what was kept (kvpress' AdaKV
+    at 0.7, tiny Llama: the full cache's answer, 24 of 80 "kept"). Refused; the masks are
+    put back on the modules while the context is continued in memory."""
+    import contextlib
+
+    from kvpress_chunk.hf.hooks import find_attention_layers
+
+    model = tiny("llama")
+    modules = dict(find_attention_layers(model))
+
+    @contextlib.contextmanager
+    def mask_first_ten(model):  # masks keys 0..9 of head 0, as kvpress' masked_key_indices does
+        yield
+        for module in modules.values():
+            module.masked_key_indices = (torch.zeros(10, dtype=torch.long), torch.zeros(10, dtype=torch.long), torch.arange(10))
+
+    context = prefill(model, *left_padded((70,)), press=mask_first_ten)
+    assert sorted(context.module_masks) == sorted(modules)
+    with pytest.raises(SavedContextError, match="masks its keys"):
+        save_context(context, tmp_path / "masked.safetensors", model)
+    prefill(model, *left_padded((70,), seed=1))  # clears the stale masks of the modules
+    seen = []
+    handle = modules[0].register_forward_pre_hook(lambda module, args: seen.append(module.masked_key_indices))
+    try:
+        greedy_continue(model, context, torch.tensor([[5, 6]]), 2)
+    finally:
+        handle.remove()
+    assert seen and all(mask is context.module_masks[0] for mask in seen)
+    assert modules[0].masked_key_indices is None  # what the last prefill left, restored
+
+
 def test_wrong_dtype(saved):
     _, _, path, _ = saved
     half = make_tiny_model("gemma3", num_layers=4, sliding_window=WINDOW, dtype=torch.bfloat16)

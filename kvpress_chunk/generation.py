@@ -211,12 +211,21 @@ def greedy_continue(
     Mutates ``context`` (pass ``context.copy()`` to keep it). Returns the new tokens
     ``[B, <= max_new_tokens]``; rows that finished early are padded with their EOS token (with
     a padded question batch, a row that has all its tokens keeps repeating its last one while
-    longer questions finish, and those repeats stay in the context).
+    longer questions finish, and those repeats stay in the context). ``max_new_tokens=0`` feeds
+    ``input_ids`` and generates nothing (it fed nothing once: the context silently lacked them).
     """
     warn_if_decoding_outside_its_press(model, context.cache)
     device = model.device
     input_ids = input_ids.to(device)
     batch = input_ids.shape[0]
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("max_new_tokens=0 with a padded batch of questions: feed the rows one at a time, or "
+                             "generate at least one token")
+        teacher_forced_logits(model, context, input_ids)
+        return torch.empty(batch, 0, dtype=torch.long, device=device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
         if attention_mask.shape != input_ids.shape:

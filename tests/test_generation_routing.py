@@ -519,3 +519,22 @@ def test_greedy_continue_feeds_a_padded_batch_of_questions_as_each_row_alone(fam
     after = context.copy()
     greedy_continue(model, after, q_ids, 3, attention_mask=q_mask)
     assert after.next_positions.tolist() == [n + width + 2 for n in (60, 45, 70)]
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_greedy_continue_with_no_new_tokens_still_feeds_the_question(mode):
+    # It fed nothing (found by hunt round 10): a question "fed" with max_new_tokens=0 was not in
+    # the context, and the answer that followed continued the bare context instead.
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(3))
+    question, more = ids[:, :5], ids[:, 5:8]
+    press = kc.make_press("chunkkv", compression_ratio=0.5, apply=mode)
+    with torch.no_grad():
+        context = prefill(model, ids[:, 8:], press=press)
+        at_once = greedy_continue(model, context.copy(), torch.cat([question, more], dim=1), max_new_tokens=6)
+        assert greedy_continue(model, context, question, max_new_tokens=0).shape == (1, 0)
+        assert int(context.next_positions[0]) == 52 + 5
+        in_two = greedy_continue(model, context, more, max_new_tokens=6)
+    assert torch.equal(in_two, at_once)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        greedy_continue(model, context, more, max_new_tokens=-1)

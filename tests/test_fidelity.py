@@ -252,6 +252,29 @@ def test_leaderboard_findings_break_needle_ties_on_fidelity():
                        "it ties kvpress' best `kvzip` (100%); fidelity KL 0.010 vs 0.030 (lower is better).")
 
 
+def test_leaderboard_fidelity_on_fewer_windows_says_so_and_is_not_ranked_or_judged_on_them():
+    """A press whose fidelity ran on 1 of the full cache's 4 windows (a store filled part-way, a
+    press added with --windows 1) was ranked above one averaged over all 4 by that one window's
+    KL (0.050 vs 0.282, though the other's KL on that very window was 0.010), and won a needle
+    tie on it, with nothing in the table to show it."""
+    from kvpress_chunk.eval.leaderboard import findings, leaderboard_markdown, summarise
+
+    def kl(case, press, value, ratio=0.5):
+        return {"task": "fidelity", "case": case, "library": "kvpress-chunk" if ratio else "-", "press": press,
+                "compression_ratio": ratio, "kept_tokens": 1, "nll": 1.0, "delta_nll": value, "kl": value,
+                "top1": 1.0, "seconds": 1.0}
+
+    records = [kl(w, "full", 0.0, 0.0) for w in "abcd"] + [_needle("n", "-", "full", 0.0, 1.0)]
+    records += [kl(w, "snapkv", v) for w, v in zip("abcd", (0.01, 0.02, 0.5, 0.6))] + [kl("a", "knorm", 0.05)]
+    records += [_needle("n", "kvpress-chunk", press, 0.5, 1.0) for press in ("snapkv", "knorm")]
+    table = leaderboard_markdown(records)
+    assert "| kvpress-chunk | knorm | 100% | 0.050 (n=1) | 0.050 (n=1) |" in table
+    assert table.index("| kvpress-chunk | snapkv | 100% | 0.282 | 0.282 |") < table.index("| kvpress-chunk | knorm |")
+    said = findings(summarise(records))
+    assert said[0].startswith("* 50% removed: our best `snapkv` keeps 100%")
+    assert said[-1] == "  * not judged (run on fewer cases): `knorm`."
+
+
 def test_leaderboard_findings_never_crown_a_press_run_on_fewer_cases():
     """A press run on 1 of 2 cases (100% there) must not be called the best over one run on both,
     nor be listed above it."""

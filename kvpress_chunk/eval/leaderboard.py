@@ -230,6 +230,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
                 row[f"{name} cases"] = len(values)
             else:
                 row[name] = mean
+        if "fidelity KL" in figures:  # windows behind the fidelity means (a store filled part-way)
+            row["fidelity cases"] = len(figures["fidelity KL"])
         summary[key] = row
     return summary
 
@@ -269,7 +271,8 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
     """What the table says about the issue's questions, computed from it (never typed): per ratio,
     our best press vs kvpress' best on the needle share, and per scorer our best chunked press
     (chunk or sentence grouper) vs our best token-level press on the same scorer. Only presses
-    that ran all of the ratio's needle cases are judged; the others are listed as not judged."""
+    that ran all of the ratio's needle cases (and fidelity windows, whose KL breaks ties) are
+    judged; the others are listed as not judged."""
     lines = []
     for ratio in sorted({key[2] for key in summary}):
         rows = {key: row for key, row in summary.items() if key[2] == ratio and _needle_share(row) is not None}
@@ -331,6 +334,10 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
     full: dict[str, list[float]] = {}
     for (task, _), score in _full_scores(records).items():
         full.setdefault(task, []).append(score)
+    # the windows the full cache ran: a fidelity mean over fewer says so and ranks as partial, as a
+    # needle share does (a press stopped after one window was ranked by that window's KL above
+    # presses averaged over four, with nothing to show it)
+    windows = len({r["case"] for r in records if r["press"] == "full" and r["task"] == "fidelity" and "error" not in r})
     lines = [f"# {title}" if title else "# Leaderboard", ""]
     lines.append("Full cache (absolute score): " + ", ".join(
         f"{task} {100 * sum(v) / len(v):.0f}% of {len(v)} cases" for task, v in sorted(full.items())))
@@ -341,6 +348,7 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
         def rank(item):  # complete rows first (a partial row's share is on fewer cases), then best first
             share = _needle_share(item[1])
             partial = any(item[1].get(f"{task} cases", len(scores)) < len(scores) for task, scores in full.items())
+            partial = partial or item[1].get("fidelity cases", windows) < windows
             return partial, -share if share is not None else 0.0, item[1].get("fidelity KL", 0.0)
 
         lines += ["", f"## {ratio:.0%} removed", "", "| library | press | " + " | ".join(columns) + " | s/run |",
@@ -352,7 +360,8 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
                 if value is None:
                     cells.append("-")
                 elif c.startswith("fidelity"):
-                    cells.append(f"{value:.3f}")
+                    count = row["fidelity cases"]
+                    cells.append(f"{value:.3f}" + ("" if count >= windows else f" (n={count})"))
                 elif value != value:  # NaN: the full cache scored 0 on these cases
                     cells.append(f"n/a (full 0 of {row[f'{c} cases']})")
                 else:  # a cell on fewer cases than the full cache ran says on how many

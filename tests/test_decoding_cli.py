@@ -44,6 +44,24 @@ def test_a_bound_never_reached_is_the_reference_and_a_tight_one_is_not():
     assert tight["first_divergence"] < 40 and tight["agreement"] < 1.0
 
 
+def test_peak_cache_counts_the_layers_the_press_leaves_alone():
+    """Gemma 3's sliding layers are never compressed and hold up to their window: the peak cache
+    of a decoding run (any layer, as the reference and kvpress' rows count it) counted only the
+    compressed layers, so a tiny Gemma 3 (window 32) at M=20 reported 27 while its sliding layers
+    held 31 tokens, below the reference's and kvpress' figures by a definition, not by memory."""
+    from transformers import DynamicCache
+
+    model = make_tiny_model("gemma3", num_layers=4)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt(), past_key_values=cache)
+    sliding = max(layer.keys.shape[-2] for layer, kind in zip(cache.layers, model.config.layer_types)
+                  if kind == "sliding_attention")
+    (row,) = decoding_fidelity(model, prompt(), "knorm", max_caches=(20,), every=8, new_tokens=40,
+                               compression_ratio=0.5)
+    assert sliding > 20 + 8 and row["peak_cache"] == sliding
+
+
 def test_reference_full_compares_against_no_press():
     model = make_tiny_model("llama", num_layers=2)
     (row,) = decoding_fidelity(model, prompt(), "knorm", max_caches=(10_000,), every=8, new_tokens=12,

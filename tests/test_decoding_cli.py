@@ -159,6 +159,17 @@ def test_compare_kvpress_runs_their_decoding_press_on_the_same_cases(tiny_loader
         assert rows[("kvpress-chunk", press, 40)]["peak_cache"] <= 40 + 8
 
 
+def test_kvpress_rows_do_not_claim_the_protect_prompt_they_ignore(tiny_loader, tmp_path, capsys):
+    """kvpress' DecodingPress compresses the whole cache, prompt included; with --protect-prompt its
+    rows in decoding.json said "protect_prompt": true beside ours, which did protect it."""
+    pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
+    assert cli.main(["eval", "decoding", "--presses", "knorm", "--max-caches", "40", "--every", "8", "--new-tokens", "6",
+                     "--length", "80", "--protect-prompt", "--compare-kvpress", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "decoding.json").read_text())["results"]
+    assert {(r["library"], r["protect_prompt"]) for r in rows} == {("kvpress-chunk", True), ("kvpress", False)}
+
+
 def test_cli_mask_mode_gives_evict_modes_figures(tiny_loader, tmp_path, capsys):
     figures = {}
     for apply in ("evict", "mask"):

@@ -410,7 +410,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-kvpress", action="store_true", help="also run kvpress' own presses on the same cases")
     parser.add_argument("--haystack", default="noise", choices=["noise", "prose"])
     parser.add_argument("--needle", default="number", choices=["number", "hex", "name"], help="needle value format")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=_positive, default=32,
+                        help="answer tokens generated per case (default 32; leaderboard 24)")
     parser.add_argument("--model", type=_text, default=None,
                         help="an embedded model (smollm2-135m-instruct, gemma3-270m) or a local HF model folder "
                              "(default: the embedded SmolLM2)")

@@ -155,6 +155,16 @@ def test_windows_below_one_is_refused_not_replaced_by_the_default(argv, capsys, 
     assert f"argument --windows: expected a positive integer, got {argv[-1]}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["niah", "--max-new-tokens", "0"], ["eval", "multikey", "--max-new-tokens", "-3"],
+                                  ["leaderboard", "--max-new-tokens", "0"]])
+def test_no_answer_tokens_is_refused_not_scored_as_lost_needles(argv, capsys, no_model):
+    """`niah --max-new-tokens 0` (or -3) answered every case with '' and reported 0% for every
+    press and for the full cache alike, exit status 0; the leaderboard stored such runs."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert f"argument --max-new-tokens: expected a positive integer, got {argv[-1]}" in capsys.readouterr().err
+
+
 def test_a_continuation_below_one_is_refused_before_the_model_loads(capsys, no_model):
     with pytest.raises(SystemExit):
         cli.main(["eval", "fidelity", "--continuation", "0"])

@@ -124,7 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     stem = f"{args.task}{'-query-aware' if args.query_aware else ''}"
     meta = {
         "task": args.task, "haystack": args.haystack, "needle_format": args.needle, "seed": args.seed,
-        "query_aware": args.query_aware, **settings, "python": platform.python_version(),
+        "query_aware": args.query_aware, "max_new_tokens": args.max_new_tokens, **settings,
+        "python": platform.python_version(),
     }
     _save_results(args, Path(args.out) / f"{stem}.json", meta, results, elapsed, plot_heatmaps,
                   f"{args.task}: score by depth and context length", label="heatmap")

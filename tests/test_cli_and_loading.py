@@ -165,6 +165,21 @@ def test_no_answer_tokens_is_refused_not_scored_as_lost_needles(argv, capsys, no
     assert f"argument --max-new-tokens: expected a positive integer, got {argv[-1]}" in capsys.readouterr().err
 
 
+def test_a_needle_sweep_file_records_its_answer_length(tmp_path, capsys, monkeypatch):
+    """niah.json said every setting but how many answer tokens were generated (which decides
+    what an answer can hold: the leaderboard refuses to mix stores made with two lengths)."""
+    import json
+
+    import kvpress_chunk.hf.models as models
+    from tiny_models import ByteTokenizer, make_tiny_model
+
+    monkeypatch.setattr(models, "load_model", lambda path=None, **_: (make_tiny_model("llama", num_layers=2), ByteTokenizer()))
+    assert cli.main(["niah", "--presses", "knorm", "--ratios", "0.5", "--lengths", "100", "--depths", "0.5",
+                     "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "niah.json").read_text())["meta"]["max_new_tokens"] == 3
+
+
 def test_a_continuation_below_one_is_refused_before_the_model_loads(capsys, no_model):
     with pytest.raises(SystemExit):
         cli.main(["eval", "fidelity", "--continuation", "0"])

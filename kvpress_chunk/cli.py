@@ -341,7 +341,7 @@ def _model_label(name: str | None) -> str:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
-    from .eval.leaderboard import leaderboard_markdown, load_store, rescore, run_leaderboard, save_store
+    from .eval.leaderboard import default_title, leaderboard_markdown, load_store, rescore, run_leaderboard, save_store
     from .eval.report import plot_press_grid
     from .eval.tasks import task_names
 
@@ -387,7 +387,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         except ValueError as exc:  # a corrupt store, a window longer than the prose, a bad needle case
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    text = leaderboard_markdown(records, title=args.title)
+    text = leaderboard_markdown(records, title=args.title if args.title is not None else default_title(records))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--render-only", action="store_true", help="only render the table from the store")
     board.add_argument("--rescore", action="store_true",
                        help="score the store's needle answers again (no model run), rewrite the store, then render")
-    board.add_argument("--title", type=_text, default="Leaderboard (embedded SmolLM2-135M, query-agnostic)")
+    board.add_argument("--title", type=_text, default=None,
+                       help="the table's title (default: 'Leaderboard (<the store's model>, query-agnostic)')")
     board.set_defaults(func=cmd_leaderboard, max_new_tokens=24)  # what the committed stores were run with
     board.set_defaults(out="out/leaderboard.md")
     from .cli_context import add_context_commands

@@ -105,6 +105,25 @@ def test_leaderboard_store_resumes_and_renders(tmp_path):
         run_leaderboard(model, tokenizer, our_entries(["knorm"]), **{**args, "store": legacy}, model_name="/other")
 
 
+def test_leaderboard_title_names_the_model_the_store_was_run_with(tmp_path, capsys, monkeypatch):
+    """`leaderboard --model gemma3-270m` rendered its table under "embedded SmolLM2-135M"."""
+    import kvpress_chunk.hf.models as models
+    from kvpress_chunk import cli
+
+    monkeypatch.setattr(models, "load_model", lambda path=None, **_: (make_tiny_model("llama", num_layers=2), ByteTokenizer()))
+    store, out = tmp_path / "board.jsonl", tmp_path / "board.md"
+    assert cli.main(["leaderboard", "--model", "gemma3-270m", "--presses", "knorm", "--ratios", "0.5", "--tasks", "fidelity",
+                     "--lengths", "120", "--windows", "1", "--store", str(store), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Leaderboard (embedded Gemma 3 270M, query-agnostic)\n")
+    assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Leaderboard (embedded Gemma 3 270M, query-agnostic)\n")
+    store.write_text("".join(line.replace('"gemma3-270m"', '"smollm2-135m-instruct"') + "\n"
+                             for line in store.read_text().splitlines()))
+    assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Leaderboard (embedded SmolLM2-135M, query-agnostic)\n")  # the committed docs' title
+    capsys.readouterr()
+
+
 def test_kvpress_presses_run_on_the_same_windows():
     pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
     from kvpress_chunk.eval.runner import kvpress_entries

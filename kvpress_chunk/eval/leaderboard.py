@@ -326,6 +326,19 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
     return lines
 
 
+#: how a title names a store's model (any other model: its folder, as the store records it)
+MODEL_TITLES = {"smollm2-135m-instruct": "embedded SmolLM2-135M", "gemma3-270m": "embedded Gemma 3 270M"}
+
+
+def default_title(records: list[dict[str, Any]]) -> str:
+    """``Leaderboard (<model>, query-agnostic)`` for the model the store's runs were made with.
+
+    Why: the CLI's title was fixed to SmolLM2's, so a store run with ``--model gemma3-270m`` (or
+    a model folder) was rendered under "embedded SmolLM2-135M"."""
+    models = sorted({str(r.get("model", LEGACY_SETTINGS["model"])) for r in records})
+    return f"Leaderboard ({', '.join(MODEL_TITLES.get(m, m) for m in models)}, query-agnostic)"
+
+
 def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
     """One table per ratio, best first (by the mean share of the full cache's needle scores)."""
     summary = summarise(records)

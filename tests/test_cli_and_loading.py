@@ -212,3 +212,18 @@ def test_an_empty_model_or_title_is_refused_not_replaced_by_the_default(argv, tm
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert f"argument {argv[-2]}: expected a non-empty value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_cache_variable_is_the_default_cache_not_the_working_folder(value, monkeypatch):
+    """KVPRESS_CHUNK_CACHE="" (a variable left empty in a script) made the cache the working
+    folder: the embedded model was converted into it, and the clean-up of older conversions
+    removed any folder there named like one (`smollm2-135m-instruct-*`)."""
+    from pathlib import Path
+
+    from kvpress_chunk.hf.models import cache_root
+
+    monkeypatch.setenv("KVPRESS_CHUNK_CACHE", value)
+    assert cache_root() == Path.home() / ".cache" / "kvpress_chunk"
+    monkeypatch.setenv("KVPRESS_CHUNK_CACHE", "/some/cache")
+    assert cache_root() == Path("/some/cache")

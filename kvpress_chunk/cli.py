@@ -164,10 +164,16 @@ def _entries_and_model(args: argparse.Namespace, settings: dict):
         return 2
     if args.compare_kvpress:
         try:
-            entries += kvpress_entries(settings["presses"])
+            theirs = kvpress_entries(settings["presses"])
         except ImportError:
             print("error: --compare-kvpress needs kvpress: pip install kvpress", file=sys.stderr)
             return 2
+        # a press without a twin got no kvpress row and no word (eval decoding says it)
+        twins = {entry.label for entry in theirs}
+        for name in settings["presses"]:
+            if name.split("(", 1)[0].strip() not in twins:
+                print(f"kvpress comparison skipped for {name}: no kvpress twin")
+        entries += theirs
     loaded = _model(args)
     if isinstance(loaded, int):
         return loaded

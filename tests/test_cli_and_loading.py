@@ -227,3 +227,20 @@ def test_an_empty_cache_variable_is_the_default_cache_not_the_working_folder(val
     assert cache_root() == Path.home() / ".cache" / "kvpress_chunk"
     monkeypatch.setenv("KVPRESS_CHUNK_CACHE", "/some/cache")
     assert cache_root() == Path("/some/cache")
+
+
+def test_compare_kvpress_names_the_presses_it_cannot_compare(tmp_path, capsys, monkeypatch):
+    """`niah --presses observed,knorm --compare-kvpress` ran kvpress' knorm only, and nothing said
+    that `observed` (no kvpress twin) had no comparison row."""
+    pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
+    import json
+
+    from tiny_models import ByteTokenizer, make_tiny_model
+
+    monkeypatch.setattr(models, "load_model", lambda path=None, **_: (make_tiny_model("llama", num_layers=2), ByteTokenizer()))
+    assert cli.main(["niah", "--presses", "observed,knorm", "--ratios", "0.5", "--lengths", "100", "--depths", "0.5",
+                     "--max-new-tokens", "2", "--compare-kvpress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "kvpress comparison skipped for observed: no kvpress twin" in out and "skipped for knorm" not in out
+    rows = json.loads((tmp_path / "niah.json").read_text())["results"]
+    assert {(r["library"], r["press"]) for r in rows if r["library"] == "kvpress"} == {("kvpress", "knorm")}

@@ -79,6 +79,25 @@ def test_continuation_logprobs_report_the_kept_tokens():
     torch.testing.assert_close(logprobs.exp().sum(dim=-1), torch.ones(8))
 
 
+def test_windows_of_two_lengths_are_each_compared_with_their_own_full_cache():
+    """Windows of two context lengths share their indices, and the full cache's predictions were
+    kept by index: every run on the first length was compared with the last length's (the
+    default `eval fidelity` sweeps 1000 and 2000 tokens). knorm at ratio 0, which removes
+    nothing, showed KL 0.020 and ΔNLL -0.063 on the 100-token window instead of 0."""
+    model = make_tiny_model("llama", num_layers=2)
+    tokenizer = ByteTokenizer()
+    windows = make_windows(tokenizer, 100, 8, count=1) + make_windows(tokenizer, 140, 8, count=1)
+    results = run_fidelity(model, tokenizer, windows, our_entries(["knorm"]), [0.0, 0.5], progress=False)
+    alone = [r for w in windows for r in run_fidelity(model, tokenizer, [w], our_entries(["knorm"]), [0.0, 0.5],
+                                                            progress=False)]
+    for record in results:
+        if record["compression_ratio"] == 0.0:
+            assert record["kl"] == pytest.approx(0, abs=1e-4) and record["delta_nll"] == pytest.approx(0, abs=1e-4)
+    figures = ("context_tokens", "press", "compression_ratio", "kl", "delta_nll", "nll", "top1")
+    assert [[r[k] for k in figures] for r in results] == [[r[k] for k in figures] for r in sorted(
+        alone, key=lambda r: (r["press"] != "full", [w.context_ids.shape[-1] for w in windows].index(r["context_tokens"])))]
+
+
 def test_leaderboard_store_resumes_and_renders(tmp_path):
     from kvpress_chunk.eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
 

@@ -271,8 +271,8 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
     """What the table says about the issue's questions, computed from it (never typed): per ratio,
     our best press vs kvpress' best on the needle share, and per scorer our best chunked press
     (chunk or sentence grouper) vs our best token-level press on the same scorer. Only presses
-    that ran all of the ratio's needle cases (and fidelity windows, whose KL breaks ties) are
-    judged; the others are listed as not judged."""
+    that ran all of the ratio's needle cases are judged; the others are listed as not judged.
+    Fidelity KL breaks needle ties only between presses that ran as many windows."""
     lines = []
     for ratio in sorted({key[2] for key in summary}):
         rows = {key: row for key, row in summary.items() if key[2] == ratio and _needle_share(row) is not None}
@@ -283,6 +283,11 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
             for name, count in row.items():
                 if name.endswith(" cases"):
                     most[name] = max(most.get(name, 0), count)
+        # Fidelity only breaks needle ties: a KL over fewer windows than the others' breaks none.
+        windows = most.pop("fidelity cases", 0)
+        rows = {key: row if row.get("fidelity cases", 0) == windows else {k: v for k, v in row.items()
+                                                                         if not k.startswith("fidelity")}
+                for key, row in rows.items()}
         complete = {key for key, row in rows.items() if all(row.get(name, 0) == count for name, count in most.items())}
         partial = sorted(key[1] + ("" if key[0] == "kvpress-chunk" else f" ({key[0]})") for key in rows if key not in complete)
         rows = {key: row for key, row in rows.items() if key in complete}

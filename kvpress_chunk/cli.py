@@ -124,7 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     stem = f"{args.task}{'-query-aware' if args.query_aware else ''}"
     meta = {
         "task": args.task, "haystack": args.haystack, "needle_format": args.needle, "seed": args.seed,
-        "query_aware": args.query_aware, **settings, "python": platform.python_version(),
+        "query_aware": args.query_aware, "max_new_tokens": args.max_new_tokens, **settings,
+        "python": platform.python_version(),
     }
     _save_results(args, Path(args.out) / f"{stem}.json", meta, results, elapsed, plot_heatmaps,
                   f"{args.task}: score by depth and context length", label="heatmap")
@@ -163,10 +164,16 @@ def _entries_and_model(args: argparse.Namespace, settings: dict):
         return 2
     if args.compare_kvpress:
         try:
-            entries += kvpress_entries(settings["presses"])
+            theirs = kvpress_entries(settings["presses"])
         except ImportError:
             print("error: --compare-kvpress needs kvpress: pip install kvpress", file=sys.stderr)
             return 2
+        # a press without a twin got no kvpress row and no word (eval decoding says it)
+        twins = {entry.label for entry in theirs}
+        for name in settings["presses"]:
+            if name.split("(", 1)[0].strip() not in twins:
+                print(f"kvpress comparison skipped for {name}: no kvpress twin")
+        entries += theirs
     loaded = _model(args)
     if isinstance(loaded, int):
         return loaded
@@ -315,6 +322,9 @@ def cmd_decoding(args: argparse.Namespace) -> int:
     results = run_decoding_fidelity(model, window.context_ids, entries, settings["max_caches"], every,
                                     settings["new_tokens"], meta={"compression_ratio": ratio,
                                                                   "protect_prompt": settings["protect_prompt"]})
+    for row in results:  # kvpress' DecodingPress compresses the prompt too: its rows say what ran
+        if row["library"] == "kvpress":
+            row["protect_prompt"] = False
     elapsed = time.perf_counter() - start
     print()
     print(format_decoding_table(results))
@@ -337,7 +347,7 @@ def _model_label(name: str | None) -> str:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
-    from .eval.leaderboard import leaderboard_markdown, load_store, rescore, run_leaderboard, save_store
+    from .eval.leaderboard import default_title, leaderboard_markdown, load_store, rescore, run_leaderboard, save_store
     from .eval.report import plot_press_grid
     from .eval.tasks import task_names
 
@@ -383,7 +393,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         except ValueError as exc:  # a corrupt store, a window longer than the prose, a bad needle case
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    text = leaderboard_markdown(records, title=args.title)
+    text = leaderboard_markdown(records, title=args.title if args.title is not None else default_title(records))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
@@ -407,7 +417,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-kvpress", action="store_true", help="also run kvpress' own presses on the same cases")
     parser.add_argument("--haystack", default="noise", choices=["noise", "prose"])
     parser.add_argument("--needle", default="number", choices=["number", "hex", "name"], help="needle value format")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=_positive, default=32,
+                        help="answer tokens generated per case (default 32; leaderboard 24)")
     parser.add_argument("--model", type=_text, default=None,
                         help="an embedded model (smollm2-135m-instruct, gemma3-270m) or a local HF model folder "
                              "(default: the embedded SmolLM2)")
@@ -457,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--render-only", action="store_true", help="only render the table from the store")
     board.add_argument("--rescore", action="store_true",
                        help="score the store's needle answers again (no model run), rewrite the store, then render")
-    board.add_argument("--title", type=_text, default="Leaderboard (embedded SmolLM2-135M, query-agnostic)")
+    board.add_argument("--title", type=_text, default=None,
+                       help="the table's title (default: 'Leaderboard (<the store's model>, query-agnostic)')")
     board.set_defaults(func=cmd_leaderboard, max_new_tokens=24)  # what the committed stores were run with
     board.set_defaults(out="out/leaderboard.md")
     from .cli_context import add_context_commands

@@ -155,6 +155,31 @@ def test_windows_below_one_is_refused_not_replaced_by_the_default(argv, capsys, 
     assert f"argument --windows: expected a positive integer, got {argv[-1]}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["niah", "--max-new-tokens", "0"], ["eval", "multikey", "--max-new-tokens", "-3"],
+                                  ["leaderboard", "--max-new-tokens", "0"]])
+def test_no_answer_tokens_is_refused_not_scored_as_lost_needles(argv, capsys, no_model):
+    """`niah --max-new-tokens 0` (or -3) answered every case with '' and reported 0% for every
+    press and for the full cache alike, exit status 0; the leaderboard stored such runs."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert f"argument --max-new-tokens: expected a positive integer, got {argv[-1]}" in capsys.readouterr().err
+
+
+def test_a_needle_sweep_file_records_its_answer_length(tmp_path, capsys, monkeypatch):
+    """niah.json said every setting but how many answer tokens were generated (which decides
+    what an answer can hold: the leaderboard refuses to mix stores made with two lengths)."""
+    import json
+
+    import kvpress_chunk.hf.models as models
+    from tiny_models import ByteTokenizer, make_tiny_model
+
+    monkeypatch.setattr(models, "load_model", lambda path=None, **_: (make_tiny_model("llama", num_layers=2), ByteTokenizer()))
+    assert cli.main(["niah", "--presses", "knorm", "--ratios", "0.5", "--lengths", "100", "--depths", "0.5",
+                     "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "niah.json").read_text())["meta"]["max_new_tokens"] == 3
+
+
 def test_a_continuation_below_one_is_refused_before_the_model_loads(capsys, no_model):
     with pytest.raises(SystemExit):
         cli.main(["eval", "fidelity", "--continuation", "0"])
@@ -187,3 +212,35 @@ def test_an_empty_model_or_title_is_refused_not_replaced_by_the_default(argv, tm
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert f"argument {argv[-2]}: expected a non-empty value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_cache_variable_is_the_default_cache_not_the_working_folder(value, monkeypatch):
+    """KVPRESS_CHUNK_CACHE="" (a variable left empty in a script) made the cache the working
+    folder: the embedded model was converted into it, and the clean-up of older conversions
+    removed any folder there named like one (`smollm2-135m-instruct-*`)."""
+    from pathlib import Path
+
+    from kvpress_chunk.hf.models import cache_root
+
+    monkeypatch.setenv("KVPRESS_CHUNK_CACHE", value)
+    assert cache_root() == Path.home() / ".cache" / "kvpress_chunk"
+    monkeypatch.setenv("KVPRESS_CHUNK_CACHE", "/some/cache")
+    assert cache_root() == Path("/some/cache")
+
+
+def test_compare_kvpress_names_the_presses_it_cannot_compare(tmp_path, capsys, monkeypatch):
+    """`niah --presses observed,knorm --compare-kvpress` ran kvpress' knorm only, and nothing said
+    that `observed` (no kvpress twin) had no comparison row."""
+    pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
+    import json
+
+    from tiny_models import ByteTokenizer, make_tiny_model
+
+    monkeypatch.setattr(models, "load_model", lambda path=None, **_: (make_tiny_model("llama", num_layers=2), ByteTokenizer()))
+    assert cli.main(["niah", "--presses", "observed,knorm", "--ratios", "0.5", "--lengths", "100", "--depths", "0.5",
+                     "--max-new-tokens", "2", "--compare-kvpress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "kvpress comparison skipped for observed: no kvpress twin" in out and "skipped for knorm" not in out
+    rows = json.loads((tmp_path / "niah.json").read_text())["results"]
+    assert {(r["library"], r["press"]) for r in rows if r["library"] == "kvpress"} == {("kvpress", "knorm")}

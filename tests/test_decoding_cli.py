@@ -44,6 +44,24 @@ def test_a_bound_never_reached_is_the_reference_and_a_tight_one_is_not():
     assert tight["first_divergence"] < 40 and tight["agreement"] < 1.0
 
 
+def test_peak_cache_counts_the_layers_the_press_leaves_alone():
+    """Gemma 3's sliding layers are never compressed and hold up to their window: the peak cache
+    of a decoding run (any layer, as the reference and kvpress' rows count it) counted only the
+    compressed layers, so a tiny Gemma 3 (window 32) at M=20 reported 27 while its sliding layers
+    held 31 tokens, below the reference's and kvpress' figures by a definition, not by memory."""
+    from transformers import DynamicCache
+
+    model = make_tiny_model("gemma3", num_layers=4)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt(), past_key_values=cache)
+    sliding = max(layer.keys.shape[-2] for layer, kind in zip(cache.layers, model.config.layer_types)
+                  if kind == "sliding_attention")
+    (row,) = decoding_fidelity(model, prompt(), "knorm", max_caches=(20,), every=8, new_tokens=40,
+                               compression_ratio=0.5)
+    assert sliding > 20 + 8 and row["peak_cache"] == sliding
+
+
 def test_reference_full_compares_against_no_press():
     model = make_tiny_model("llama", num_layers=2)
     (row,) = decoding_fidelity(model, prompt(), "knorm", max_caches=(10_000,), every=8, new_tokens=12,
@@ -139,6 +157,17 @@ def test_compare_kvpress_runs_their_decoding_press_on_the_same_cases(tiny_loader
         # prefill first grow by N - 1; ours compresses as soon as a row holds M + N.
         assert 40 + 8 < tight["peak_cache"] <= 50 + 8 - 1 and loose["agreement"] == 1.0
         assert rows[("kvpress-chunk", press, 40)]["peak_cache"] <= 40 + 8
+
+
+def test_kvpress_rows_do_not_claim_the_protect_prompt_they_ignore(tiny_loader, tmp_path, capsys):
+    """kvpress' DecodingPress compresses the whole cache, prompt included; with --protect-prompt its
+    rows in decoding.json said "protect_prompt": true beside ours, which did protect it."""
+    pytest.importorskip("kvpress", reason="kvpress is installed only in the pinned CI run (extra 'oracle')")
+    assert cli.main(["eval", "decoding", "--presses", "knorm", "--max-caches", "40", "--every", "8", "--new-tokens", "6",
+                     "--length", "80", "--protect-prompt", "--compare-kvpress", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "decoding.json").read_text())["results"]
+    assert {(r["library"], r["protect_prompt"]) for r in rows} == {("kvpress-chunk", True), ("kvpress", False)}
 
 
 def test_cli_mask_mode_gives_evict_modes_figures(tiny_loader, tmp_path, capsys):

@@ -79,6 +79,25 @@ def test_continuation_logprobs_report_the_kept_tokens():
     torch.testing.assert_close(logprobs.exp().sum(dim=-1), torch.ones(8))
 
 
+def test_windows_of_two_lengths_are_each_compared_with_their_own_full_cache():
+    """Windows of two context lengths share their indices, and the full cache's predictions were
+    kept by index: every run on the first length was compared with the last length's (the
+    default `eval fidelity` sweeps 1000 and 2000 tokens). knorm at ratio 0, which removes
+    nothing, showed KL 0.020 and ΔNLL -0.063 on the 100-token window instead of 0."""
+    model = make_tiny_model("llama", num_layers=2)
+    tokenizer = ByteTokenizer()
+    windows = make_windows(tokenizer, 100, 8, count=1) + make_windows(tokenizer, 140, 8, count=1)
+    results = run_fidelity(model, tokenizer, windows, our_entries(["knorm"]), [0.0, 0.5], progress=False)
+    alone = [r for w in windows for r in run_fidelity(model, tokenizer, [w], our_entries(["knorm"]), [0.0, 0.5],
+                                                            progress=False)]
+    for record in results:
+        if record["compression_ratio"] == 0.0:
+            assert record["kl"] == pytest.approx(0, abs=1e-4) and record["delta_nll"] == pytest.approx(0, abs=1e-4)
+    figures = ("context_tokens", "press", "compression_ratio", "kl", "delta_nll", "nll", "top1")
+    assert [[r[k] for k in figures] for r in results] == [[r[k] for k in figures] for r in sorted(
+        alone, key=lambda r: (r["press"] != "full", [w.context_ids.shape[-1] for w in windows].index(r["context_tokens"])))]
+
+
 def test_leaderboard_store_resumes_and_renders(tmp_path):
     from kvpress_chunk.eval.leaderboard import leaderboard_markdown, load_store, run_leaderboard
 
@@ -103,6 +122,25 @@ def test_leaderboard_store_resumes_and_renders(tmp_path):
                                   "compression_ratio": 0.0}) + "\n")
     with pytest.raises(ValueError, match="model='smollm2-135m-instruct'"):
         run_leaderboard(model, tokenizer, our_entries(["knorm"]), **{**args, "store": legacy}, model_name="/other")
+
+
+def test_leaderboard_title_names_the_model_the_store_was_run_with(tmp_path, capsys, monkeypatch):
+    """`leaderboard --model gemma3-270m` rendered its table under "embedded SmolLM2-135M"."""
+    import kvpress_chunk.hf.models as models
+    from kvpress_chunk import cli
+
+    monkeypatch.setattr(models, "load_model", lambda path=None, **_: (make_tiny_model("llama", num_layers=2), ByteTokenizer()))
+    store, out = tmp_path / "board.jsonl", tmp_path / "board.md"
+    assert cli.main(["leaderboard", "--model", "gemma3-270m", "--presses", "knorm", "--ratios", "0.5", "--tasks", "fidelity",
+                     "--lengths", "120", "--windows", "1", "--store", str(store), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Leaderboard (embedded Gemma 3 270M, query-agnostic)\n")
+    assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Leaderboard (embedded Gemma 3 270M, query-agnostic)\n")
+    store.write_text("".join(line.replace('"gemma3-270m"', '"smollm2-135m-instruct"') + "\n"
+                             for line in store.read_text().splitlines()))
+    assert cli.main(["leaderboard", "--render-only", "--store", str(store), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Leaderboard (embedded SmolLM2-135M, query-agnostic)\n")  # the committed docs' title
+    capsys.readouterr()
 
 
 def test_kvpress_presses_run_on_the_same_windows():
@@ -250,6 +288,28 @@ def test_leaderboard_findings_break_needle_ties_on_fidelity():
     said = findings(summarise(records))
     assert said[0] == ("* 50% removed: our best `z-press` keeps 100% of the full cache's needle score; "
                        "it ties kvpress' best `kvzip` (100%); fidelity KL 0.010 vs 0.030 (lower is better).")
+
+
+def test_leaderboard_fidelity_on_fewer_windows_says_so_and_breaks_no_tie():
+    """A press whose fidelity ran on 1 of the full cache's 4 windows (a store filled part-way, a
+    press added with --windows 1) was ranked above one averaged over all 4 by that one window's
+    KL (0.050 vs 0.282, though the other's KL on that very window was 0.010), and won a needle
+    tie on it, with nothing in the table to show it."""
+    from kvpress_chunk.eval.leaderboard import findings, leaderboard_markdown, summarise
+
+    def kl(case, press, value, ratio=0.5):
+        return {"task": "fidelity", "case": case, "library": "kvpress-chunk" if ratio else "-", "press": press,
+                "compression_ratio": ratio, "kept_tokens": 1, "nll": 1.0, "delta_nll": value, "kl": value,
+                "top1": 1.0, "seconds": 1.0}
+
+    records = [kl(w, "full", 0.0, 0.0) for w in "abcd"] + [_needle("n", "-", "full", 0.0, 1.0)]
+    records += [kl(w, "snapkv", v) for w, v in zip("abcd", (0.01, 0.02, 0.5, 0.6))] + [kl("a", "knorm", 0.05)]
+    records += [_needle("n", "kvpress-chunk", press, 0.5, 1.0) for press in ("snapkv", "knorm")]
+    table = leaderboard_markdown(records)
+    assert "| kvpress-chunk | knorm | 100% | 0.050 (n=1) | 0.050 (n=1) |" in table
+    assert table.index("| kvpress-chunk | snapkv | 100% | 0.282 | 0.282 |") < table.index("| kvpress-chunk | knorm |")
+    said = findings(summarise(records))  # a needle tie, broken by the KL over all 4 windows only
+    assert said == ["* 50% removed: our best `snapkv` keeps 100% of the full cache's needle score."]
 
 
 def test_leaderboard_findings_never_crown_a_press_run_on_fewer_cases():

@@ -133,6 +133,7 @@ class _PeakCache:
 
     def __init__(self, model: nn.Module):
         self.peak = 0
+        self.layers: dict[int, int] = {}  # layer index -> its own peak
         self.handle = model.register_forward_hook(self._after, with_kwargs=True)
 
     def _after(self, module, args, kwargs, output) -> None:
@@ -141,7 +142,9 @@ class _PeakCache:
         for idx, layer in enumerate(getattr(cache, "layers", None) or []):
             keys = getattr(layer, "keys", None)
             if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-                self.peak = max(self.peak, attended_tokens(keys.shape[-2], views.get(idx)))
+                count = attended_tokens(keys.shape[-2], views.get(idx))
+                self.layers[idx] = max(self.layers.get(idx, 0), count)
+                self.peak = max(self.peak, count)
 
     def close(self) -> None:
         self.handle.remove()
@@ -168,7 +171,11 @@ def _run(model: nn.Module, input_ids: torch.Tensor, press: Any, new_tokens: int,
                 nll = _teacher_forced(model, context, forced)
                 session = active_session(model)
                 if session is not None and session.decoder is not None:
-                    return nll, session.decoder.max_seen  # real (visible) tokens, padding excluded
+                    # real (visible) tokens of the layers it compresses, padding excluded; the
+                    # layers it leaves alone (sliding windows: Gemma 3's hold up to 511 tokens)
+                    # count as they do in the reference and kvpress' rows, by their length
+                    others = [n for idx, n in tracker.layers.items() if idx not in session.compressible]
+                    return nll, max([session.decoder.max_seen, *others])
                 return nll, tracker.peak
             first = context.last_logits.argmax(dim=-1, keepdim=True)
             rest = greedy_continue(model, context, first, new_tokens - 1)

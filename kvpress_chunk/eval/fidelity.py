@@ -105,11 +105,15 @@ def run_fidelity(
     from tqdm import tqdm
 
     entries = list(entries)
-    runs = [(w, None, 0.0) for w in windows] + [(w, e, r) for w in windows for e in entries for r in ratios]
+    # References are keyed by the window's place in the list: windows of two context lengths share
+    # their indices (make_windows numbers each length's from 0), and keyed by index, every press
+    # run on the first length was compared with the last length's full-cache predictions.
+    runs = [(i, w, None, 0.0) for i, w in enumerate(windows)]
+    runs += [(i, w, e, r) for i, w in enumerate(windows) for e in entries for r in ratios]
     references: dict[int, torch.Tensor] = {}
     results = []
     bar = tqdm(runs, desc="fidelity", unit="run", file=sys.stderr, disable=not progress)
-    for window, entry, ratio in bar:
+    for place, window, entry, ratio in bar:
         label = "full" if entry is None else entry.label
         bar.set_postfix_str(f"{label} r={ratio}", refresh=False)
         library = "-" if entry is None else entry.library
@@ -118,9 +122,9 @@ def run_fidelity(
         try:
             logprobs, kept = continuation_logprobs(model, tokenizer, window, press)
             if entry is None:
-                references[window.index] = logprobs
+                references[place] = logprobs
             figures = {"kept_tokens": kept,
-                       **compare(references[window.index], logprobs, window.continuation_ids[0].to(logprobs.device))}
+                       **compare(references[place], logprobs, window.continuation_ids[0].to(logprobs.device))}
         except Exception as error:  # noqa: BLE001 - reference_failure raises again unless it is kvpress'
             figures = reference_failure(library, error)
         results.append({

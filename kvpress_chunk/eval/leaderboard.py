@@ -230,6 +230,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[tuple, dict[str, float]]:
                 row[f"{name} cases"] = len(values)
             else:
                 row[name] = mean
+        if "fidelity KL" in figures:  # windows behind the fidelity means (a store filled part-way)
+            row["fidelity cases"] = len(figures["fidelity KL"])
         summary[key] = row
     return summary
 
@@ -269,7 +271,8 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
     """What the table says about the issue's questions, computed from it (never typed): per ratio,
     our best press vs kvpress' best on the needle share, and per scorer our best chunked press
     (chunk or sentence grouper) vs our best token-level press on the same scorer. Only presses
-    that ran all of the ratio's needle cases are judged; the others are listed as not judged."""
+    that ran all of the ratio's needle cases are judged; the others are listed as not judged.
+    Fidelity KL breaks needle ties only between presses that ran as many windows."""
     lines = []
     for ratio in sorted({key[2] for key in summary}):
         rows = {key: row for key, row in summary.items() if key[2] == ratio and _needle_share(row) is not None}
@@ -280,6 +283,11 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
             for name, count in row.items():
                 if name.endswith(" cases"):
                     most[name] = max(most.get(name, 0), count)
+        # Fidelity only breaks needle ties: a KL over fewer windows than the others' breaks none.
+        windows = most.pop("fidelity cases", 0)
+        rows = {key: row if row.get("fidelity cases", 0) == windows else {k: v for k, v in row.items()
+                                                                         if not k.startswith("fidelity")}
+                for key, row in rows.items()}
         complete = {key for key, row in rows.items() if all(row.get(name, 0) == count for name, count in most.items())}
         partial = sorted(key[1] + ("" if key[0] == "kvpress-chunk" else f" ({key[0]})") for key in rows if key not in complete)
         rows = {key: row for key, row in rows.items() if key in complete}
@@ -323,6 +331,19 @@ def findings(summary: dict[tuple, dict[str, float]]) -> list[str]:
     return lines
 
 
+#: how a title names a store's model (any other model: its folder, as the store records it)
+MODEL_TITLES = {"smollm2-135m-instruct": "embedded SmolLM2-135M", "gemma3-270m": "embedded Gemma 3 270M"}
+
+
+def default_title(records: list[dict[str, Any]]) -> str:
+    """``Leaderboard (<model>, query-agnostic)`` for the model the store's runs were made with.
+
+    Why: the CLI's title was fixed to SmolLM2's, so a store run with ``--model gemma3-270m`` (or
+    a model folder) was rendered under "embedded SmolLM2-135M"."""
+    models = sorted({str(r.get("model", LEGACY_SETTINGS["model"])) for r in records})
+    return f"Leaderboard ({', '.join(MODEL_TITLES.get(m, m) for m in models)}, query-agnostic)"
+
+
 def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
     """One table per ratio, best first (by the mean share of the full cache's needle scores)."""
     summary = summarise(records)
@@ -331,6 +352,10 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
     full: dict[str, list[float]] = {}
     for (task, _), score in _full_scores(records).items():
         full.setdefault(task, []).append(score)
+    # the windows the full cache ran: a fidelity mean over fewer says so and ranks as partial, as a
+    # needle share does (a press stopped after one window was ranked by that window's KL above
+    # presses averaged over four, with nothing to show it)
+    windows = len({r["case"] for r in records if r["press"] == "full" and r["task"] == "fidelity" and "error" not in r})
     lines = [f"# {title}" if title else "# Leaderboard", ""]
     lines.append("Full cache (absolute score): " + ", ".join(
         f"{task} {100 * sum(v) / len(v):.0f}% of {len(v)} cases" for task, v in sorted(full.items())))
@@ -341,6 +366,7 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
         def rank(item):  # complete rows first (a partial row's share is on fewer cases), then best first
             share = _needle_share(item[1])
             partial = any(item[1].get(f"{task} cases", len(scores)) < len(scores) for task, scores in full.items())
+            partial = partial or item[1].get("fidelity cases", windows) < windows
             return partial, -share if share is not None else 0.0, item[1].get("fidelity KL", 0.0)
 
         lines += ["", f"## {ratio:.0%} removed", "", "| library | press | " + " | ".join(columns) + " | s/run |",
@@ -352,7 +378,8 @@ def leaderboard_markdown(records: list[dict[str, Any]], title: str = "") -> str:
                 if value is None:
                     cells.append("-")
                 elif c.startswith("fidelity"):
-                    cells.append(f"{value:.3f}")
+                    count = row["fidelity cases"]
+                    cells.append(f"{value:.3f}" + ("" if count >= windows else f" (n={count})"))
                 elif value != value:  # NaN: the full cache scored 0 on these cases
                     cells.append(f"n/a (full 0 of {row[f'{c} cases']})")
                 else:  # a cell on fewer cases than the full cache ran says on how many

@@ -50,8 +50,11 @@ def default_model_path() -> tuple[Path, str]:
 
 
 def cache_root() -> Path:
-    """Where converted models are kept: ``$KVPRESS_CHUNK_CACHE`` or ``~/.cache/kvpress_chunk``."""
-    return Path(os.environ.get("KVPRESS_CHUNK_CACHE", Path.home() / ".cache" / "kvpress_chunk"))
+    """Where converted models are kept: ``$KVPRESS_CHUNK_CACHE`` or ``~/.cache/kvpress_chunk``.
+    An empty or blank variable counts as unset: ``Path("")`` is the working folder, where a
+    conversion landed and its clean-up removed every folder named like an older conversion."""
+    configured = os.environ.get("KVPRESS_CHUNK_CACHE", "")
+    return Path(configured) if configured.strip() else Path.home() / ".cache" / "kvpress_chunk"
 
 
 @contextlib.contextmanager

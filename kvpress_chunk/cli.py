@@ -336,19 +336,11 @@ def cmd_decoding(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _model_label(name: str | None) -> str:
-    """How a store names the model: an embedded model's name, else the folder's absolute path."""
-    from .hf.models import EMBEDDED_MODELS
-
-    if name is None:
-        return "smollm2-135m-instruct"
-    return name if name in EMBEDDED_MODELS else str(Path(name).resolve())
-
-
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``kvpress-chunk leaderboard``: presses x ratios x tasks, resumable, rendered to markdown."""
     from .eval.leaderboard import default_title, leaderboard_markdown, load_store, rescore, run_leaderboard, save_store
     from .eval.report import plot_press_grid
+    from .hf.models import model_label
     from .eval.tasks import task_names
 
     settings = {"presses": args.presses or DEFAULTS["presses"], "ratios": args.ratios or DEFAULTS["ratios"],
@@ -389,7 +381,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                                       settings["lengths"], settings["depths"], tuple(args.formats),
                                       args.windows if args.windows is not None else 4,
                                       args.seed, max_new_tokens=args.max_new_tokens,
-                                      model_name=_model_label(args.model))
+                                      model_name=model_label(args.model))
         except ValueError as exc:  # a corrupt store, a window longer than the prose, a bad needle case
             print(f"error: {exc}", file=sys.stderr)
             return 2

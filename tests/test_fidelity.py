@@ -112,7 +112,7 @@ def test_leaderboard_store_resumes_and_renders(tmp_path):
     assert [r["press"] for r in again].count("knorm") == 1
     table = leaderboard_markdown(again)
     assert "## 50% removed" in table and "| kvpress-chunk | keydiff |" in table and "fidelity KL" in table
-    assert {(r["model"], r["max_new_tokens"]) for r in again} == {("smollm2-135m-instruct", 24)}
+    assert {(r["model"], r["max_new_tokens"]) for r in again} == {("LlamaForCausalLM", 24)}  # built in code: its class
     # Resuming with another model (or answer length) would mix two models in one table: refused.
     for other in (dict(model_name="/some/other/model"), dict(max_new_tokens=8)):
         with pytest.raises(ValueError, match="use another --store"):
@@ -122,6 +122,24 @@ def test_leaderboard_store_resumes_and_renders(tmp_path):
                                   "compression_ratio": 0.0}) + "\n")
     with pytest.raises(ValueError, match="model='smollm2-135m-instruct'"):
         run_leaderboard(model, tokenizer, our_entries(["knorm"]), **{**args, "store": legacy}, model_name="/other")
+
+
+def test_a_store_refuses_another_models_runs_from_python_too(tmp_path):
+    """run_leaderboard named every model SmolLM2 unless told otherwise: a second model's runs
+    from Python resumed the first model's store and mixed into its table."""
+    from kvpress_chunk.eval.leaderboard import run_leaderboard
+    from kvpress_chunk.hf.models import MODEL_LABEL_ATTR, label_of, model_label
+
+    tokenizer = ByteTokenizer()
+    args = dict(ratios=[0.5], tasks=["fidelity"], store=tmp_path / "board.jsonl", lengths=[100], depths=[0.5],
+                windows=1, progress=False)
+    llama = make_tiny_model("llama", num_layers=2)
+    setattr(llama, MODEL_LABEL_ATTR, model_label(str(tmp_path / "llama-folder")))  # what load_model records
+    assert label_of(llama) == str((tmp_path / "llama-folder").resolve())
+    assert {r["model"] for r in run_leaderboard(llama, tokenizer, our_entries(["knorm"]), **args)} == {label_of(llama)}
+    with pytest.raises(ValueError, match="use another --store"):
+        run_leaderboard(make_tiny_model("qwen2", num_layers=2), tokenizer, our_entries(["knorm"]), **args)
+    assert model_label(None) == "smollm2-135m-instruct" and model_label("gemma3-270m") == "gemma3-270m"
 
 
 def test_leaderboard_title_names_the_model_the_store_was_run_with(tmp_path, capsys, monkeypatch):

@@ -92,16 +92,22 @@ def run_leaderboard(
     seed: int = 0,
     max_new_tokens: int = 24,
     progress: bool = True,
-    model_name: str = LEGACY_SETTINGS["model"],
+    model_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run what ``store`` lacks (full cache first, then every entry x ratio) and return the store.
-    ``model_name`` and ``max_new_tokens`` are written into every record, and a store made with
-    others is refused (:func:`check_store_settings`)."""
+    ``model_name`` (default: the model's own label, :func:`~kvpress_chunk.hf.models.label_of`;
+    it was SmolLM2's whatever the model, so a store could mix two models' runs) and
+    ``max_new_tokens`` are written into every record, and a store made with others is refused
+    (:func:`check_store_settings`)."""
     from tqdm import tqdm
 
     entries = list(entries)
     store.parent.mkdir(parents=True, exist_ok=True)
     existing = load_store(store, repair=True)
+    if model_name is None:
+        from ..hf.models import label_of
+
+        model_name = label_of(model)
     settings = {"model": model_name, "max_new_tokens": max_new_tokens}
     check_store_settings(store, existing, settings)
     done = {_key(r) for r in existing}

@@ -307,6 +307,30 @@ def resolve_model_folder(name_or_path: str | os.PathLike | None) -> Path:
     return folder
 
 
+#: attribute :func:`load_model` sets on the model it returns: the name it was loaded by
+#: (:func:`model_label`), which result stores record so that runs of two models never mix
+MODEL_LABEL_ATTR = "kvpress_chunk_model"
+
+
+def model_label(name_or_path: str | os.PathLike | None) -> str:
+    """How results name a model: an embedded model's name (the default one for ``None``), else
+    the folder's absolute path."""
+    if name_or_path is None:
+        return DEFAULT_MODEL
+    if isinstance(name_or_path, str) and name_or_path in EMBEDDED_MODELS:
+        return name_or_path
+    return str(Path(name_or_path).resolve())
+
+
+def label_of(model) -> str:
+    """The name a loaded model goes by in result stores: what :func:`load_model` recorded, else
+    the checkpoint path in its config, else its class (a model built in code)."""
+    recorded = getattr(model, MODEL_LABEL_ATTR, None)
+    if recorded:
+        return recorded
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+
+
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
     """``(model, tokenizer)`` from an embedded model name (``embedded_model_names()``: the default
@@ -334,7 +358,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    setattr(model, MODEL_LABEL_ATTR, model_label(path))
+    return model, tokenizer
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -150,7 +150,7 @@ def _save_results(args: argparse.Namespace, path: Path, meta: dict, results: lis
 
 def _entries_and_model(args: argparse.Namespace, settings: dict):
     """``(entries, model, tokenizer)`` for a sweep, or an exit code after printing the error."""
-    from .eval.runner import kvpress_entries, our_entries
+    from .eval.runner import kvpress_entries, our_entries, preset_of
     from .registry import SpecError
 
     for ratio in settings["ratios"]:
@@ -171,7 +171,7 @@ def _entries_and_model(args: argparse.Namespace, settings: dict):
         # a press without a twin got no kvpress row and no word (eval decoding says it)
         twins = {entry.label for entry in theirs}
         for name in settings["presses"]:
-            if name.split("(", 1)[0].strip() not in twins:
+            if preset_of(name) not in twins:
                 print(f"kvpress comparison skipped for {name}: no kvpress twin")
         entries += theirs
     loaded = _model(args)

@@ -74,12 +74,12 @@ def kvpress_decoding_entries(names: Iterable[str], compression_ratio: float, eve
     from kvpress.presses.adakv_press import AdaKVPress
     from kvpress.presses.scorer_press import ScorerPress
 
-    from .runner import kvpress_entries
+    from .runner import kvpress_entries, preset_of
 
     twins = {entry.label: entry for entry in kvpress_entries(names)}
     entries, skipped = [], []
     for name in names:
-        base_name = name.split("(", 1)[0].strip()
+        base_name = preset_of(name)
         twin = twins.get(base_name)
         if twin is None:
             skipped.append((name, "no kvpress twin"))

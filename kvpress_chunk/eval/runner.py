@@ -38,6 +38,12 @@ def our_entries(names: Iterable[str], compile: bool = False) -> list[PressEntry]
     return entries
 
 
+def preset_of(name: str) -> str:
+    """The preset a press name stands on (``kvzip(chunk_size=512)`` -> ``kvzip``): kvpress' twin
+    of a parametrised name is its preset's, with kvpress' defaults."""
+    return name.split("(", 1)[0].strip()
+
+
 def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
     """kvpress' own presses under the names of ours (chunk length 10 for ChunkKV, as our preset;
     expected attention with AdaKV head budgets, as our preset). A parametrised name maps to the
@@ -63,7 +69,7 @@ def kvpress_entries(names: Iterable[str]) -> list[PressEntry]:
     }
     entries: dict[str, PressEntry] = {}
     for name in names:
-        base = name.split("(", 1)[0].strip()  # kvzip(chunk_size=512) -> kvpress' KVzip, its defaults
+        base = preset_of(name)
         if base in factories and base not in entries:
             entries[base] = PressEntry(base, "kvpress", factories[base])
     return list(entries.values())

@@ -132,9 +132,13 @@ class _PeakCache:
     prompt's 149 tokens where evict mode, with the same selection, reported 89)."""
 
     def __init__(self, model: nn.Module):
-        self.peak = 0
         self.layers: dict[int, int] = {}  # layer index -> its own peak
         self.handle = model.register_forward_hook(self._after, with_kwargs=True)
+
+    @property
+    def peak(self) -> int:
+        """The largest count over every layer."""
+        return max(self.layers.values(), default=0)
 
     def _after(self, module, args, kwargs, output) -> None:
         cache = cache_argument(args, kwargs, position=3)
@@ -144,7 +148,6 @@ class _PeakCache:
             if isinstance(keys, torch.Tensor) and keys.dim() == 4:
                 count = attended_tokens(keys.shape[-2], views.get(idx))
                 self.layers[idx] = max(self.layers.get(idx, 0), count)
-                self.peak = max(self.peak, count)
 
     def close(self) -> None:
         self.handle.remove()

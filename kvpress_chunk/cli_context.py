@@ -152,11 +152,9 @@ def _compress(args: argparse.Namespace) -> int:
     except SpecError as exc:
         raise _CommandError(str(exc)) from None
 
-    from .hf.models import EMBEDDED_MODELS
+    from .hf.models import model_label
 
-    model_name = args.model
-    if model_name is not None and model_name not in EMBEDDED_MODELS:
-        model_name = str(Path(model_name).resolve())
+    model_name = None if args.model is None else model_label(args.model)  # None: ask loads the default
     model, tokenizer = _load_model(model_name)
     chat = not args.no_chat_template and bool(getattr(tokenizer, "chat_template", None))
     prefix, suffix = prompt_parts(tokenizer, chat)

@@ -534,6 +534,25 @@ def test_aligned_reconstruction_stays_within_the_models_positions():
     assert not torch.equal(bounded[-1].positions, free[-1].positions)
 
 
+def test_aligned_reconstruction_of_a_padded_row_near_the_position_limit_equals_the_row_alone():
+    """``continue_positions`` near ``max_position_embeddings``: a row's chunk moves back by what
+    *its own* sequence needs, not the batch's widest (hunt round 12: a 260-token row beside a
+    300-token one, chunks of 100, limit 560, sat 40 positions earlier than alone in its last
+    chunk; tiny Llama at 80% removed answered 0.05-0.09 away from the row alone in the logits)."""
+    tokenizer = ByteTokenizer()
+    scorer = KVzipScorer(chunk_size=100, continue_positions=True)
+    long_row, short_row = [t % 120 + 1 for t in range(300)], [t % 100 + 3 for t in range(260)]
+    ids = torch.tensor([long_row, [0] * 40 + short_row])
+    for limit in (500, 560):
+        batch_chunks = scorer.pass_chunks(tokenizer, ids, ids != 0, max_positions=limit)
+        for row, tokens in enumerate((long_row, short_row)):
+            alone = scorer.pass_chunks(tokenizer, torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.bool),
+                                       max_positions=limit)
+            for chunk, own in zip(batch_chunks, alone):
+                real = chunk.valid[row]
+                assert chunk.positions[row][real].tolist() == own.positions[0].tolist()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_pass_scores_equal_the_models_own_attention_maxed_over_reconstruction_queries(family, monkeypatch):
     """The end-to-end oracle: one chunk, no chat prefix, no sinks, so each reconstruction query's

@@ -176,7 +176,11 @@ class KVzipScorer(Scorer):
             lengths = torch.tensor([len(row) for row in rows])
             shift = torch.tensor(shifts)
             if max_positions is not None:
-                shift = torch.minimum(shift, (max_positions - lengths - width).clamp(min=0))
+                # each row's own sequence must end inside the model's positions, not the batch's
+                # widest (the padding after it is never attended): a row beside a longer one
+                # moved back further than alone, and was scored from other positions
+                own = torch.tensor([len(seq) for seq in sequences])
+                shift = torch.minimum(shift, (max_positions - lengths - own).clamp(min=0))
             positions = (lengths + shift)[:, None] + torch.arange(width)[None, :]
             chunks.append(
                 PassChunk(

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_chunk import make_press
-from kvpress_chunk.generation import generate_answers, greedy_continue, new_cache, prefill
+from kvpress_chunk.generation import generate_answers, greedy_continue, new_cache, prefill, teacher_forced_logits
 from kvpress_chunk.policies import kvzip as kvzip_module
 from kvpress_chunk.policies.kvzip import (
     FIRST_PROMPT,
@@ -450,7 +450,8 @@ def test_kvzip_spec_round_trip_and_validation():
 def test_observed_window_scores_are_the_largest_attention_of_either(padded):
     """kvzip(observe=w): each token's score is the larger of its reconstruction score and the
     largest attention any of the last w real queries (any head of its group) gives it, checked
-    against a plain per-query, per-head loop over the softmax."""
+    against a plain per-query, per-head loop over the softmax. A row's first real token's query
+    does not count (it sees only itself)."""
     gen = torch.Generator().manual_seed(5)
     batch, kv_heads, groups, length, window, dim = 2, 3, 2, 40, 8, 16
     keys = torch.randn(batch, kv_heads, length, dim, generator=gen)
@@ -465,7 +466,7 @@ def test_observed_window_scores_are_the_largest_attention_of_either(padded):
         for h in range(kv_heads * groups):
             for i in range(window):
                 pos = length - window + i
-                if not valid[b, pos]:
+                if not valid[b, pos] or valid[b, :pos].sum() == 0:
                     continue
                 seen = valid[b, : pos + 1]
                 logits = (keys[b, h // groups, : pos + 1] @ queries[b, h, i]).masked_fill(~seen, float("-inf"))
@@ -473,6 +474,28 @@ def test_observed_window_scores_are_the_largest_attention_of_either(padded):
                 want[b, h // groups, : pos + 1] = torch.maximum(want[b, h // groups, : pos + 1], probs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert (got > context).any() and (got == context).any()  # both sides win somewhere
+
+
+@pytest.mark.parametrize("apply", ["evict", "mask"])
+def test_observed_queries_of_a_padded_row_shorter_than_the_window_are_those_of_the_row_alone(apply):
+    """kvzip(observe=w) on a row of at most ``w`` tokens beside a longer one: alone, its window
+    stops short of its first token (whose query sees only itself); padded, it reached it, so the
+    first token scored 1 and was kept instead of another (hunt round 12, random-configuration
+    fuzz: a 2-token row at 30% removed, sinks=0, logits 0.30 away from the row alone)."""
+    model = make_tiny_model("llama", num_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 128, (n,), generator=gen) for n in (2, 20)]
+    question = torch.randint(1, 128, (2, 3), generator=gen)
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, 20 - len(row):], mask[i, 20 - len(row):] = row, 1
+    press = make_press("kvzip(observe=8)", compression_ratio=0.3, chunk_size=20, sinks=0).replace(apply=apply)
+    with press(model, tokenizer=ByteTokenizer()):
+        together = teacher_forced_logits(model, prefill(model, batch, mask), question)
+        for i, row in enumerate(rows):
+            alone = teacher_forced_logits(model, prefill(model, row[None]), question[i : i + 1])
+            torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
 
 
 def test_kvzip_observe_preset_is_aligned_kvzip_with_32_observed_queries():

@@ -267,11 +267,16 @@ def window_attention_max(
     """The largest attention each key gets from the last ``w`` prefill queries, over the query
     heads of its GQA group: ``float32[B, Hkv, T]`` (``queries[B, Hq, w, D]`` post-RoPE, scaled).
     Causal inside the window; padding keys get 0; padding queries (a row shorter than the
-    window) give nothing."""
+    window) give nothing, and neither does a row's first real token: it sees only itself, so it
+    would give its own key probability 1 whatever the model. :meth:`KVzipScorer.prepare` stops an
+    unpadded row's window short of it (``keys.shape[-2] - 1`` queries at most); a left-padded row
+    shorter than the window reached it, so a 2-token row with ``observe=2`` kept other tokens
+    beside a longer row than alone (hunt round 12)."""
     batch, kv_heads, length, _ = keys.shape
     window = queries.shape[2]
     probs = observation_window_attention(queries, keys, valid, softcap)  # [B, Hkv, G, w, T]
-    real_query = valid[:, length - window :][:, None, None, :, None]
+    past_first = valid & (valid.cumsum(dim=-1) > 1)  # real, and not the row's first real token
+    real_query = past_first[:, length - window :][:, None, None, :, None]
     return probs.masked_fill(~real_query, 0.0).amax(dim=(2, 3)) * valid[:, None, :].to(probs.dtype)
 
 

@@ -427,6 +427,35 @@ def test_padded_batch_rows_answer_as_alone(preset, apply):
             assert together[i].tolist() == alone[0].tolist()
 
 
+class ChatByteTokenizer(ByteTokenizer):
+    """:class:`ByteTokenizer` with a chat template: ``<u>`` + message + ``</u><a>``."""
+
+    chat_template = "<u>{content}</u><a>"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return self.chat_template.format(content=messages[-1]["content"])
+
+
+@pytest.mark.parametrize("preset", ["kvzip", "chunkkv-kvzip"])
+def test_a_context_that_is_only_the_chat_prefix_is_scored_like_that_row_in_a_batch(preset):
+    """Nothing to reconstruct (``generate_answers(context="")``: the chat template's prefix
+    alone): the pass has no forward to run and every score is 0, as for that row beside a longer
+    one. It ran a forward of 0 tokens, which raised deep in the model (hunt round 12)."""
+    model = make_tiny_model("llama", num_layers=3)
+    tokenizer = ChatByteTokenizer()
+    prefix = torch.tensor(tokenizer("<u>").input_ids)
+    other = torch.cat([prefix, torch.randint(1, 128, (30,), generator=torch.Generator().manual_seed(0))])
+    batch = torch.zeros(2, len(other), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    batch[0, -len(prefix):], mask[0, -len(prefix):] = prefix, 1
+    batch[1], mask[1] = other, 1
+    question = torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(1))
+    with make_press(preset, compression_ratio=0.5)(model, tokenizer=tokenizer):
+        together = teacher_forced_logits(model, prefill(model, batch, mask), question)
+        alone = teacher_forced_logits(model, prefill(model, prefix[None]), question[:1])
+    torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
+
+
 def test_missing_tokenizer_is_a_clear_error():
     model = make_tiny_model("llama", num_layers=2)
     with pytest.raises(SpecError, match="tokenizer"):

@@ -527,6 +527,42 @@ def test_observed_queries_of_a_padded_row_shorter_than_the_window_are_those_of_t
             torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
 
 
+def test_observed_queries_are_weighed_like_reconstruction_queries_under_kvzip_plus():
+    """kvzip(observe=w, plus=True): the observed queries count as reconstruction queries, so
+    KVzip+ weighs them alike: each query's probabilities divided by the norm of its hidden state,
+    each key's multiplied by ``||W_O v||`` of the query head (a plain loop over the layer's own
+    o_proj). Their raw probabilities were maxed with KVzip+ scores of another scale (hunt round
+    12: on SmolLM2, 547 tokens at 75% removed, 5.9% of the kept (layer, head, token) entries
+    changed with the fix)."""
+    from kvpress_chunk.policies.layer_inputs import LayerInputs
+    from kvpress_chunk.policies.scorers import window_queries
+
+    model = make_tiny_model("llama", num_layers=1)
+    module = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(6)
+    length, window, kv_heads, groups, dim = 24, 6, 2, 2, 16
+    hidden = torch.randn(1, length, 64, generator=gen)
+    keys, values = torch.randn(2, 1, kv_heads, length, dim, generator=gen)
+    rope = model.model.rotary_emb(hidden, torch.arange(length)[None])
+    valid = torch.ones(1, length, dtype=torch.bool)
+    inputs = LayerInputs(module, 0, hidden, keys, values, valid, rope,
+                         context_scores=torch.zeros(1, kv_heads, length))
+    scorer = KVzipScorer(observe=window, plus_normalization=True)
+    got = scorer.score(keys, valid, **scorer.prepare(inputs))
+    queries = window_queries(inputs, window)  # [1, Hq, w, D], post-RoPE and scaled
+    weight = module.o_proj.weight
+    want = torch.zeros(1, kv_heads, length)
+    for h in range(kv_heads * groups):
+        kv = h // groups
+        written = (values[0, kv] @ weight[:, h * dim : (h + 1) * dim].T).norm(dim=-1)  # [T]
+        for i in range(window):
+            pos = length - window + i
+            probs = torch.softmax(keys[0, kv, : pos + 1] @ queries[0, h, i], dim=-1)
+            weighed = probs / hidden[0, pos].norm() * written[: pos + 1]
+            want[0, kv, : pos + 1] = torch.maximum(want[0, kv, : pos + 1], weighed)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_kvzip_observe_preset_is_aligned_kvzip_with_32_observed_queries():
     ours = make_press("kvzip-observe", compression_ratio=0.5)
     spelled = make_press("kvzip(observe=32, aligned=True)", compression_ratio=0.5)

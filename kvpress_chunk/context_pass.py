@@ -127,6 +127,8 @@ def run_context_pass(
     try:
         max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         for chunk in scorer.pass_chunks(tokenizer, input_ids, valid, max_positions=max_positions):
+            if chunk.input_ids.shape[-1] == 0:
+                continue  # no row has anything to reconstruct (only the chat prefix): no forward
             chunk_in_flight[:] = [chunk]
             fused_this_chunk.clear()
             mask = torch.cat([valid, chunk.valid], dim=-1).to(torch.long)
@@ -148,6 +150,13 @@ def run_context_pass(
         for layer, state in zip(cache.layers, saved):
             layer.__dict__.clear()
             layer.__dict__.update(state)
+    for layer_idx, _ in layers:
+        if layer_idx not in scores:
+            # Nothing was reconstructed (a context that is only the chat template's prefix): no
+            # query scored the layer, as for such a row beside others in a batch. A forward of
+            # 0 tokens raised deep inside the model instead (generate_answers(context="")).
+            keys = cache.layers[layer_idx].keys
+            scores[layer_idx] = torch.zeros(keys.shape[0], keys.shape[1], length, device=keys.device)
     for layer_idx, value in scores.items():
         if value.shape[-1] != length:
             raise RuntimeError(f"context pass scored {value.shape[-1]} tokens of layer {layer_idx}, expected {length}")

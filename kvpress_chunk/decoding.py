@@ -34,8 +34,8 @@ row from its compression state (:class:`BeamSearchNotSupportedError`, raised by 
 Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``):
 equal token counts per head (no head-adaptive selectors / allocators), no
 ``count='groups'`` selector (the budget is in tokens), no sentence grouper (decode steps keep no
-token ids). ``global`` allocators run as uniform for
-the decoding passes (a whole-cache pass per step would hold every layer's scores).
+token ids). ``global`` allocators are refused with the head-adaptive ones (they pool heads; a
+whole-cache pass per step would also hold every layer's scores).
 """
 
 from __future__ import annotations
@@ -152,13 +152,9 @@ def check_press(press: "Press") -> None:
 
 
 def decode_press(press: "Press") -> "Press":
-    """The press the decoding passes run: same parts, ``budget=M``, uniform allocator if global."""
-    from .policies.allocators import UniformAllocator
-
-    changes: dict[str, Any] = {"budget": press.decoding.max_cache, "decoding": None}
-    if press.allocator.whole_cache:
-        changes["allocator"] = UniformAllocator()
-    return press.replace(**changes)
+    """The press the decoding passes run: same parts, ``budget=M`` (whole-cache allocators never
+    get here: :func:`check_press` refuses them)."""
+    return press.replace(budget=press.decoding.max_cache, decoding=None)
 
 
 #: instance attribute of a cache decoded under a press with ``decoding``: its :class:`CacheDecoding`

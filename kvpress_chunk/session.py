@@ -56,6 +56,10 @@ class UncompressedAppendWarning(RuntimeWarning):
     """Tokens appended under a press to a non-empty cache that no press prefilled: not compressed."""
 
 
+class UncachedForwardWarning(RuntimeWarning):
+    """A forward under a press with ``use_cache=False``: nothing is cached, so nothing is compressed."""
+
+
 PREFILLED_MARK = "_kvpress_chunk_prefilled"
 
 
@@ -232,6 +236,7 @@ class PressSession:
         self.valid_seen = False  # the forward in flight is a prefill this session handles
         self.warned_length = False
         self.warned_append = False
+        self.warned_uncached = False
         self.router = None  # the model's CompressedAttention while attached
         self.depth = 0  # nesting of the model's / base model's forwards in flight
         self.views: dict = {}  # layer_idx -> LayerView of the last prefill (also held by the router)
@@ -568,7 +573,20 @@ class PressSession:
         hidden = call_argument(args, kwargs, "hidden_states", 0)
         if cache is None:
             if has_cache_argument(kwargs):
-                return  # use_cache=False: nothing is cached, so nothing to compress
+                # use_cache=False: nothing is cached, so nothing to compress. Said once: under
+                # generate(use_cache=False) every step reruns the whole text, so the answers were
+                # the full model's while they read as the press's (tiny Llama, snapkv at 80%
+                # removed: generate's tokens equal to the run without a press, no word).
+                if is_first and not self.warned_uncached:
+                    self.warned_uncached = True
+                    warnings.warn(
+                        "kvpress-chunk: a forward under the press with use_cache=False: nothing is cached, so nothing is "
+                        "compressed (generate(use_cache=False) answers as the model without the press). Leave use_cache "
+                        "on to compress",
+                        UncachedForwardWarning,
+                        stacklevel=2,
+                    )
+                return
             raise CacheNotFoundError(
                 f"attention layer {layer_idx} ({type(module).__name__}) was called without a cache argument "
                 f"under any known name ({', '.join(CACHE_ARGUMENT_NAMES)}); got keyword arguments "

@@ -76,6 +76,14 @@ def test_the_sentence_grouper_is_refused():
         kc.make_press("chunkkv-sentence", compression_ratio=0.5, decoding={"every": 4, "max_cache": 64})
 
 
+@pytest.mark.parametrize("preset", ["chunkkv-global", "adakv", "chunkkv-adaptive"])
+def test_allocators_that_pool_heads_are_refused_the_global_one_included(preset):
+    """docs/decoding.md said global allocators run as uniform in decoding passes; they have been
+    refused with the head-adaptive ones since decoding compression came (it pools heads)."""
+    with pytest.raises(SpecError, match="equal token counts per head"):
+        kc.make_press(preset, compression_ratio=0.5, decoding={"every": 4, "max_cache": 64})
+
+
 def test_a_cache_bound_never_reached_decodes_exactly_like_the_prefill_only_press():
     model = tiny()
     ids, mask, _ = left_padded([70, 40])

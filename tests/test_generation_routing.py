@@ -182,14 +182,22 @@ def test_a_layer_called_without_a_findable_cache_is_an_error_not_a_silent_pass_t
         del attention.forward
 
 
-def test_use_cache_false_runs_uncompressed_without_error():
+def test_use_cache_false_runs_uncompressed_without_error_and_says_so_once():
+    """Nothing is cached, so nothing is compressed: right logits, and a warning (hunt round 12:
+    generate(use_cache=False) under a press answered as the model alone, without a word)."""
+    from kvpress_chunk.session import UncachedForwardWarning
+
     model = tiny("llama")
     ids = torch.randint(3, 120, (1, 80))
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
         with kc.make_press("chunkkv", compression_ratio=0.5, compile=False)(model):
-            got = model(ids, use_cache=False).logits
+            with pytest.warns(UncachedForwardWarning, match="use_cache=False") as caught:
+                got = model(ids, use_cache=False).logits
+                tokens = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(got, want)
+    assert len([w for w in caught if w.category is UncachedForwardWarning]) == 1
+    assert tokens.shape == (1, 83)
 
 
 def test_decoding_a_compressed_cache_without_positions_is_refused():

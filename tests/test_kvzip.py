@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_chunk import make_press
-from kvpress_chunk.generation import generate_answers, greedy_continue, new_cache, prefill
+from kvpress_chunk.generation import generate_answers, greedy_continue, new_cache, prefill, teacher_forced_logits
 from kvpress_chunk.policies import kvzip as kvzip_module
 from kvpress_chunk.policies.kvzip import (
     FIRST_PROMPT,
@@ -427,6 +427,35 @@ def test_padded_batch_rows_answer_as_alone(preset, apply):
             assert together[i].tolist() == alone[0].tolist()
 
 
+class ChatByteTokenizer(ByteTokenizer):
+    """:class:`ByteTokenizer` with a chat template: ``<u>`` + message + ``</u><a>``."""
+
+    chat_template = "<u>{content}</u><a>"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return self.chat_template.format(content=messages[-1]["content"])
+
+
+@pytest.mark.parametrize("preset", ["kvzip", "chunkkv-kvzip"])
+def test_a_context_that_is_only_the_chat_prefix_is_scored_like_that_row_in_a_batch(preset):
+    """Nothing to reconstruct (``generate_answers(context="")``: the chat template's prefix
+    alone): the pass has no forward to run and every score is 0, as for that row beside a longer
+    one. It ran a forward of 0 tokens, which raised deep in the model (hunt round 12)."""
+    model = make_tiny_model("llama", num_layers=3)
+    tokenizer = ChatByteTokenizer()
+    prefix = torch.tensor(tokenizer("<u>").input_ids)
+    other = torch.cat([prefix, torch.randint(1, 128, (30,), generator=torch.Generator().manual_seed(0))])
+    batch = torch.zeros(2, len(other), dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    batch[0, -len(prefix):], mask[0, -len(prefix):] = prefix, 1
+    batch[1], mask[1] = other, 1
+    question = torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(1))
+    with make_press(preset, compression_ratio=0.5)(model, tokenizer=tokenizer):
+        together = teacher_forced_logits(model, prefill(model, batch, mask), question)
+        alone = teacher_forced_logits(model, prefill(model, prefix[None]), question[:1])
+    torch.testing.assert_close(together[0], alone[0], atol=1e-4, rtol=1e-4)
+
+
 def test_missing_tokenizer_is_a_clear_error():
     model = make_tiny_model("llama", num_layers=2)
     with pytest.raises(SpecError, match="tokenizer"):
@@ -450,7 +479,8 @@ def test_kvzip_spec_round_trip_and_validation():
 def test_observed_window_scores_are_the_largest_attention_of_either(padded):
     """kvzip(observe=w): each token's score is the larger of its reconstruction score and the
     largest attention any of the last w real queries (any head of its group) gives it, checked
-    against a plain per-query, per-head loop over the softmax."""
+    against a plain per-query, per-head loop over the softmax. A row's first real token's query
+    does not count (it sees only itself)."""
     gen = torch.Generator().manual_seed(5)
     batch, kv_heads, groups, length, window, dim = 2, 3, 2, 40, 8, 16
     keys = torch.randn(batch, kv_heads, length, dim, generator=gen)
@@ -465,7 +495,7 @@ def test_observed_window_scores_are_the_largest_attention_of_either(padded):
         for h in range(kv_heads * groups):
             for i in range(window):
                 pos = length - window + i
-                if not valid[b, pos]:
+                if not valid[b, pos] or valid[b, :pos].sum() == 0:
                     continue
                 seen = valid[b, : pos + 1]
                 logits = (keys[b, h // groups, : pos + 1] @ queries[b, h, i]).masked_fill(~seen, float("-inf"))
@@ -473,6 +503,64 @@ def test_observed_window_scores_are_the_largest_attention_of_either(padded):
                 want[b, h // groups, : pos + 1] = torch.maximum(want[b, h // groups, : pos + 1], probs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert (got > context).any() and (got == context).any()  # both sides win somewhere
+
+
+@pytest.mark.parametrize("apply", ["evict", "mask"])
+def test_observed_queries_of_a_padded_row_shorter_than_the_window_are_those_of_the_row_alone(apply):
+    """kvzip(observe=w) on a row of at most ``w`` tokens beside a longer one: alone, its window
+    stops short of its first token (whose query sees only itself); padded, it reached it, so the
+    first token scored 1 and was kept instead of another (hunt round 12, random-configuration
+    fuzz: a 2-token row at 30% removed, sinks=0, logits 0.30 away from the row alone)."""
+    model = make_tiny_model("llama", num_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 128, (n,), generator=gen) for n in (2, 20)]
+    question = torch.randint(1, 128, (2, 3), generator=gen)
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, 20 - len(row):], mask[i, 20 - len(row):] = row, 1
+    press = make_press("kvzip(observe=8)", compression_ratio=0.3, chunk_size=20, sinks=0).replace(apply=apply)
+    with press(model, tokenizer=ByteTokenizer()):
+        together = teacher_forced_logits(model, prefill(model, batch, mask), question)
+        for i, row in enumerate(rows):
+            alone = teacher_forced_logits(model, prefill(model, row[None]), question[i : i + 1])
+            torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_observed_queries_are_weighed_like_reconstruction_queries_under_kvzip_plus():
+    """kvzip(observe=w, plus=True): the observed queries count as reconstruction queries, so
+    KVzip+ weighs them alike: each query's probabilities divided by the norm of its hidden state,
+    each key's multiplied by ``||W_O v||`` of the query head (a plain loop over the layer's own
+    o_proj). Their raw probabilities were maxed with KVzip+ scores of another scale (hunt round
+    12: on SmolLM2, 547 tokens at 75% removed, 5.9% of the kept (layer, head, token) entries
+    changed with the fix)."""
+    from kvpress_chunk.policies.layer_inputs import LayerInputs
+    from kvpress_chunk.policies.scorers import window_queries
+
+    model = make_tiny_model("llama", num_layers=1)
+    module = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(6)
+    length, window, kv_heads, groups, dim = 24, 6, 2, 2, 16
+    hidden = torch.randn(1, length, 64, generator=gen)
+    keys, values = torch.randn(2, 1, kv_heads, length, dim, generator=gen)
+    rope = model.model.rotary_emb(hidden, torch.arange(length)[None])
+    valid = torch.ones(1, length, dtype=torch.bool)
+    inputs = LayerInputs(module, 0, hidden, keys, values, valid, rope,
+                         context_scores=torch.zeros(1, kv_heads, length))
+    scorer = KVzipScorer(observe=window, plus_normalization=True)
+    got = scorer.score(keys, valid, **scorer.prepare(inputs))
+    queries = window_queries(inputs, window)  # [1, Hq, w, D], post-RoPE and scaled
+    weight = module.o_proj.weight
+    want = torch.zeros(1, kv_heads, length)
+    for h in range(kv_heads * groups):
+        kv = h // groups
+        written = (values[0, kv] @ weight[:, h * dim : (h + 1) * dim].T).norm(dim=-1)  # [T]
+        for i in range(window):
+            pos = length - window + i
+            probs = torch.softmax(keys[0, kv, : pos + 1] @ queries[0, h, i], dim=-1)
+            weighed = probs / hidden[0, pos].norm() * written[: pos + 1]
+            want[0, kv, : pos + 1] = torch.maximum(want[0, kv, : pos + 1], weighed)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_kvzip_observe_preset_is_aligned_kvzip_with_32_observed_queries():
@@ -532,6 +620,25 @@ def test_aligned_reconstruction_stays_within_the_models_positions():
         assert int(b.positions.max()) <= max(limit, int(r.positions.max()))
         assert torch.equal(b.positions, f.positions) or int(b.positions.max()) >= int(r.positions.max())
     assert not torch.equal(bounded[-1].positions, free[-1].positions)
+
+
+def test_aligned_reconstruction_of_a_padded_row_near_the_position_limit_equals_the_row_alone():
+    """``continue_positions`` near ``max_position_embeddings``: a row's chunk moves back by what
+    *its own* sequence needs, not the batch's widest (hunt round 12: a 260-token row beside a
+    300-token one, chunks of 100, limit 560, sat 40 positions earlier than alone in its last
+    chunk; tiny Llama at 80% removed answered 0.05-0.09 away from the row alone in the logits)."""
+    tokenizer = ByteTokenizer()
+    scorer = KVzipScorer(chunk_size=100, continue_positions=True)
+    long_row, short_row = [t % 120 + 1 for t in range(300)], [t % 100 + 3 for t in range(260)]
+    ids = torch.tensor([long_row, [0] * 40 + short_row])
+    for limit in (500, 560):
+        batch_chunks = scorer.pass_chunks(tokenizer, ids, ids != 0, max_positions=limit)
+        for row, tokens in enumerate((long_row, short_row)):
+            alone = scorer.pass_chunks(tokenizer, torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.bool),
+                                       max_positions=limit)
+            for chunk, own in zip(batch_chunks, alone):
+                real = chunk.valid[row]
+                assert chunk.positions[row][real].tolist() == own.positions[0].tolist()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])

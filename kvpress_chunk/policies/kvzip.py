@@ -176,7 +176,11 @@ class KVzipScorer(Scorer):
             lengths = torch.tensor([len(row) for row in rows])
             shift = torch.tensor(shifts)
             if max_positions is not None:
-                shift = torch.minimum(shift, (max_positions - lengths - width).clamp(min=0))
+                # each row's own sequence must end inside the model's positions, not the batch's
+                # widest (the padding after it is never attended): a row beside a longer one
+                # moved back further than alone, and was scored from other positions
+                own = torch.tensor([len(seq) for seq in sequences])
+                shift = torch.minimum(shift, (max_positions - lengths - own).clamp(min=0))
             positions = (lengths + shift)[:, None] + torch.arange(width)[None, :]
             chunks.append(
                 PassChunk(
@@ -245,29 +249,50 @@ class KVzipScorer(Scorer):
         if observed > 0:
             extra["window_queries"] = window_queries(inputs, observed)
             extra.update(softcap_extra(inputs.module, inputs.keys.device))
+            if self.plus_normalization:
+                # The observed queries count as reconstruction queries, so KVzip+ weighs them as it
+                # weighs those (pass_scores): without it their raw probabilities were maxed with
+                # KVzip+ scores of another scale (SmolLM2, 547 tokens: reconstruction up to 5.9,
+                # observed up to 1), so the observed queries decided a layer-dependent share.
+                extra["window_hidden_norm"] = inputs.hidden_states[:, -observed:].float().norm(dim=-1)
+                extra["value_out_norm"] = value_output_norm(inputs.module, inputs.values)
         return extra
 
     def score(
         self, keys: torch.Tensor, valid: torch.Tensor, scores: torch.Tensor, window_queries: torch.Tensor | None = None,
-        softcap: torch.Tensor | None = None,
+        softcap: torch.Tensor | None = None, window_hidden_norm: torch.Tensor | None = None,
+        value_out_norm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         scores = max_pool_scores(scores.float(), valid, self.pool)
         if window_queries is not None:
-            scores = torch.maximum(scores, window_attention_max(window_queries, keys, valid, softcap))
+            scores = torch.maximum(scores, window_attention_max(window_queries, keys, valid, softcap,
+                                                                window_hidden_norm, value_out_norm))
         return scores
 
 
 def window_attention_max(
-    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, softcap: torch.Tensor | None = None
+    queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, softcap: torch.Tensor | None = None,
+    hidden_norm: torch.Tensor | None = None, value_out_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The largest attention each key gets from the last ``w`` prefill queries, over the query
     heads of its GQA group: ``float32[B, Hkv, T]`` (``queries[B, Hq, w, D]`` post-RoPE, scaled).
+    KVzip+ (as :func:`attention_max_given_lse`): each query's probabilities divided by its
+    ``hidden_norm[B, w]``, each key's multiplied by ``value_out_norm[B, Hkv, G, T]``.
     Causal inside the window; padding keys get 0; padding queries (a row shorter than the
-    window) give nothing."""
+    window) give nothing, and neither does a row's first real token: it sees only itself, so it
+    would give its own key probability 1 whatever the model. :meth:`KVzipScorer.prepare` stops an
+    unpadded row's window short of it (``keys.shape[-2] - 1`` queries at most); a left-padded row
+    shorter than the window reached it, so a 2-token row with ``observe=2`` kept other tokens
+    beside a longer row than alone (hunt round 12)."""
     batch, kv_heads, length, _ = keys.shape
     window = queries.shape[2]
     probs = observation_window_attention(queries, keys, valid, softcap)  # [B, Hkv, G, w, T]
-    real_query = valid[:, length - window :][:, None, None, :, None]
+    if hidden_norm is not None:
+        probs = probs / hidden_norm.float().clamp(min=1e-6)[:, None, None, :, None]
+    if value_out_norm is not None:
+        probs = probs * value_out_norm.float()[:, :, :, None, :]
+    past_first = valid & (valid.cumsum(dim=-1) > 1)  # real, and not the row's first real token
+    real_query = past_first[:, length - window :][:, None, None, :, None]
     return probs.masked_fill(~real_query, 0.0).amax(dim=(2, 3)) * valid[:, None, :].to(probs.dtype)
 
 

@@ -7,13 +7,25 @@ before the call) and the cache left. The issue's goals, reported here and not as
 assertions are flaky on shared machines): scorers without an extra pass <= 5% over a plain
 prefill; ``kvzip`` (one reconstruction pass) <= 2.2x. kvpress' nearest presses run the same
 prefill where they exist (batch 1, as kvpress supports).
+
+``kvzip floor`` is what exact KVzip cannot go below: the plain prefill plus one plain forward of
+the same reconstruction chunks (same tokens, positions and full cache as past; no scoring, no
+selection). Its ratio to the plain prefill is ``2 + (1 + chunk / T) * a`` by arithmetic, ``a``
+being attention's share of a prefill: the chunk's queries attend the whole context and, causally,
+each other, against ``T / 2`` keys per query in a causal prefill. So the 2.2x goal is below exact
+KVzip's floor wherever attention is more than 10-13% of a prefill (SmolLM2 on CPU: 20% at 1k
+tokens, 44% at 4k); the row shows by how much, and ``kvzip`` / ``kvzip floor`` is what the press
+itself adds (its scores).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import DynamicCache
 
 import kvpress_chunk as kc
+from kvpress_chunk.policies.kvzip import KVzipScorer
 from workloads import cache_bytes, peak_rss_growth, prompt_ids, run_prefill, smoke_only, smollm2
 
 RATIO = 0.75
@@ -25,8 +37,27 @@ KVPRESS = {
 }
 
 
+KVZIP_FLOOR = "kvzip floor"
+
+
+def prefill_and_plain_pass(model, tokenizer, ids: torch.Tensor) -> DynamicCache:
+    """A plain prefill, then the forward KVzip's pass makes (its chunks, positions and masks),
+    without scores; the cache is put back after each chunk, as the pass does."""
+    cache = run_prefill(model, ids, None)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    chunks = KVzipScorer().pass_chunks(tokenizer, ids, valid, model.config.max_position_embeddings)
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
+    with torch.inference_mode():
+        for chunk in chunks:
+            model.base_model(input_ids=chunk.input_ids, attention_mask=torch.cat([valid, chunk.valid], dim=-1).long(),
+                             position_ids=chunk.positions, past_key_values=cache, use_cache=True)
+            for layer, (keys, values) in zip(cache.layers, saved):
+                layer.keys, layer.values = keys, values
+    return cache
+
+
 def build(name: str, tokenizer):
-    if name == "none":
+    if name in ("none", KVZIP_FLOOR):
         return None
     if name in KVPRESS:
         return KVPRESS[name](pytest.importorskip("kvpress", reason="kvpress (extra 'oracle') is not installed"))
@@ -36,7 +67,7 @@ def build(name: str, tokenizer):
     return press
 
 
-CASES = [smoke_only(512, "kvzip")] + [(length, name) for length in (1024, 4096) for name in ["none", *OURS, *KVPRESS]]
+CASES = [smoke_only(512, "kvzip"), smoke_only(512, KVZIP_FLOOR)] + [(length, name) for length in (1024, 4096) for name in ["none", KVZIP_FLOOR, *OURS, *KVPRESS]]
 
 
 @pytest.mark.parametrize("length, name", CASES)
@@ -44,7 +75,8 @@ def test_zoo_prefill_cost(benchmark, length, name):
     model, tokenizer = smollm2()
     ids = prompt_ids(length)
     press = build(name, tokenizer)
-    cache = run_prefill(model, ids, press)  # check, and warm-up
+    run = (lambda: prefill_and_plain_pass(model, tokenizer, ids)) if name == KVZIP_FLOOR else (lambda: run_prefill(model, ids, press))
+    cache = run()  # check, and warm-up
     kept = cache.get_seq_length()
     facts = {}
     if name == "kvpress KVzipPress":
@@ -57,10 +89,10 @@ def test_zoo_prefill_cost(benchmark, length, name):
         facts["hidden, not evicted"] = f"{hidden / heads:.0f} tokens per head"
     else:
         assert kept == length if press is None else kept < length
-    peak, _ = peak_rss_growth(lambda: run_prefill(model, ids, press))
+    peak, _ = peak_rss_growth(run)
     benchmark.group = f"zoo prefill, SmolLM2, {length} tokens, 75% removed"
     benchmark.extra_info.update(
-        label="no press (plain prefill)" if press is None else name, baseline=press is None, reading="overhead",
+        label="no press (plain prefill)" if name == "none" else name, baseline=name == "none", reading="overhead",
         facts={"peak MB": f"{peak / 1e6:.0f}", "cache MB": f"{cache_bytes(cache) / 1e6:.1f}", **facts},
     )
-    benchmark.pedantic(run_prefill, args=(model, ids, press), rounds=2, iterations=1)
+    benchmark.pedantic(run, rounds=2, iterations=1)

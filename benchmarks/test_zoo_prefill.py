@@ -8,9 +8,10 @@ assertions are flaky on shared machines): scorers without an extra pass <= 5% ov
 prefill; ``kvzip`` (one reconstruction pass) <= 2.2x. kvpress' nearest presses run the same
 prefill where they exist (batch 1, as kvpress supports).
 
-``kvzip floor`` is what exact KVzip cannot go below: the plain prefill plus one plain forward of
-the same reconstruction chunks (same tokens, positions and full cache as past; no scoring, no
-selection). Its ratio to the plain prefill is ``2 + (1 + chunk / T) * a`` by arithmetic, ``a``
+``kvzip floor`` is the plain prefill plus the model's own forward of the same reconstruction
+chunks (same tokens, positions and full cache as past; no scoring, no selection): what reading
+KVzip's tokens costs the model before any scoring. By arithmetic the ratio of any exact KVzip to
+the plain prefill is at least ``2 + (1 + chunk / T) * a``, ``a``
 being attention's share of a prefill: the chunk's queries attend the whole context and, causally,
 each other, against ``T / 2`` keys per query in a causal prefill. So the 2.2x goal is below exact
 KVzip's floor wherever attention is more than 10-13% of a prefill (SmolLM2 on CPU: 20% at 1k

@@ -11,7 +11,7 @@ prefill where they exist (batch 1, as kvpress supports).
 ``kvzip floor`` is the plain prefill plus the model's own forward of the same reconstruction
 chunks (same tokens, positions and full cache as past; no scoring, no selection): what reading
 KVzip's tokens costs the model before any scoring. By arithmetic the ratio of any exact KVzip to
-the plain prefill is at least ``2 + (1 + chunk / T) * a``, ``a``
+the plain prefill is at least ``2 + (1 + chunk / T) * a`` at the prefill's cost per query-key pair, ``a``
 being attention's share of a prefill: the chunk's queries attend the whole context and, causally,
 each other, against ``T / 2`` keys per query in a causal prefill. So the 2.2x goal is below exact
 KVzip's floor wherever attention is more than 10-13% of a prefill (SmolLM2 on CPU: 20% at 1k

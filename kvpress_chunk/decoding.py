@@ -34,7 +34,8 @@ row from its compression state (:class:`BeamSearchNotSupportedError`, raised by 
 Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``):
 equal token counts per head (no head-adaptive selectors / allocators), no
 ``count='groups'`` selector (the budget is in tokens), no sentence grouper (decode steps keep no
-token ids). ``global`` allocators are refused with the head-adaptive ones (they pool heads; a
+token ids), no scorer that reads more queries than its observation window (``expected-attention``
+statistics, ``observed``: decode steps keep the window's hidden states only). ``global`` allocators are refused with the head-adaptive ones (they pool heads; a
 whole-cache pass per step would also hold every layer's scores).
 """
 
@@ -139,6 +140,15 @@ def check_press(press: "Press") -> None:
         raise SpecError(
             f"scorer {part_name(press.scorer)!r} scores with an extra pass over the whole context, run at prefill "
             "only: decoding compression needs a scorer without one"
+        )
+    read, kept = press.scorer.queries_read(), max(1, press.scorer.window)
+    if read is None or read > kept:
+        what = "every prompt token" if read is None else f"the last {read} tokens"
+        raise SpecError(
+            f"scorer {part_name(press.scorer)!r} reads the queries of {what}, but decoding compression keeps the "
+            f"hidden states of the last {kept} token(s) only (the scorer's observation window): its decode-time "
+            "scores would come from that alone. Use a window scorer (snapkv/chunkkv, tova) or one that reads no "
+            "queries (knorm, keydiff, streamingllm) with decoding="
         )
     if part_name(press.grouper) == "sentence":
         raise SpecError("decoding compression does not support the sentence grouper (it needs token ids, "

@@ -186,6 +186,26 @@ def test_decoding_refuses_a_scorer_with_a_context_pass():
         kc.make_press("chunkkv-kvzip", compression_ratio=0.5, decoding={"every": 8, "max_cache": 64})
 
 
+@pytest.mark.parametrize("preset", ["chunkkv-expected", "observed", "observed(queries=0)", "observed(queries=8)"])
+def test_scorers_that_read_more_queries_than_their_window_are_refused(preset):
+    """Decode steps keep the hidden states of the scorer's window only (one token for these):
+    chunkkv-expected's statistics came from one query (covariance 0) and observed scored as
+    TOVA, silently (hunt round 12)."""
+    with pytest.raises(SpecError, match="reads the queries of"):
+        kc.make_press(preset, compression_ratio=0.5, decoding={"every": 8, "max_cache": 64})
+
+
+def test_a_scorer_that_reads_only_its_window_runs_with_decoding():
+    model = tiny()
+    ids, mask, _ = left_padded([70, 40])
+    for preset in ("observed(queries=1)", "tova", "snapkv(window=8)"):
+        press = kc.make_press(preset, compression_ratio=0.5, compile=False, decoding={"every": 4, "max_cache": 24})
+        with press(model):
+            context = prefill(model, ids, mask)
+            greedy_continue(model, context, ids[:, -1:], 12)
+            assert max(row_counts(model, context.cache)) <= 24 + 4, preset  # the bound held: it compressed
+
+
 @pytest.mark.parametrize("apply", ["evict", "mask"])
 def test_beam_search_is_refused_with_a_clear_error(apply):
     from kvpress_chunk.decoding import BeamSearchNotSupportedError

@@ -83,6 +83,9 @@ class ExpectedAttentionScorer(Scorer):
         super().check_module(module)
         check_linear_rotation(module)
 
+    def queries_read(self) -> None:
+        return None  # the statistics are over every prefill query
+
     def __post_init__(self) -> None:
         check_int(self, "future", minimum=1, meaning="positions the RoPE rotation is averaged over")
         check_int(self, "sinks", minimum=0, meaning="first tokens left out of the query statistics")

@@ -64,6 +64,14 @@ class Scorer:
         if self.rebuilds_queries:
             check_queries_supported(module)
 
+    def queries_read(self) -> int | None:
+        """How many of the latest tokens' queries :meth:`prepare` reads (``None``: every token's).
+        Decoding-time compression keeps only the hidden states of the last ``max(1, window)``
+        tokens (:mod:`~kvpress_chunk.decoding`), so it refuses a scorer that reads more: given
+        one hidden state, expected attention's statistics were one query's (covariance 0) and
+        ``observed`` was TOVA, silently. Window scorers read exactly their window."""
+        return self.window
+
     def deferred_hidden(self) -> int:
         """How many trailing hidden states :meth:`prepare` reads when it runs after the prefill
         (deferred layers: whole-cache stage, context pass). The session keeps only those of a
@@ -295,6 +303,9 @@ class ObservedAttentionScorer(Scorer):
 
     def __post_init__(self) -> None:
         check_int(self, "queries", minimum=0, meaning="last prefill queries observed; 0: every one")
+
+    def queries_read(self) -> int | None:
+        return self.queries or None
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         length = inputs.keys.shape[-2]

@@ -576,10 +576,10 @@ def test_aligned_reconstruction_continues_positions_across_chunks():
     (the copy distance is the same for every chunk, whatever each chunk's prompt); the tokens and
     the spans scored do not change."""
     tokenizer = ByteTokenizer()
-    tokens = list(range(1, 41))
-    ids, valid = torch.tensor([tokens]), torch.ones(1, 40, dtype=torch.bool)
-    restart = KVzipScorer(chunk_size=16).pass_chunks(tokenizer, ids, valid)
-    aligned = KVzipScorer(chunk_size=16, continue_positions=True).pass_chunks(tokenizer, ids, valid)
+    tokens = [t % 120 + 1 for t in range(250)]
+    ids, valid = torch.tensor([tokens]), torch.ones(1, 250, dtype=torch.bool)
+    restart = KVzipScorer(chunk_size=100).pass_chunks(tokenizer, ids, valid)
+    aligned = KVzipScorer(chunk_size=100, continue_positions=True).pass_chunks(tokenizer, ids, valid)
     assert len(restart) == len(aligned) == 3
     for c, (r, a) in enumerate(zip(restart, aligned)):
         assert torch.equal(a.input_ids, r.input_ids) and torch.equal(a.start, r.start) and torch.equal(a.end, r.end)
@@ -591,6 +591,19 @@ def test_aligned_reconstruction_continues_positions_across_chunks():
         copied = torch.arange(int(chunk.start[0]), int(chunk.end[0]))
         distances |= set((chunk.positions[0, -width:] - copied).tolist())
     assert len(distances) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [9, 16, 30])
+def test_aligned_reconstruction_never_starts_inside_the_contexts_positions(chunk_size):
+    """A chunk shorter than its prompt's extra length (the "starting with" prompt and the
+    overlap against the first prompt) would have moved its prompt back into the context's
+    positions: reconstruction tokens at positions the context already holds (byte tokenizer,
+    chunks of 16: the second chunk started 18 positions before the context's end, the third 2). Such chunks
+    take the restart positions."""
+    tokenizer = ByteTokenizer()
+    ids, valid = torch.tensor([[t % 120 + 1 for t in range(80)]]), torch.ones(1, 80, dtype=torch.bool)
+    for chunk in KVzipScorer(chunk_size=chunk_size, continue_positions=True).pass_chunks(tokenizer, ids, valid):
+        assert int(chunk.positions.min()) >= 80
 
 
 def test_aligned_kvzip_equals_kvzip_on_a_context_of_one_chunk():

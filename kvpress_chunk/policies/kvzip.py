@@ -164,8 +164,10 @@ class KVzipScorer(Scorer):
                 prompt = first if c == 0 else following + context[max(0, lo - OVERLAP_TOKENS) : lo]
                 sequences.append(prompt + suffix_ids + part if part else [])
                 # continue_positions: the chunk's first copied token goes where an unchunked pass
-                # puts it (after the first prompt and ``lo`` copied tokens), whatever its prompt
-                shifts.append(lo + len(first) - len(prompt) if self.continue_positions else 0)
+                # puts it (after the first prompt and ``lo`` copied tokens), whatever its prompt;
+                # never before the restart: a chunk shorter than its prompt's extra length (chunk
+                # sizes under ~30 tokens) would start its prompt inside the context's positions
+                shifts.append(max(0, lo + len(first) - len(prompt)) if self.continue_positions else 0)
                 pad = length - len(row)
                 starts.append(pad + skip + lo)
                 ends.append(pad + skip + lo + len(part))

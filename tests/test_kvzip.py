@@ -571,6 +571,14 @@ def test_kvzip_observe_preset_is_aligned_kvzip_with_32_observed_queries():
     assert make_press("kvzip-observe(observe=8, recent=4)", compression_ratio=0.5).scorer.observe == 8
 
 
+@pytest.mark.parametrize("preset", ["kvzip", "kvzip-observe", "chunkkv-kvzip"])
+def test_every_kvzip_preset_takes_the_local_pass(preset):
+    """``local`` (the cheaper pass) reaches the scorer from each KVzip preset; chunkkv-kvzip and
+    kvzip-observe refused it as an unknown parameter (seen by hunt round 12)."""
+    assert make_press(f"{preset}(local=True)", compression_ratio=0.5).scorer.local
+    assert not make_press(preset, compression_ratio=0.5).scorer.local
+
+
 def test_aligned_reconstruction_continues_positions_across_chunks():
     """``continue_positions``: chunk c's first copied token sits c * chunk_size after chunk 0's
     (the copy distance is the same for every chunk, whatever each chunk's prompt); the tokens and

@@ -258,7 +258,7 @@ def kvzip(
 @preset("kvzip-observe")
 def kvzip_observe(
     observe: int = 32, chunk_size: int = 2048, sinks: int = 4, plus: bool = False, allocator: str = "global",
-    recent: int = 0, pool: int = 0, aligned: bool = True,
+    recent: int = 0, pool: int = 0, aligned: bool = True, local: bool = False,
 ) -> dict[str, Any]:
     """KVzip whose last ``observe`` prefill queries also count as reconstruction queries, with
     reconstruction positions that continue across chunks (``kvzip(observe=32, aligned=True)``):
@@ -269,26 +269,29 @@ def kvzip_observe(
     each) with a fidelity KL no higher at every ratio and length (0.005 / 0.028 / 0.146 vs 0.007
     / 0.062 / 0.373 at 2000 tokens and 50 / 75 / 90% removed). ``aligned`` changes nothing up to
     one chunk (2048 tokens); at 4000 tokens it keeps 5 of 5 needles at 75% removed (4 without) and
-    3 of 5 at 90% (3 without), KL 0.018 / 0.092 vs 0.020 / 0.108. Same cost as ``kvzip``.
+    3 of 5 at 90% (3 without), KL 0.018 / 0.092 vs 0.020 / 0.108. Same cost as ``kvzip``;
+    ``local`` is :func:`kvzip`'s cheaper pass.
     """
-    return kvzip(chunk_size, sinks, plus, allocator, recent, pool, observe, aligned)
+    return kvzip(chunk_size, sinks, plus, allocator, recent, pool, observe, aligned, local)
 
 
 @preset("chunkkv-kvzip")
 def chunkkv_kvzip(
     chunk_size: int = 10, sinks: int = 4, plus: bool = False, allocator: str = "uniform", reduce: str = "sum",
     per_head: bool = False, pass_chunk_size: int = 2048, recent: int = 0, observe: int = 0, aligned: bool = False,
+    local: bool = False,
 ) -> dict[str, Any]:
     """ChunkKV chunks ranked by KVzip reconstruction scores (no other library combines them).
 
-    ``observe`` and ``aligned`` are :func:`kvzip`'s (the last prefill queries as extra
-    reconstruction queries; positions continued across pass chunks); ``reduce='max'`` ranks a
+    ``observe``, ``aligned`` and ``local`` are :func:`kvzip`'s (the last prefill queries as extra
+    reconstruction queries; positions continued across pass chunks; the pass attends only to what
+    it scores); ``reduce='max'`` ranks a
     chunk by its best token, which suits KVzip's peaked scores.
     """
     return {
         "scorer": {
             "name": "kvzip", "chunk_size": pass_chunk_size, "sinks": sinks, "plus_normalization": plus, "window": recent,
-            "observe": observe, "continue_positions": aligned,
+            "observe": observe, "continue_positions": aligned, "local": local,
         },
         "grouper": {"name": "chunk", "size": chunk_size, "reduce": reduce},
         **_allocated({"name": "topk", "per_head": per_head, "sinks": sinks, "keep_window": recent > 0}, allocator),

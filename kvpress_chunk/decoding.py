@@ -13,7 +13,8 @@ spec) makes the press keep compressing after the prefill. At a decode forward, p
 
 Compression runs in the attention hook of each layer, right after the layer's attention of that
 step (as at prefill), with the press's own parts: scorer (its observation window = the hidden
-states of the most recent ``window`` tokens, recorded at each forward), grouper (chunks are cut
+states of the most recent ``window`` tokens, recorded at each forward; expected attention's
+statistics: the last ``every`` tokens, ``Scorer.decode_queries``), grouper (chunks are cut
 over the compressed region, so a kept chunk stays contiguous), selector with ``budget=M``,
 allocator (per-layer budgets, capped at ``M``) and planner (layer reuse within the same compression pass).
 Rows are independent: each row keeps its own ``M`` best tokens; padding stays hidden.
@@ -34,8 +35,8 @@ row from its compression state (:class:`BeamSearchNotSupportedError`, raised by 
 Limits (raised as :class:`~kvpress_chunk.registry.SpecError` at ``make_press``):
 equal token counts per head (no head-adaptive selectors / allocators), no
 ``count='groups'`` selector (the budget is in tokens), no sentence grouper (decode steps keep no
-token ids), no scorer that reads more queries than its observation window (``expected-attention``
-statistics, ``observed``: decode steps keep the window's hidden states only). ``global`` allocators are refused with the head-adaptive ones (they pool heads; a
+token ids), no ``observed`` scorer beyond ``queries=1`` (its observers are the keys' last
+positions). Expected attention's statistics are over the last ``every`` generated tokens. ``global`` allocators are refused with the head-adaptive ones (they pool heads; a
 whole-cache pass per step would also hold every layer's scores).
 """
 
@@ -141,14 +142,12 @@ def check_press(press: "Press") -> None:
             f"scorer {part_name(press.scorer)!r} scores with an extra pass over the whole context, run at prefill "
             "only: decoding compression needs a scorer without one"
         )
-    read, kept = press.scorer.queries_read(), max(1, press.scorer.window)
-    if read is None or read > kept:
-        what = "every prompt token" if read is None else f"the last {read} tokens"
+    if press.scorer.decode_queries(press.decoding.every) is None:
         raise SpecError(
-            f"scorer {part_name(press.scorer)!r} reads the queries of {what}, but decoding compression keeps the "
-            f"hidden states of the last {kept} token(s) only (the scorer's observation window): its decode-time "
-            "scores would come from that alone. Use a window scorer (snapkv/chunkkv, tova) or one that reads no "
-            "queries (knorm, keydiff, streamingllm) with decoding="
+            f"scorer {part_name(press.scorer)!r} reads its queries as the last positions of the keys, which a "
+            "decoding compression moves: decode-time scores would come from the latest token alone. Use a window "
+            "scorer (snapkv/chunkkv, tova), expected attention, or one that reads no queries (knorm, keydiff, "
+            "streamingllm) with decoding="
         )
     if part_name(press.grouper) == "sentence":
         raise SpecError("decoding compression does not support the sentence grouper (it needs token ids, "
@@ -224,14 +223,27 @@ class CacheDecoding:
     prompt and fills its window from the tokens it decodes."""
 
     hidden: dict = field(default_factory=dict)  # layer -> hidden states of the last tokens
+    hidden_valid: dict = field(default_factory=dict)  # layer -> bool[B, n]: which of them are real (prompt padding)
     rope: dict = field(default_factory=dict)  # layer -> (cos, sin) of the same tokens
     prompt_width: dict = field(default_factory=dict)  # layer -> prompt slots
     since: Any = 0  # int64[B]: tokens generated per row since its last compression
 
-    def remember(self, layer_idx: int, hidden: torch.Tensor, rope: Any, window: int, fresh: bool) -> None:
+    def remember(
+        self, layer_idx: int, hidden: torch.Tensor, rope: Any, window: int, fresh: bool, valid: torch.Tensor | None = None
+    ) -> None:
+        """Keep the last ``window`` hidden states (and RoPE) of this layer; ``valid[B, n]``: which
+        of ``hidden``'s tokens are real (the prefill's padding; every generated token is)."""
+        if valid is None:
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         if not fresh and layer_idx in self.hidden and self.hidden[layer_idx].shape[0] == hidden.shape[0]:
-            hidden = torch.cat([self.hidden[layer_idx], hidden], dim=1)
+            before = self.hidden[layer_idx]
+            before_valid = self.hidden_valid.get(layer_idx)
+            if before_valid is None or before_valid.shape != before.shape[:2]:
+                before_valid = torch.ones(before.shape[:2], dtype=torch.bool, device=before.device)
+            hidden = torch.cat([before, hidden], dim=1)
+            valid = torch.cat([before_valid.to(hidden.device), valid.to(hidden.device)], dim=1)
         self.hidden[layer_idx] = hidden[:, -window:].detach()
+        self.hidden_valid[layer_idx] = valid[:, -window:].to(hidden.device)
         if isinstance(rope, tuple) and len(rope) == 2:
             cos, sin = rope
             if not fresh and layer_idx in self.rope and self.rope[layer_idx][0].shape[0] == cos.shape[0]:
@@ -264,7 +276,7 @@ class DecodingCompressor:
         self.press = session.press
         self.policy: Decoding = session.press.decoding
         self.inner = decode_press(session.press)
-        self.window = max(1, self.inner.scorer.window)
+        self.window = max(1, self.inner.scorer.decode_queries(self.policy.every) or 0)
         self.state: CacheDecoding | None = None  # the state of the cache of the forward in flight
         self.fire: Any = None  # bool[B]: rows compressing in the forward in flight
         self.firing = False  # some row compresses in this forward
@@ -287,7 +299,7 @@ class DecodingCompressor:
         first = layer_idx == session.compressible[0]
         if session.valid_seen:  # a prefill: start afresh (this layer was just compressed, if at all)
             state = decoding_state(cache, fresh=first)
-            state.remember(layer_idx, hidden, rope, self.window, fresh=True)
+            state.remember(layer_idx, hidden, rope, self.window, fresh=True, valid=session.valid)
             state.prompt_width[layer_idx] = layer.keys.shape[-2]
             if first:
                 guard_against_beam_search(cache)
@@ -390,6 +402,7 @@ class DecodingCompressor:
             inputs = LayerInputs(
                 module=module, layer_idx=layer_idx, hidden_states=self.state.hidden[layer_idx],
                 keys=sub_keys, values=sub_values, valid=sub_valid, position_embeddings=rope, input_ids=None,
+                query_valid=self.state.hidden_valid[layer_idx],
             )
             compressible = self.session.compressible
             budget = inner.layer_budget(sub_valid, compressible.index(layer_idx), len(compressible))

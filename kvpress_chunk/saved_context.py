@@ -331,10 +331,13 @@ def _export_decoding(cache: Any, tensors: dict[str, torch.Tensor], seen: set[int
     layers = {}
     for index, hidden in sorted(state.hidden.items()):
         tensors[f"decoding.{index}.hidden"] = _export(hidden, seen)
+        if index in state.hidden_valid:
+            tensors[f"decoding.{index}.valid"] = _export(state.hidden_valid[index], seen)
         rope = state.rope.get(index)
         if rope is not None:
             tensors[f"decoding.{index}.cos"], tensors[f"decoding.{index}.sin"] = _export(rope[0], seen), _export(rope[1], seen)
-        layers[str(index)] = {"rope": rope is not None, "prompt_width": state.prompt_width.get(index)}
+        layers[str(index)] = {"rope": rope is not None, "prompt_width": state.prompt_width.get(index),
+                              "valid": index in state.hidden_valid}
     since = state.since.tolist() if isinstance(state.since, torch.Tensor) else int(state.since)
     return {"layers": layers, "since": since}
 
@@ -350,6 +353,11 @@ def _restore_decoding(path: Path, spec: Any, tensors: Mapping[str, torch.Tensor]
         hidden = tensors[f"decoding.{index}.hidden"]
         _expect(path, hidden.dim() == 3 and hidden.shape[0] == batch, f"decoding.{index}.hidden is {tuple(hidden.shape)}, not [B={batch}, w, H]")
         state.hidden[index] = hidden.to(device)
+        valid = tensors[f"decoding.{index}.valid"] if record.get("valid") else None  # older files: all real
+        _expect(path, valid is None or tuple(valid.shape) == tuple(hidden.shape[:2]),
+                f"decoding.{index}.valid does not match decoding.{index}.hidden")
+        state.hidden_valid[index] = (valid.to(device).bool() if valid is not None
+                                     else torch.ones(hidden.shape[:2], dtype=torch.bool, device=device))
         if record.get("rope"):
             state.rope[index] = (tensors[f"decoding.{index}.cos"].to(device), tensors[f"decoding.{index}.sin"].to(device))
         if isinstance(record.get("prompt_width"), int):
@@ -512,6 +520,8 @@ def load_context(path: str | os.PathLike, model: nn.Module, check_weights: bool 
             expected.add(f"decoding.{key}.hidden")
             if isinstance(record, dict) and record.get("rope"):
                 expected |= {f"decoding.{key}.cos", f"decoding.{key}.sin"}
+            if isinstance(record, dict) and record.get("valid"):
+                expected.add(f"decoding.{key}.valid")
     present = set(handle.keys())
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     _expect(path, not missing, f"tensor(s) missing: {', '.join(missing)} (truncated or edited file)")

@@ -96,10 +96,10 @@ def test_a_cache_bound_never_reached_decodes_exactly_like_the_prefill_only_press
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("protect", [False, True])
-def test_generate_on_a_padded_batch_gives_each_row_its_answer_alone(protect):
+@pytest.mark.parametrize("preset, protect", [("chunkkv", False), ("chunkkv", True), ("chunkkv-expected", False)])
+def test_generate_on_a_padded_batch_gives_each_row_its_answer_alone(preset, protect):
     model = tiny()
-    press = kc.make_press("chunkkv", compression_ratio=0.5, compile=False,
+    press = kc.make_press(preset, compression_ratio=0.5, compile=False,
                           decoding={"every": 8, "max_cache": 40, "protect_prompt": protect})
     ids, mask, rows = left_padded([60, 25], seed=1)
     with press(model) as session:
@@ -186,19 +186,63 @@ def test_decoding_refuses_a_scorer_with_a_context_pass():
         kc.make_press("chunkkv-kvzip", compression_ratio=0.5, decoding={"every": 8, "max_cache": 64})
 
 
-@pytest.mark.parametrize("preset", ["chunkkv-expected", "observed", "observed(queries=0)", "observed(queries=8)"])
-def test_scorers_that_read_more_queries_than_their_window_are_refused(preset):
-    """Decode steps keep the hidden states of the scorer's window only (one token for these):
-    chunkkv-expected's statistics came from one query (covariance 0) and observed scored as
-    TOVA, silently (hunt round 12)."""
-    with pytest.raises(SpecError, match="reads the queries of"):
+@pytest.mark.parametrize("preset", ["observed", "observed(queries=0)", "observed(queries=8)"])
+def test_observed_beyond_one_query_is_refused(preset):
+    """Decode steps kept the hidden states of the scorer's window only (one token for observed),
+    so observed scored as TOVA, silently (hunt round 12); its observers are the keys' last
+    positions, which a decoding compression moves, so it is refused."""
+    with pytest.raises(SpecError, match="last positions of the keys"):
         kc.make_press(preset, compression_ratio=0.5, decoding={"every": 8, "max_cache": 64})
+
+
+def test_expected_attention_statistics_come_from_the_last_every_generated_tokens(monkeypatch):
+    """Decode steps kept one hidden state for expected attention: its statistics were one query's
+    (covariance 0, no averaged rotation), silently (hunt round 12). They are now over the last
+    ``every`` tokens, the same hidden states the attention layer read."""
+    from kvpress_chunk.policies.expected_attention import ExpectedAttentionScorer, query_statistics
+
+    model = tiny()
+    every = 4
+    ids, mask, _ = left_padded([70, 40], seed=3)
+    read: dict[int, list] = {}
+    handles = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs, idx=idx: read.setdefault(idx, []).append(kwargs["hidden_states"].clone()),
+            with_kwargs=True,
+        )
+        for idx, layer in enumerate(model.model.layers)
+    ]
+    checked = []
+    original = ExpectedAttentionScorer.prepare
+
+    def spy(self, inputs):
+        if inputs.query_valid is not None:  # a decoding pass
+            expected = torch.cat(read[inputs.layer_idx], dim=1)[:, -every:]
+            assert torch.equal(inputs.hidden_states, expected)
+            assert bool(inputs.query_valid.all()) and inputs.query_valid.shape == expected.shape[:2]
+            prepared = original(self, inputs)
+            _, covariance = query_statistics(prepared["queries"], prepared["weights"], prepared["rotation"])
+            checked.append(float(covariance.abs().max()))  # several queries: not 0
+            return prepared
+        return original(self, inputs)
+
+    monkeypatch.setattr(ExpectedAttentionScorer, "prepare", spy)
+    press = kc.make_press("chunkkv-expected", compression_ratio=0.5, compile=False,
+                          decoding={"every": every, "max_cache": 24})
+    try:
+        with press(model):
+            context = prefill(model, ids, mask)
+            greedy_continue(model, context, ids[:, -1:], 16)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert checked and min(checked) > 0
 
 
 def test_a_scorer_that_reads_only_its_window_runs_with_decoding():
     model = tiny()
     ids, mask, _ = left_padded([70, 40])
-    for preset in ("observed(queries=1)", "tova", "snapkv(window=8)"):
+    for preset in ("observed(queries=1)", "tova", "snapkv(window=8)", "chunkkv-expected"):
         press = kc.make_press(preset, compression_ratio=0.5, compile=False, decoding={"every": 4, "max_cache": 24})
         with press(model):
             context = prefill(model, ids, mask)

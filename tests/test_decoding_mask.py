@@ -49,6 +49,7 @@ def greedy_logits(model, press, ids, mask, steps):
     ("snapkv", 5, 3, False),         # per-head selection
     ("streamingllm", 4, 20, True),   # sinks + recent, prompt protected
     ("pyramidkv", 6, 10, False),     # per-layer budgets capped at M, per head
+    ("chunkkv-expected", 6, 10, False),  # statistics over the last `every` generated tokens
 ])
 def test_mask_mode_decodes_like_evict_mode_on_a_padded_batch(preset, every, extra, protect):
     model = tiny()

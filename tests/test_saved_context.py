@@ -753,3 +753,27 @@ def test_a_context_saved_after_answering_holds_the_logits_after_its_last_token(t
     # the loaded context continues as the original: its last logits and its cache agree
     with press(model):
         torch.testing.assert_close(teacher_forced_logits(model, loaded, probe), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoding_press_context_keeps_which_remembered_tokens_are_padding(tmp_path):
+    """The decoding state remembers the latest tokens' hidden states and which of them are real
+    (expected attention's statistics read ``every`` of them; a short row's are partly its
+    prompt's padding): a saved context restores that record, and continues as in-process."""
+    from kvpress_chunk.decoding import DECODING_ATTR
+    from tiny_models import left_padded
+
+    model = make_tiny_model("llama", num_layers=2)
+    press = kc.make_press("chunkkv-expected", compression_ratio=0.5, compile=False,
+                          decoding={"every": 16, "max_cache": 24})
+    ids, mask, _ = left_padded([40, 10], seed=5)
+    with press(model):
+        context = prefill(model, ids, mask)
+        state = context.cache.__dict__[DECODING_ATTR]
+        assert not bool(state.hidden_valid[0][1].all())  # the 10-token row's remembered padding
+        loaded = load_context(save_context(context, tmp_path / "c.safetensors", model, press), model)
+        restored = loaded.cache.__dict__[DECODING_ATTR]
+        assert state.hidden_valid.keys() == restored.hidden_valid.keys()
+        assert all(torch.equal(state.hidden_valid[i].cpu(), restored.hidden_valid[i].cpu()) for i in state.hidden_valid)
+        question = torch.tensor([[5, 6], [7, 8]])
+        expected = greedy_continue(model, context.copy(), question, 30)
+        assert torch.equal(greedy_continue(model, loaded, question, 30), expected)

@@ -83,8 +83,10 @@ class ExpectedAttentionScorer(Scorer):
         super().check_module(module)
         check_linear_rotation(module)
 
-    def queries_read(self) -> None:
-        return None  # the statistics are over every prefill query
+    def decode_queries(self, every: int) -> int:
+        """While decoding, the statistics are over the last ``every`` generated tokens' queries
+        (the tokens since the last compression, as kvpress' DecodingPress buffers them), not one."""
+        return every
 
     def __post_init__(self) -> None:
         check_int(self, "future", minimum=1, meaning="positions the RoPE rotation is averaged over")
@@ -100,8 +102,11 @@ class ExpectedAttentionScorer(Scorer):
         :func:`query_statistics`), where the compiler fuses their passes over the queries."""
         module = inputs.module
         queries = query_states(module, inputs.hidden_states, inputs.projected_queries)  # [B, Hq, T, D], pre-RoPE
-        counted = (inputs.valid & (positions_from_row_start(inputs.valid) >= self.sinks)).float()  # [B, T]
-        counted = torch.where(counted.sum(dim=-1, keepdim=True) > 0, counted, inputs.valid.float())
+        if inputs.query_valid is None:  # prefill: the queries are the keys' tokens, sinks left out
+            counted = (inputs.valid & (positions_from_row_start(inputs.valid) >= self.sinks)).float()  # [B, T]
+            counted = torch.where(counted.sum(dim=-1, keepdim=True) > 0, counted, inputs.valid.float())
+        else:  # decoding: the latest tokens' queries, none of them a sink
+            counted = inputs.query_valid.float()  # [B, n]
         weights = counted / counted.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, T], each row sums to 1
         batch, dim = queries.shape[0], queries.shape[-1]
         if inputs.position_embeddings is not None:

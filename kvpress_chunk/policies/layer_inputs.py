@@ -22,6 +22,10 @@ class LayerInputs:
     QKV projection) is the output of the layer's query projection as the prefill's own forward
     computed it, captured for scorers that read every query (``Scorer.reads_queries``) so that
     they need not project the whole prompt a second time; ``None`` otherwise.
+    ``query_valid[B, n]``: which of ``hidden_states`` are real tokens when they are *not* the
+    keys' last ``n`` tokens (decoding passes hand the latest generated tokens, whose slots a
+    compression may have moved: :mod:`kvpress_chunk.decoding`); ``None`` at prefill, where they
+    are.
     """
 
     module: nn.Module
@@ -34,3 +38,4 @@ class LayerInputs:
     input_ids: torch.Tensor | None = None
     context_scores: torch.Tensor | None = None
     projected_queries: torch.Tensor | None = None
+    query_valid: torch.Tensor | None = None

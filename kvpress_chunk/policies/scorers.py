@@ -64,12 +64,13 @@ class Scorer:
         if self.rebuilds_queries:
             check_queries_supported(module)
 
-    def queries_read(self) -> int | None:
-        """How many of the latest tokens' queries :meth:`prepare` reads (``None``: every token's).
-        Decoding-time compression keeps only the hidden states of the last ``max(1, window)``
-        tokens (:mod:`~kvpress_chunk.decoding`), so it refuses a scorer that reads more: given
-        one hidden state, expected attention's statistics were one query's (covariance 0) and
-        ``observed`` was TOVA, silently. Window scorers read exactly their window."""
+    def decode_queries(self, every: int) -> int | None:
+        """How many of the latest tokens' hidden states a decoding-time scoring reads
+        (:mod:`~kvpress_chunk.decoding`, compressing every ``every`` generated tokens), or
+        ``None`` if this scorer cannot score from them (decoding then refuses it). Window
+        scorers read exactly their window. Why it is asked: decoding keeps only these hidden
+        states; it kept the window's alone, so expected attention's statistics came from one
+        query (covariance 0) and ``observed`` scored as TOVA, silently."""
         return self.window
 
     def deferred_hidden(self) -> int:
@@ -304,8 +305,10 @@ class ObservedAttentionScorer(Scorer):
     def __post_init__(self) -> None:
         check_int(self, "queries", minimum=0, meaning="last prefill queries observed; 0: every one")
 
-    def queries_read(self) -> int | None:
-        return self.queries or None
+    def decode_queries(self, every: int) -> int | None:
+        # its observers are the last queries *as positions of the keys* (causal inside the
+        # window); after a decoding compression the latest tokens are no longer the last slots
+        return 1 if self.queries == 1 else None
 
     def prepare(self, inputs: LayerInputs) -> dict[str, torch.Tensor]:
         length = inputs.keys.shape[-2]

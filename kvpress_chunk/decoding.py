@@ -236,12 +236,9 @@ class CacheDecoding:
         if valid is None:
             valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         if not fresh and layer_idx in self.hidden and self.hidden[layer_idx].shape[0] == hidden.shape[0]:
-            before = self.hidden[layer_idx]
-            before_valid = self.hidden_valid.get(layer_idx)
-            if before_valid is None or before_valid.shape != before.shape[:2]:
-                before_valid = torch.ones(before.shape[:2], dtype=torch.bool, device=before.device)
-            hidden = torch.cat([before, hidden], dim=1)
-            valid = torch.cat([before_valid.to(hidden.device), valid.to(hidden.device)], dim=1)
+            # the two are always recorded together (here, and restoring a saved context)
+            hidden = torch.cat([self.hidden[layer_idx], hidden], dim=1)
+            valid = torch.cat([self.hidden_valid[layer_idx], valid.to(hidden.device)], dim=1)
         self.hidden[layer_idx] = hidden[:, -window:].detach()
         self.hidden_valid[layer_idx] = valid[:, -window:].to(hidden.device)
         if isinstance(rope, tuple) and len(rope) == 2:

@@ -331,13 +331,12 @@ def _export_decoding(cache: Any, tensors: dict[str, torch.Tensor], seen: set[int
     layers = {}
     for index, hidden in sorted(state.hidden.items()):
         tensors[f"decoding.{index}.hidden"] = _export(hidden, seen)
-        if index in state.hidden_valid:
-            tensors[f"decoding.{index}.valid"] = _export(state.hidden_valid[index], seen)
+        tensors[f"decoding.{index}.valid"] = _export(state.hidden_valid[index], seen)  # recorded with hidden
         rope = state.rope.get(index)
         if rope is not None:
             tensors[f"decoding.{index}.cos"], tensors[f"decoding.{index}.sin"] = _export(rope[0], seen), _export(rope[1], seen)
-        layers[str(index)] = {"rope": rope is not None, "prompt_width": state.prompt_width.get(index),
-                              "valid": index in state.hidden_valid}
+        # "valid": files written before 2026-12-07 have no decoding.{i}.valid (loaded as all real)
+        layers[str(index)] = {"rope": rope is not None, "prompt_width": state.prompt_width.get(index), "valid": True}
     since = state.since.tolist() if isinstance(state.since, torch.Tensor) else int(state.since)
     return {"layers": layers, "since": since}
 

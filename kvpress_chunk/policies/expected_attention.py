@@ -107,7 +107,7 @@ class ExpectedAttentionScorer(Scorer):
             counted = torch.where(counted.sum(dim=-1, keepdim=True) > 0, counted, inputs.valid.float())
         else:  # decoding: the latest tokens' queries, none of them a sink
             counted = inputs.query_valid.float()  # [B, n]
-        weights = counted / counted.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, T], each row sums to 1
+        weights = counted / counted.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, T or n], each row sums to 1
         batch, dim = queries.shape[0], queries.shape[-1]
         if inputs.position_embeddings is not None:
             cos, sin = inputs.position_embeddings
